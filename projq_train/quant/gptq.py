@@ -1,0 +1,110 @@
+"""GPTQ (Frantar et al., 2023): column-by-column rounding with second-order error feedback.
+
+Minimizes ``‖(W − Q) Xᵀ‖² = tr((W − Q) H (W − Q)ᵀ)`` with ``H = XᵀX / N``. Each column
+is rounded on its group's grid and the rounding error is spread over the columns not yet
+quantized through the upper Cholesky factor of ``H⁻¹``; updates are applied lazily per
+block of columns, so the big matrix product is done once per block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from projq_train.quant.rtn import QuantizedWeight, check_grid, minmax_params, quantize_to_grid
+
+
+def inverse_cholesky(H: Tensor, damp: float, max_tries: int = 6) -> Tensor:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``.
+
+    When a factorization fails (H is not positive definite in floating point), ``λ`` is
+    multiplied by 10 and the factorization retried, up to ``max_tries`` times.
+    """
+    H64 = H.double()
+    mean_diag = H64.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(H.shape[0], dtype=H64.dtype, device=H.device)
+    for attempt in range(max_tries):
+        lam = damp * mean_diag * 10**attempt
+        L, info = torch.linalg.cholesky_ex(H64 + lam * eye)
+        if info.item() == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0:
+                return U.to(H.dtype)
+    raise torch.linalg.LinAlgError(
+        f"Cholesky of the Hessian failed even with dampening {damp * 10 ** (max_tries - 1):g}; "
+        "the calibration activations are degenerate (too few samples?)"
+    )
+
+
+def gptq_quantize(
+    W: Tensor,
+    H: Tensor,
+    bits: int,
+    group_size: int = 128,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> QuantizedWeight:
+    """Quantize ``W (out, in)`` against the input second moment ``H (in, in)``.
+
+    Args:
+        bits: 2, 3 or 4.
+        group_size: columns sharing a scale/zero (-1: one group per row).
+        block_size: columns per lazy-update block (rounded to a multiple of the group size).
+        damp: relative dampening added to ``diag(H)``.
+        act_order: quantize columns in order of decreasing ``diag(H)``; groups then follow
+            that order and ``g_idx`` records each column's group.
+    """
+    out_f, in_f = W.shape
+    gs = check_grid(bits, group_size, in_f)
+    maxq = 2**bits - 1
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+
+    dead = H.diagonal() == 0  # inputs that are always zero: any value is free, use 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv = inverse_cholesky(H, damp)  # (in, in) upper
+
+    block = max(block_size // gs, 1) * gs if gs < in_f else block_size
+    codes = torch.zeros_like(W)
+    scales = torch.zeros(out_f, in_f // gs, device=W.device)
+    zeros = torch.zeros_like(scales)
+    if gs == in_f:
+        scale, zero = minmax_params(W, maxq)
+        scales[:, 0], zeros[:, 0] = scale, zero
+
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        W1 = W[:, i1:i2].clone()  # (out, b) updated in place as columns are rounded
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if gs < in_f and col % gs == 0:  # a group starts here and lies inside this block
+                scale, zero = minmax_params(W1[:, i : i + gs], maxq)
+                scales[:, col // gs], zeros[:, col // gs] = scale, zero
+            w = W1[:, i]
+            c = quantize_to_grid(w[:, None], scale, zero, maxq)[:, 0]
+            codes[:, col] = c
+            err = (w - (c - zero) * scale) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    g_idx = torch.arange(in_f, device=W.device) // gs
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes, g_idx = codes[:, inv], g_idx[inv]
+    return QuantizedWeight(
+        codes=codes.to(torch.uint8),
+        scales=scales,
+        zeros=zeros.to(torch.uint8),
+        g_idx=g_idx.to(torch.int32),
+        bits=bits,
+        group_size=gs,
+    )

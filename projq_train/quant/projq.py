@@ -1,0 +1,129 @@
+"""ProjQ: quantize so that the error lands where a rank-r adapter can remove it.
+
+Notation (GUIDE §2): ``W (out, in)``, ``H = XᵀX / N (in, in)``, ``E = W − Q``, rank ``r``.
+With ``K = E H^{1/2}`` (same singular values as ``E Xᵀ / √N``) the error a rank-r adapter
+cannot remove is the spectral tail ``Σ_{i>r} σ_i²(K)``.
+
+Phase 1 alternates: take the top-r right singular vectors ``Z_r`` of ``K``; the token-space
+projector onto the dominant error directions turns, in Hessian-only form, into
+``H_perp = H − G Gᵀ`` with ``G = H Eᵀ U_r Σ_r⁻¹ = H^{1/2} Z_r (in, r)``; re-run GPTQ against
+``H_perp``, so rounding error may move freely into the subspace the adapter will absorb.
+No calibration ``X`` is stored and no ``N × N`` matrix is formed.
+
+Phase 2 (``lowrank_compensation``): ``B A`` = best rank-r approximation of ``E`` in the
+H-norm, from the SVD of ``E H^{1/2}``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from projq_train.quant.gptq import gptq_quantize
+from projq_train.quant.rtn import QuantizedWeight
+
+
+def check_rank(rank: int, out_features: int, in_features: int) -> None:
+    if not 0 <= rank <= min(out_features, in_features):
+        raise ValueError(
+            f"rank must be in [0, min(out, in)] = [0, {min(out_features, in_features)}] "
+            f"for a ({out_features}, {in_features}) weight, got {rank}"
+        )
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    """fp64 on CPU (cheap and exact enough for tests), fp32 on accelerators."""
+    return torch.float64 if t.device.type == "cpu" else torch.float32
+
+
+def hessian_sqrt(H: Tensor, rel_floor: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """``H^{1/2}`` and ``H^{-1/2}`` (in, in) from an eigendecomposition of ``H``.
+
+    Eigenvalues are clamped below at ``rel_floor · λ_max`` so both factors exist and are
+    exact inverses of each other.
+    """
+    lam, V = torch.linalg.eigh(H.to(_work_dtype(H)))
+    lam = lam.clamp_min(lam.max().clamp_min(1e-30) * rel_floor)
+    return (V * lam.sqrt()) @ V.T, (V * lam.rsqrt()) @ V.T
+
+
+def _top_right_singular(K: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """All squared singular values (descending) of ``K (out, in)`` and its top-r right vectors (in, r)."""
+    out_f, in_f = K.shape
+    if in_f <= out_f:
+        lam, Z = torch.linalg.eigh(K.T @ K)  # ascending
+        lam, Z = lam.flip(0), Z.flip(1)
+        return lam.clamp_min(0), Z[:, :rank]
+    lam, U = torch.linalg.eigh(K @ K.T)
+    lam, U = lam.flip(0).clamp_min(0), U.flip(1)[:, :rank]
+    Z = (K.T @ U) / lam[:rank].sqrt().clamp_min(1e-30)
+    return lam, Z
+
+
+def spectral_tail(E: Tensor, H: Tensor, rank: int) -> float:
+    """``Σ_{i>r} σ_i²(E H^{1/2})``: the H-norm error left after the best rank-r correction."""
+    Hh, _ = hessian_sqrt(H)
+    lam, _ = _top_right_singular(E.to(Hh.dtype) @ Hh, rank)
+    return lam[rank:].sum().item()
+
+
+def lowrank_compensation(E: Tensor, H: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Best rank-r ``B (out, r) @ A (r, in)`` approximation of ``E (out, in)`` in the H-norm.
+
+    ``E H^{1/2} = U Σ Vᵀ``; ``B = U_r Σ_r^{1/2}``, ``A = Σ_r^{1/2} V_rᵀ H^{-1/2}``, so
+    ``‖(E − BA) H^{1/2}‖²_F = Σ_{i>r} σ_i²``. Returned in float32.
+    """
+    check_rank(rank, *E.shape)
+    Hh, Hih = hessian_sqrt(H)
+    U, S, Vh = torch.linalg.svd(E.to(Hh.dtype) @ Hh, full_matrices=False)
+    s = S[:rank].sqrt()
+    B = U[:, :rank] * s  # (out, r)
+    A = (s[:, None] * Vh[:rank]) @ Hih  # (r, in)
+    return B.float(), A.float()
+
+
+def projq_quantize(
+    W: Tensor,
+    H: Tensor,
+    bits: int,
+    group_size: int = 128,
+    rank: int = 32,
+    iters: int = 5,
+    tol: float = 1e-3,
+    alpha: float = 1.0,
+    **gptq_kwargs,
+) -> tuple[QuantizedWeight, list[float]]:
+    """ProjQ phase 1: alternate GPTQ against ``H_perp`` and re-estimating the error subspace.
+
+    Args:
+        rank: adapter rank r whose subspace the error is pushed into (0: plain GPTQ).
+        iters: projection rounds after the initial GPTQ (0: plain GPTQ).
+        tol: stop when the tail improves by less than this fraction of the best so far,
+            or when the projector moves by less than this (relative Frobenius distance).
+        alpha: projection strength, ``H_perp = H − α G Gᵀ`` (1: the paper's algorithm).
+        gptq_kwargs: passed to :func:`gptq_quantize` (block_size, damp, act_order).
+
+    Returns:
+        The iterate with the smallest tail, and the tail of every iterate in order.
+    """
+    check_rank(rank, *W.shape)
+    q = gptq_quantize(W, H, bits, group_size, **gptq_kwargs)
+    if rank == 0 or iters == 0:
+        return q, []
+    Hh, _ = hessian_sqrt(H)
+    Hd = H.to(Hh.dtype)
+    best, best_tail, tails, Z_prev = q, float("inf"), [], None
+    for t in range(iters + 1):
+        lam, Z = _top_right_singular((W.to(Hh.dtype) - q.dequantize().to(Hh.dtype)) @ Hh, rank)
+        tail = lam[rank:].sum().item()
+        tails.append(tail)
+        improved = tail < best_tail * (1 - tol)
+        if tail < best_tail:
+            best, best_tail = q, tail
+        moved = Z_prev is None or torch.linalg.norm(Z @ Z.T - Z_prev @ Z_prev.T) > tol * (2 * rank) ** 0.5
+        if t == iters or not improved or not moved:
+            break
+        G = Hh @ Z  # (in, r)
+        q = gptq_quantize(W, (Hd - alpha * G @ G.T).to(H.dtype), bits, group_size, **gptq_kwargs)
+        Z_prev = Z
+    return best, tails

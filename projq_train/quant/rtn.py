@@ -1,0 +1,87 @@
+"""The quantization grid: asymmetric min-max per group, and round-to-nearest (RTN).
+
+A weight ``W (out, in)`` is cut along ``in`` into groups of ``group_size`` columns
+(``-1``: one group per row). Each (row, group) has a scale ``s`` and an integer zero
+point ``z``; a weight is stored as a code ``c ∈ [0, 2^bits)`` and read back as
+``ŵ = (c − z) · s``. ``g_idx (in,)`` names the group of every input column, the layout
+GPTQ checkpoints use, so act-order GPTQ (whose groups follow a permutation) fits too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (2, 3, 4)
+
+
+def check_grid(bits: int, group_size: int, in_features: int) -> int:
+    """Validate bit width and group size for a layer; return the effective group size."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if group_size == -1:
+        return in_features
+    if group_size <= 0:
+        raise ValueError(f"group_size must be a positive number of columns or -1 (per row), got {group_size}")
+    if in_features % group_size != 0:
+        raise ValueError(
+            f"group_size {group_size} does not divide in_features {in_features}; "
+            f"choose a divisor of {in_features} or -1 (one group per row)"
+        )
+    return group_size
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes plus per-group scale and zero point of one linear weight."""
+
+    codes: Tensor  # (out, in) uint8, values in [0, 2**bits)
+    scales: Tensor  # (out, n_groups) float32
+    zeros: Tensor  # (out, n_groups) uint8 integer zero points
+    g_idx: Tensor  # (in,) int32, group of each input column
+    bits: int
+    group_size: int  # columns per group; equals in_features for per-row groups
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self) -> Tensor:
+        """``Ŵ = (codes − zeros[:, g_idx]) · scales[:, g_idx]`` as an (out, in) float32 tensor."""
+        g = self.g_idx.long()
+        return (self.codes.float() - self.zeros[:, g].float()) * self.scales[:, g]
+
+
+def minmax_params(w: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """Asymmetric min-max grid for each row of ``w (out, g)``: scale (out,), integer zero (out,)."""
+    wmin = w.amin(dim=1)
+    wmax = w.amax(dim=1)
+    flat = wmax == wmin  # constant rows: any positive scale reproduces them exactly
+    scale = torch.where(flat, wmax.abs().clamp_min(1e-8), (wmax - wmin) / maxq)
+    zero = torch.where(flat, torch.zeros_like(wmin), torch.round(-wmin / scale)).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_to_grid(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """Integer codes (as float) of ``w (out, k)`` on the grid of per-row ``scale``, ``zero`` (out,)."""
+    return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, maxq)
+
+
+def rtn_quantize(W: Tensor, bits: int, group_size: int = 128) -> QuantizedWeight:
+    """Round every weight of ``W (out, in)`` to the nearest point of its group's min-max grid."""
+    out_f, in_f = W.shape
+    gs = check_grid(bits, group_size, in_f)
+    maxq = 2**bits - 1
+    Wg = W.float().reshape(out_f * (in_f // gs), gs)  # one row per (row, group)
+    scale, zero = minmax_params(Wg, maxq)
+    codes = quantize_to_grid(Wg, scale, zero, maxq).reshape(out_f, in_f)
+    return QuantizedWeight(
+        codes=codes.to(torch.uint8),
+        scales=scale.reshape(out_f, -1),
+        zeros=zero.reshape(out_f, -1).to(torch.uint8),
+        g_idx=torch.arange(in_f, dtype=torch.int32, device=W.device) // gs,
+        bits=bits,
+        group_size=gs,
+    )

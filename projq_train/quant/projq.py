@@ -47,8 +47,12 @@ def hessian_sqrt(H: Tensor, rel_floor: float = 1e-8) -> tuple[Tensor, Tensor]:
     return (V * lam.sqrt()) @ V.T, (V * lam.rsqrt()) @ V.T
 
 
-def _top_right_singular(K: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """All squared singular values (descending) of ``K (out, in)`` and its top-r right vectors (in, r)."""
+def error_subspace(E: Tensor, Hh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Spectrum of ``K = E H^{1/2}``: all σ² (descending) and the top-r right singular vectors ``Z_r (in, r)``.
+
+    Uses the eigendecomposition of the smaller Gram matrix of ``K (out, in)``.
+    """
+    K = E.to(Hh.dtype) @ Hh
     out_f, in_f = K.shape
     if in_f <= out_f:
         lam, Z = torch.linalg.eigh(K.T @ K)  # ascending
@@ -63,8 +67,18 @@ def _top_right_singular(K: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 def spectral_tail(E: Tensor, H: Tensor, rank: int) -> float:
     """``Σ_{i>r} σ_i²(E H^{1/2})``: the H-norm error left after the best rank-r correction."""
     Hh, _ = hessian_sqrt(H)
-    lam, _ = _top_right_singular(E.to(Hh.dtype) @ Hh, rank)
+    lam, _ = error_subspace(E, Hh, rank)
     return lam[rank:].sum().item()
+
+
+def projected_hessian(H: Tensor, Hh: Tensor, Z: Tensor, alpha: float = 1.0) -> Tensor:
+    """``H_perp = H − α G Gᵀ`` with ``G = H^{1/2} Z (in, r)``.
+
+    For ``Z`` the top-r right singular vectors of ``E H^{1/2}`` this is ``Xᵀ(I − P)X / N``
+    with ``P`` the projector onto the r token directions that carry most of ``E Xᵀ``.
+    """
+    G = Hh @ Z
+    return (H.to(Hh.dtype) - alpha * G @ G.T).to(H.dtype)
 
 
 def lowrank_compensation(E: Tensor, H: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -111,10 +125,9 @@ def projq_quantize(
     if rank == 0 or iters == 0:
         return q, []
     Hh, _ = hessian_sqrt(H)
-    Hd = H.to(Hh.dtype)
     best, best_tail, tails, Z_prev = q, float("inf"), [], None
     for t in range(iters + 1):
-        lam, Z = _top_right_singular((W.to(Hh.dtype) - q.dequantize().to(Hh.dtype)) @ Hh, rank)
+        lam, Z = error_subspace(W - q.dequantize(), Hh, rank)
         tail = lam[rank:].sum().item()
         tails.append(tail)
         improved = tail < best_tail * (1 - tol)
@@ -123,7 +136,6 @@ def projq_quantize(
         moved = Z_prev is None or torch.linalg.norm(Z @ Z.T - Z_prev @ Z_prev.T) > tol * (2 * rank) ** 0.5
         if t == iters or not improved or not moved:
             break
-        G = Hh @ Z  # (in, r)
-        q = gptq_quantize(W, (Hd - alpha * G @ G.T).to(H.dtype), bits, group_size, **gptq_kwargs)
+        q = gptq_quantize(W, projected_hessian(H, Hh, Z, alpha), bits, group_size, **gptq_kwargs)
         Z_prev = Z
     return best, tails

@@ -1,0 +1,180 @@
+"""Properties of the pure quantization functions: equalities, bounds, errors."""
+
+import pytest
+import torch
+
+from projq_train.quant import (
+    gptq_quantize,
+    lowrank_compensation,
+    projq_quantize,
+    quantize_weight,
+    rtn_quantize,
+    spectral_tail,
+)
+from projq_train.quant.projq import error_subspace, hessian_sqrt, projected_hessian
+
+
+def hnorm(E, H):
+    return torch.trace(E.double() @ H.double() @ E.double().T).item()
+
+
+def structured_inputs(n=2048, d=128, k=8, seed=0):
+    """Activations with a few dominant directions plus noise, as in real LLM layers."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, k, generator=g) @ torch.randn(k, d, generator=g) * 2 + 0.3 * torch.randn(n, d, generator=g)
+    return X, X.T @ X / n
+
+
+@pytest.fixture
+def layer():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(96, 128, generator=g)
+    X, H = structured_inputs()
+    return W, X, H
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+def test_rtn_grid_round_trip(bits, group_size):
+    W = torch.randn(17, 128)
+    q = rtn_quantize(W, bits, group_size)
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 2**bits - 1
+    gs = 128 if group_size == -1 else group_size
+    assert q.scales.shape == (17, 128 // gs)
+    # every weight lies within half a step of its group's grid, groups are contiguous
+    step = q.scales[:, q.g_idx.long()]
+    assert torch.all((W - q.dequantize()).abs() <= step / 2 + 1e-6)
+    assert torch.equal(q.g_idx.long(), torch.arange(128) // gs)
+
+
+def test_rtn_constant_row_is_exact():
+    W = torch.full((3, 32), 0.25)
+    assert torch.equal(rtn_quantize(W, 2, 32).dequantize(), W)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_identity_hessian_equals_rtn(bits, group_size, act_order):
+    W = torch.randn(40, 256)
+    g = gptq_quantize(W, torch.eye(256), bits, group_size, act_order=act_order)
+    r = rtn_quantize(W, bits, group_size)
+    assert torch.equal(g.codes, r.codes)
+    assert torch.equal(g.scales, r.scales) and torch.equal(g.zeros, r.zeros)
+    assert torch.equal(g.dequantize(), r.dequantize())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_in_h_norm(layer, bits, act_order):
+    W, _, H = layer
+    g = gptq_quantize(W, H, bits, 32, act_order=act_order)
+    r = rtn_quantize(W, bits, 32)
+    assert hnorm(W - g.dequantize(), H) < hnorm(W - r.dequantize(), H)
+
+
+def test_gptq_act_order_groups_follow_permutation(layer):
+    W, _, H = layer
+    q = gptq_quantize(W, H, 3, 32, act_order=True)
+    counts = torch.bincount(q.g_idx.long())
+    assert counts.tolist() == [32] * 4
+    assert not torch.equal(q.g_idx.long(), torch.arange(128) // 32)  # the permutation is real
+
+
+def test_gptq_survives_indefinite_hessian(layer):
+    """A failed Cholesky raises the dampening instead of crashing."""
+    W, _, H = layer
+    lam, V = torch.linalg.eigh(H)
+    lam[:4] = -0.05 * lam.mean()  # slightly indefinite: damp 0.01 fails, 0.1 works
+    q = gptq_quantize(W, (V * lam) @ V.T, 3, 32)
+    assert torch.isfinite(q.dequantize()).all()
+
+
+def test_gptq_dead_inputs_are_zeroed(layer):
+    W, _, H = layer
+    H = H.clone()
+    H[:, 5] = 0
+    H[5, :] = 0
+    q = gptq_quantize(W, H, 4, 32)
+    assert torch.allclose(q.dequantize()[:, 5], torch.zeros(96), atol=float(q.scales.max()))
+
+
+def test_projq_rank_or_iters_zero_equals_gptq(layer):
+    W, _, H = layer
+    g = gptq_quantize(W, H, 3, 32)
+    for kw in ({"rank": 0, "iters": 5}, {"rank": 8, "iters": 0}):
+        p, tails = projq_quantize(W, H, 3, 32, **kw)
+        assert torch.equal(p.codes, g.codes) and tails == []
+
+
+def test_projected_hessian_is_hessian_of_projected_tokens(layer):
+    """The Hessian-only H_perp equals Xᵀ(I − P)X/N built explicitly from X (test-only)."""
+    W, X, H = layer
+    E = (W - rtn_quantize(W, 3, 32).dequantize()).double()
+    r, n = 6, X.shape[0]
+    Y = X.double() / n**0.5
+    H = Y.T @ Y
+    U, S, _ = torch.linalg.svd(E @ Y.T, full_matrices=False)
+    V = Y @ E.T @ U[:, :r] / S[:r]  # (N, r) token-space directions
+    explicit = Y.T @ Y - (Y.T @ V) @ (V.T @ Y)
+    Hh, _ = hessian_sqrt(H)
+    _, Z = error_subspace(E, Hh, r)
+    torch.testing.assert_close(projected_hessian(H, Hh, Z), explicit, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_projq_lowers_compensated_error(layer, bits):
+    W, _, H = layer
+    r = 8
+    g = gptq_quantize(W, H, bits, 32)
+    p, tails = projq_quantize(W, H, bits, 32, rank=r, iters=5)
+    assert spectral_tail(W - p.dequantize(), H, r) < spectral_tail(W - g.dequantize(), H, r)
+    assert min(tails) == pytest.approx(spectral_tail(W - p.dequantize(), H, r), rel=1e-6)  # best iterate kept
+
+
+def test_compensation_error_equals_spectral_tail(layer):
+    W, X, H = layer
+    E = W - gptq_quantize(W, H, 2, 32).dequantize()
+    B, A = lowrank_compensation(E, H, rank=10)
+    assert B.shape == (96, 10) and A.shape == (10, 128)
+    resid = E.double() - B.double() @ A.double()
+    measured = (resid @ X.double().T).pow(2).sum().item() / X.shape[0]  # ‖(E − BA)Xᵀ‖² / N
+    assert measured == pytest.approx(spectral_tail(E, H, 10), rel=1e-4)
+    # and it is the optimum: a plain (unweighted) SVD truncation does worse in the H-norm
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    plain = E - (U[:, :10] * S[:10]) @ Vh[:10]
+    assert hnorm(plain, H) > hnorm(resid, H)
+
+
+def test_adapter_brings_quantized_layer_closer_to_float(layer):
+    W, X, _ = layer
+    H = X.T @ X / X.shape[0]
+    q = quantize_weight(W, H, method="projq", bits=3, group_size=32, rank=8, iters=3)
+    B, A = lowrank_compensation(W - q.dequantize(), H, rank=8)
+    y = X @ W.T
+    err_q = (X @ q.dequantize().T - y).pow(2).mean()
+    err_qba = (X @ (q.dequantize() + B @ A).T - y).pow(2).mean()
+    assert err_qba < 0.9 * err_q
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": 5}, "bits must be one of"),
+        ({"bits": 1}, "bits must be one of"),
+        ({"group_size": 100}, "does not divide in_features 128"),
+        ({"group_size": 0}, "group_size must be a positive"),
+        ({"rank": 200}, "rank must be in"),
+        ({"method": "awq"}, "method must be one of"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(layer, kwargs, message):
+    W, _, H = layer
+    with pytest.raises(ValueError, match=message):
+        quantize_weight(W, H, **{"method": "projq", "bits": 3, "group_size": 32, "rank": 8, **kwargs})
+
+
+def test_hessian_shape_is_checked(layer):
+    W, _, _ = layer
+    with pytest.raises(ValueError, match=r"H must be \(128, 128\)"):
+        quantize_weight(W, torch.eye(64), method="gptq")

@@ -9,7 +9,7 @@ GPTQ checkpoints use, so act-order GPTQ (whose groups follow a permutation) fits
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -47,6 +47,10 @@ class QuantizedWeight:
     @property
     def shape(self) -> torch.Size:
         return self.codes.shape
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        return replace(self, codes=self.codes.to(device), scales=self.scales.to(device),
+                       zeros=self.zeros.to(device), g_idx=self.g_idx.to(device))
 
     def dequantize(self) -> Tensor:
         """``Ŵ = (codes − zeros[:, g_idx]) · scales[:, g_idx]`` as an (out, in) float32 tensor."""

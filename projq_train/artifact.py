@@ -1,0 +1,154 @@
+"""Content-addressed quantization artifacts.
+
+An artifact is a directory ``<root>/<hash[:16]>/`` holding
+
+- ``quantized.safetensors``: per quantized module ``<name>.codes`` (uint8, unpacked, one
+  code per weight), ``.scales`` (fp32), ``.zeros`` (uint8), ``.g_idx`` (int32),
+  ``.lora_A`` / ``.lora_B`` (fp32 compensation);
+- ``metadata.json``: format version, the full hash and the base model's hash, the complete
+  recipe, library versions, per-module bits/group size and the quantization report.
+
+The hash covers the base model's tensors, the calibration token ids and the quantization
+settings, so a recipe that would produce the same result finds the existing artifact.
+Writes go to a temporary sibling directory renamed into place, so a crash never leaves a
+directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+import projq_train
+from projq_train.quant.calibrate import QuantizedModule
+from projq_train.quant.rtn import QuantizedWeight
+
+FORMAT_VERSION = 1
+TENSORS = "quantized.safetensors"
+METADATA = "metadata.json"
+
+
+def model_hash(model: nn.Module) -> str:
+    """sha256 over every tensor of the model's state dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def artifact_hash(base_model_hash: str, calibration_ids: Tensor, settings: dict[str, Any]) -> str:
+    """sha256 of the base model hash, the calibration token ids and the quantization settings."""
+    h = hashlib.sha256(base_model_hash.encode())
+    h.update(calibration_ids.to(torch.int64).contiguous().numpy().tobytes())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def artifact_path(root: str | Path, full_hash: str) -> Path:
+    return Path(root) / full_hash[:16]
+
+
+def find_artifact(root: str | Path, full_hash: str) -> Path | None:
+    """The complete artifact with this hash under ``root``, or None."""
+    path = artifact_path(root, full_hash)
+    meta = path / METADATA
+    if meta.is_file() and json.loads(meta.read_text()).get("hash") == full_hash:
+        return path
+    return None
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "projq_train": projq_train.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def save_artifact(
+    root: str | Path, full_hash: str, modules: dict[str, QuantizedModule], metadata: dict[str, Any]
+) -> Path:
+    """Write the artifact atomically; if another process finished the same one first, keep theirs."""
+    final = artifact_path(root, full_hash)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, qm in modules.items():
+        w = qm.weight
+        tensors.update({
+            f"{name}.codes": w.codes, f"{name}.scales": w.scales, f"{name}.zeros": w.zeros,
+            f"{name}.g_idx": w.g_idx, f"{name}.lora_A": qm.lora_A, f"{name}.lora_B": qm.lora_B,
+        })
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "hash": full_hash,
+        "codes_layout": "unpacked-uint8",
+        "versions": library_versions(),
+        "modules": {n: {"bits": qm.weight.bits, "group_size": qm.weight.group_size} for n, qm in modules.items()},
+        **metadata,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2))
+        for f in (TENSORS, METADATA):
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if find_artifact(root, full_hash) is None:
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return final
+
+
+def load_artifact(path: str | Path) -> tuple[dict[str, QuantizedModule], dict[str, Any]]:
+    """Read an artifact directory back into quantized modules (on CPU) and its metadata."""
+    path = Path(path)
+    if not (path / METADATA).is_file() or not (path / TENSORS).is_file():
+        raise FileNotFoundError(f"{path} is not a complete projq-train artifact (missing {METADATA} or {TENSORS})")
+    meta = json.loads((path / METADATA).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: artifact format {meta.get('format_version')} is not {FORMAT_VERSION}")
+    t = load_file(str(path / TENSORS))
+    modules = {}
+    for name, info in meta["modules"].items():
+        weight = QuantizedWeight(
+            t[f"{name}.codes"], t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"],
+            info["bits"], info["group_size"],
+        )
+        modules[name] = QuantizedModule(weight, t[f"{name}.lora_B"], t[f"{name}.lora_A"])
+    return modules, meta
+
+
+def load_quantized_model(path: str | Path, with_adapter: bool = True) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Rebuild the fake-quantized model (``Q`` or ``Q + BA`` in its linear weights) from an artifact.
+
+    The base model named in the artifact's recipe is loaded and must hash to the model the
+    artifact was made from.
+    """
+    from projq_train.config import ModelConfig
+    from projq_train.models import load_model_and_tokenizer
+    from projq_train.quant.calibrate import apply_quantized
+
+    modules, meta = load_artifact(path)
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(**meta["recipe"]["model"]))
+    if model_hash(model) != meta["base_model_hash"]:
+        raise ValueError(f"{path}: the base model {meta['recipe']['model']} is not the one this artifact was made from")
+    return apply_quantized(model, modules, with_adapter), tokenizer, meta

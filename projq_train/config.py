@@ -1,0 +1,103 @@
+"""Typed configuration: every recipe section is one of these dataclasses, checked on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from projq_train.quant.rtn import SUPPORTED_BITS
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load."""
+
+    name_or_path: str | None = None
+    """Hugging Face hub name or local directory of the base model."""
+    gguf_file: str | None = None
+    """File name of a GGUF checkpoint inside ``name_or_path`` (needs ``pip install gguf``)."""
+    config: dict[str, Any] | None = None
+    """Build a randomly initialized model from this config instead (``model_type`` plus
+    ``transformers`` config fields); used for tiny test and demo models."""
+    seed: int = 0
+    """Seed of the random initialization when ``config`` is given."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the model weights are loaded in."""
+
+    def __post_init__(self):
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError("model: give exactly one of `name_or_path` (pretrained) or `config` (random init)")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config needs a `model_type` (llama, qwen2, qwen3 or mistral)")
+
+
+@dataclass
+class QuantConfig:
+    """How the linear layers are quantized and how the adapter is initialized."""
+
+    method: Literal["rtn", "gptq", "projq"] = "projq"
+    """``rtn`` round-to-nearest, ``gptq``, or ``projq`` (GPTQ with the error pushed into the adapter's subspace)."""
+    bits: int = 3
+    """Bits per weight: 2, 3 or 4."""
+    group_size: int = 128
+    """Input columns sharing one scale/zero point; -1 for one group per output row."""
+    rank: int = 32
+    """Rank of the low-rank compensation (the LoRA rank); 0 disables it."""
+    iters: int = 5
+    """ProjQ projection rounds after the initial GPTQ."""
+    tol: float = 1e-3
+    """ProjQ early stop: relative tail improvement (and subspace movement) below this stops."""
+    alpha: float = 1.0
+    """ProjQ projection strength (1.0 is the paper's algorithm)."""
+    damp: float = 0.01
+    """GPTQ dampening, as a fraction of the mean Hessian diagonal (raised automatically if needed)."""
+    act_order: bool = False
+    """GPTQ: quantize columns in order of decreasing activation energy."""
+    block_size: int = 128
+    """GPTQ lazy-update block size."""
+    true_sequential: bool = True
+    """Inside a decoder layer, quantize q/k/v, then o, then gate/up, then down, each with inputs
+    from the already-quantized modules before it."""
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """Linear modules (by attribute name) to quantize."""
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"quant.bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"quant.group_size must be positive or -1, got {self.group_size}")
+        if self.rank < 0 or self.iters < 0:
+            raise ValueError(f"quant.rank and quant.iters must be >= 0, got {self.rank} and {self.iters}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"quant.alpha must be in [0, 1], got {self.alpha}")
+        unknown = sorted(set(self.target_modules) - set(DEFAULT_TARGETS))
+        if unknown or not self.target_modules:
+            raise ValueError(f"quant.target_modules must be a non-empty subset of {DEFAULT_TARGETS}, got {unknown}")
+
+
+@dataclass
+class CalibrationConfig:
+    """Text the quantizer sees to estimate each layer's input statistics."""
+
+    dataset: str = "builtin:sample"
+    """Hub dataset name, a local .json/.jsonl/.parquet/.txt file, or ``builtin:sample`` (a short
+    text shipped with the package, for tiny demo models)."""
+    split: str = "train"
+    """Split to read from a hub dataset."""
+    template: Literal["auto", "alpaca", "plain"] = "auto"
+    """How rows become text: ``alpaca`` renders instruction/input/output rows through the Alpaca
+    prompt; ``plain`` reads a ``text`` field; ``auto`` picks by the fields present."""
+    nsamples: int = 128
+    """Number of token windows."""
+    seqlen: int = 512
+    """Tokens per window."""
+    seed: int = 0
+    """Seed of the window sampling."""
+    batch_size: int = 8
+    """Windows per forward pass during calibration."""
+
+    def __post_init__(self):
+        if self.nsamples <= 0 or self.seqlen <= 0 or self.batch_size <= 0:
+            raise ValueError("calibration.nsamples, seqlen and batch_size must be positive")

@@ -1,0 +1,96 @@
+"""Calibration text: rows from a dataset, rendered as the model will see them, cut into token windows."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from projq_train.config import CalibrationConfig
+from projq_train.data.prompts import alpaca_prompt
+
+BUILTIN_SAMPLE = "builtin:sample"
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
+
+
+def load_rows(source: str, split: str = "train") -> list[dict | str]:
+    """Rows of a local .json/.jsonl/.parquet/.txt file (a .txt file is one row), the builtin
+    sample, or a hub dataset split."""
+    if source == BUILTIN_SAMPLE:
+        return [(Path(__file__).parent / "sample.txt").read_text()]
+    path = Path(source)
+    if path.suffix not in LOCAL_SUFFIXES:
+        from datasets import load_dataset
+
+        return list(load_dataset(source, split=split))
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {source} does not exist")
+    if path.suffix == ".txt":
+        return [path.read_text()]
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".parquet":
+        from datasets import load_dataset
+
+        return list(load_dataset("parquet", data_files=str(path), split="train"))
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list):
+        raise ValueError(f"{source}: expected a JSON list of rows, got {type(rows).__name__}")
+    return rows
+
+
+def row_text(row: dict | str, template: str, where: str) -> str:
+    """Render one row as text. ``where`` names the file and row in error messages."""
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with fields, got {type(row).__name__}")
+    if template == "auto":
+        template = "alpaca" if "instruction" in row else "qa" if "question" in row else "plain"
+    needed = {"alpaca": ("instruction", "output"), "qa": ("question", "answer"), "plain": ("text",)}[template]
+    missing = [k for k in needed if k not in row]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing} needed by the {template!r} template")
+    if template == "alpaca":
+        return alpaca_prompt(row["instruction"], row.get("input") or "") + row["output"]
+    if template == "qa":
+        return f"Question: {row['question']}\nAnswer: {row['answer']}"
+    return row["text"]
+
+
+def _token_stream(rows: list, cfg: CalibrationConfig, tokenizer, need: int) -> Iterable[int]:
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    total = 0
+    for i in order:
+        ids = tokenizer(row_text(rows[i], cfg.template, f"{cfg.dataset}, row {i}"), add_special_tokens=False)[
+            "input_ids"
+        ]
+        yield from ids
+        if tokenizer.eos_token_id is not None:
+            yield tokenizer.eos_token_id
+        total += len(ids) + 1
+        if total >= need:
+            return
+
+
+def calibration_tokens(cfg: CalibrationConfig, tokenizer) -> Tensor:
+    """``(nsamples, seqlen)`` token ids: rows are shuffled with ``cfg.seed``, rendered, joined with
+    EOS and cut into consecutive windows; a short corpus gives overlapping random windows."""
+    rows = load_rows(cfg.dataset, cfg.split)
+    if not rows:
+        raise ValueError(f"calibration dataset {cfg.dataset} is empty")
+    stream = torch.tensor(list(_token_stream(rows, cfg, tokenizer, cfg.nsamples * cfg.seqlen)), dtype=torch.long)
+    if stream.numel() < cfg.seqlen:
+        raise ValueError(
+            f"calibration dataset {cfg.dataset} has only {stream.numel()} tokens, fewer than seqlen {cfg.seqlen}"
+        )
+    if stream.numel() >= cfg.nsamples * cfg.seqlen:
+        return stream[: cfg.nsamples * cfg.seqlen].view(cfg.nsamples, cfg.seqlen)
+    g = torch.Generator().manual_seed(cfg.seed)
+    starts = torch.randint(0, stream.numel() - cfg.seqlen + 1, (cfg.nsamples,), generator=g)
+    return torch.stack([stream[s : s + cfg.seqlen] for s in starts.tolist()])

@@ -1,0 +1,249 @@
+"""Layer-by-layer quantization of a Hugging Face decoder model.
+
+The driver captures the inputs of the first decoder layer, then for each layer in turn:
+moves it to the compute device, accumulates ``H = XᵀX / N`` for its linear modules with
+forward hooks, quantizes them (and computes the low-rank compensation), writes the
+step-0 weights ``Q + BA`` back, runs the layer to produce the next layer's inputs, and
+moves it back. Only one decoder layer is on the device at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from projq_train.config import QuantConfig
+from projq_train.models import decoder_layers
+from projq_train.quant import QuantizedWeight, lowrank_compensation, quantize_weight
+from projq_train.quant.projq import check_rank
+from projq_train.quant.rtn import check_grid
+
+log = logging.getLogger(__name__)
+
+# Inside a decoder layer, modules in one group share their input; later groups read
+# outputs of earlier ones.
+SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+@dataclass
+class QuantizedModule:
+    """What the quantizer produced for one linear module."""
+
+    weight: QuantizedWeight
+    lora_B: Tensor  # (out, r)
+    lora_A: Tensor  # (r, in)
+
+    def step0_weight(self) -> Tensor:
+        """``Q + B A``: the weight the adapted model computes with before training."""
+        return self.weight.dequantize() + self.lora_B @ self.lora_A
+
+
+@dataclass
+class ModuleReport:
+    """Errors in the H-norm relative to ``‖W‖_H²`` (so 0.01 means 1% of the layer's output energy)."""
+
+    name: str
+    shape: tuple[int, int]
+    err_quant: float  # ‖W − Q‖_H² / ‖W‖_H²
+    err_compensated: float  # ‖W − Q − BA‖_H² / ‖W‖_H²
+    tail_fraction: float  # share of the quantization error the adapter cannot remove
+    seconds: float
+
+
+class _StopForward(Exception):
+    """Raised by a hook once everything needed from a forward pass has been seen."""
+
+
+def _hnorm(E: Tensor, H: Tensor) -> float:
+    return torch.einsum("oi,ij,oj->", E, H, E).item()
+
+
+def target_linears(layer: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
+    return {n.rsplit(".", 1)[-1]: m for n, m in layer.named_modules() if n.rsplit(".", 1)[-1] in targets}
+
+
+def check_model_settings(model: nn.Module, cfg: QuantConfig) -> None:
+    """Fail before any calibration if a module cannot be quantized with these settings."""
+    for li, layer in enumerate(decoder_layers(model)):
+        found = target_linears(layer, cfg.target_modules)
+        if not found:
+            raise ValueError(f"decoder layer {li} has none of the target modules {cfg.target_modules}")
+        for name, mod in found.items():
+            try:
+                check_grid(cfg.bits, cfg.group_size, mod.in_features)
+                check_rank(cfg.rank, mod.out_features, mod.in_features)
+            except ValueError as e:
+                raise ValueError(f"layer {li} {name}: {e}") from None
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, ids: Tensor, device: torch.device, batch_size: int
+) -> tuple[list[Tensor], list[dict]]:
+    """Hidden states and keyword arguments the first decoder layer receives, per batch of ``ids``."""
+    layers = decoder_layers(model)
+    others = [m for n, m in model.model.named_children() if n != "layers"]
+    for m in others:
+        m.to(device)
+    inputs, kwargs = [], []
+
+    def grab(_mod, args, kw):
+        inputs.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.append(kw)
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in ids.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for m in others:
+            m.to("cpu")
+    return inputs, kwargs
+
+
+def _run_layer(layer: nn.Module, inputs: list[Tensor], kwargs: list[dict]) -> list[Tensor]:
+    outs = [layer(h, **kw) for h, kw in zip(inputs, kwargs)]
+    return [o[0] if isinstance(o, tuple) else o for o in outs]
+
+
+@torch.no_grad()
+def accumulate_hessians(
+    layer: nn.Module, modules: dict[str, nn.Linear], inputs: list[Tensor], kwargs: list[dict]
+) -> dict[str, Tensor]:
+    """``H = XᵀX / N`` (in, in) fp32 of each module's inputs over all batches; each forward stops
+    as soon as every module of ``modules`` has seen its input."""
+    H = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in modules.items()}
+    count = dict.fromkeys(modules, 0)
+    seen: set[str] = set()
+
+    def hook(name):
+        def fn(mod, args, _out):
+            x = args[0].reshape(-1, mod.in_features).float()  # (tokens, in)
+            H[name] += x.T @ x
+            count[name] += x.shape[0]
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _StopForward
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        for h, kw in zip(inputs, kwargs):
+            seen.clear()
+            try:
+                layer(h, **kw)
+            except _StopForward:
+                pass
+    finally:
+        for hd in handles:
+            hd.remove()
+    return {n: H[n] / max(count[n], 1) for n in modules}
+
+
+def _method_options(cfg: QuantConfig) -> dict:
+    if cfg.method == "rtn":
+        return {}
+    opts = {"block_size": cfg.block_size, "damp": cfg.damp, "act_order": cfg.act_order}
+    if cfg.method == "projq":
+        opts.update(tol=cfg.tol, alpha=cfg.alpha)
+    return opts
+
+
+def quantize_module(W: Tensor, H: Tensor, cfg: QuantConfig) -> QuantizedModule:
+    """Quantize one weight ``W (out, in)`` with its Hessian and compute the compensation."""
+    W = W.float()
+    qw = quantize_weight(W, H, cfg.method, cfg.bits, cfg.group_size, cfg.rank, cfg.iters, **_method_options(cfg))
+    B, A = lowrank_compensation(W - qw.dequantize(), H, cfg.rank)
+    return QuantizedModule(qw, B, A)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    ids: Tensor,
+    cfg: QuantConfig,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[dict[str, QuantizedModule], list[ModuleReport]]:
+    """Quantize every target linear of ``model`` (on CPU) in place, calibrating on ``ids (n, seqlen)``.
+
+    After this the model's target weights hold ``Q + BA`` (the adapted model at step 0), and
+    the next layer was calibrated on those outputs. Returns the quantized modules, on CPU and
+    keyed by their full module name, and one report row per module.
+    """
+    check_model_settings(model, cfg)
+    if ids.numel() == 0:
+        raise ValueError("the calibration set is empty: no token windows to calibrate on")
+    device = torch.device(device)
+    layer_names = {id(m): n for n, m in model.named_modules()}
+    inputs, kwargs = capture_layer_inputs(model, ids, device, batch_size)
+    groups = SEQUENTIAL_GROUPS if cfg.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
+    result: dict[str, QuantizedModule] = {}
+    reports: list[ModuleReport] = []
+    bar = tqdm(decoder_layers(model), desc=f"{cfg.method} w{cfg.bits}", disable=not progress)
+    for layer in bar:
+        layer.to(device)
+        linears = target_linears(layer, cfg.target_modules)
+        for group in groups:
+            members = {n: linears[n] for n in group if n in linears}
+            if not members:
+                continue
+            hessians = accumulate_hessians(layer, members, inputs, kwargs)
+            for short, mod in members.items():
+                t0 = time.perf_counter()
+                W, H = mod.weight.float(), hessians[short]
+                qm = quantize_module(W, H, cfg)
+                step0 = qm.step0_weight()
+                wn = _hnorm(W, H)
+                err_q, err_c = _hnorm(W - qm.weight.dequantize(), H) / wn, _hnorm(W - step0, H) / wn
+                name = layer_names[id(mod)]
+                reports.append(
+                    ModuleReport(name, tuple(W.shape), err_q, err_c, err_c / max(err_q, 1e-30), time.perf_counter() - t0)
+                )
+                mod.weight.copy_(step0.to(mod.weight.dtype))
+                result[name] = QuantizedModule(qm.weight.to("cpu"), qm.lora_B.cpu(), qm.lora_A.cpu())
+        inputs = _run_layer(layer, inputs, kwargs)
+        layer.to("cpu")
+        bar.set_postfix(err=f"{sum(r.err_compensated for r in reports[-len(linears):]) / len(linears):.4f}")
+    log.info("quantized %d modules with %s at %d bits", len(result), cfg.method, cfg.bits)
+    return result, reports
+
+
+def apply_quantized(model: nn.Module, modules: dict[str, QuantizedModule], with_adapter: bool = True) -> nn.Module:
+    """Write ``Q`` (or ``Q + BA``) into the model's linear weights: the fake-quantized reference model."""
+    named = dict(model.named_modules())
+    with torch.no_grad():
+        for name, qm in modules.items():
+            w = qm.step0_weight() if with_adapter else qm.weight.dequantize()
+            named[name].weight.copy_(w.to(named[name].weight.dtype))
+    return model
+
+
+def format_report(reports: list[ModuleReport]) -> str:
+    """A fixed-width table of the per-module report with a mean row."""
+    lines = [f"{'module':<40} {'shape':>12} {'err Q':>9} {'err Q+BA':>9} {'tail %':>7} {'sec':>6}"]
+    for r in reports:
+        shape = f"{r.shape[0]}x{r.shape[1]}"
+        lines.append(
+            f"{r.name:<40} {shape:>12} {r.err_quant:9.5f} {r.err_compensated:9.5f} "
+            f"{100 * r.tail_fraction:7.2f} {r.seconds:6.2f}"
+        )
+    n = max(len(reports), 1)
+    lines.append(
+        f"{'mean':<40} {'':>12} {sum(r.err_quant for r in reports) / n:9.5f} "
+        f"{sum(r.err_compensated for r in reports) / n:9.5f} "
+        f"{100 * sum(r.tail_fraction for r in reports) / n:7.2f} {sum(r.seconds for r in reports):6.2f}"
+    )
+    return "\n".join(lines)

@@ -62,18 +62,17 @@ def row_text(row: dict | str, template: str, where: str) -> str:
     return row["text"]
 
 
-def _token_stream(rows: list, cfg: CalibrationConfig, tokenizer, need: int) -> Iterable[int]:
-    order = list(range(len(rows)))
-    random.Random(cfg.seed).shuffle(order)
+def _token_stream(texts: list[str], seed: int, tokenizer, need: int) -> Iterable[int]:
+    """Token ids of the texts in a seeded random order, each followed by EOS, until ``need`` are out."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
     total = 0
     for i in order:
-        ids = tokenizer(row_text(rows[i], cfg.template, f"{cfg.dataset}, row {i}"), add_special_tokens=False)[
-            "input_ids"
-        ]
-        yield from ids
+        ids = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
-            yield tokenizer.eos_token_id
-        total += len(ids) + 1
+            ids.append(tokenizer.eos_token_id)
+        yield from ids
+        total += len(ids)
         if total >= need:
             return
 
@@ -84,13 +83,15 @@ def calibration_tokens(cfg: CalibrationConfig, tokenizer) -> Tensor:
     rows = load_rows(cfg.dataset, cfg.split)
     if not rows:
         raise ValueError(f"calibration dataset {cfg.dataset} is empty")
-    stream = torch.tensor(list(_token_stream(rows, cfg, tokenizer, cfg.nsamples * cfg.seqlen)), dtype=torch.long)
+    texts = [row_text(r, cfg.template, f"{cfg.dataset}, row {i}") for i, r in enumerate(rows)]  # checks every row
+    need = cfg.nsamples * cfg.seqlen
+    stream = torch.tensor(list(_token_stream(texts, cfg.seed, tokenizer, need)), dtype=torch.long)
     if stream.numel() < cfg.seqlen:
         raise ValueError(
             f"calibration dataset {cfg.dataset} has only {stream.numel()} tokens, fewer than seqlen {cfg.seqlen}"
         )
-    if stream.numel() >= cfg.nsamples * cfg.seqlen:
-        return stream[: cfg.nsamples * cfg.seqlen].view(cfg.nsamples, cfg.seqlen)
+    if stream.numel() >= need:
+        return stream[:need].view(cfg.nsamples, cfg.seqlen)
     g = torch.Generator().manual_seed(cfg.seed)
     starts = torch.randint(0, stream.numel() - cfg.seqlen + 1, (cfg.nsamples,), generator=g)
     return torch.stack([stream[s : s + cfg.seqlen] for s in starts.tolist()])

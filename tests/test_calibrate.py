@@ -1,0 +1,117 @@
+"""The layer-by-layer driver on tiny random models."""
+
+import json
+
+import pytest
+import torch
+
+from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
+from projq_train.data.calibration import calibration_tokens
+from projq_train.models import load_model_and_tokenizer
+from projq_train.quant import gptq_quantize
+from projq_train.quant.calibrate import (
+    accumulate_hessians,
+    apply_quantized,
+    capture_layer_inputs,
+    format_report,
+    quantize_model,
+)
+from tests.conftest import TINY
+
+
+def logits_mse(model, ref, ids):
+    with torch.no_grad():
+        return (model(ids).logits - ref).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "projq"])
+def test_step0_adapter_is_closer_to_float_than_quantized(tiny_model_config, method):
+    model, tok = load_model_and_tokenizer(tiny_model_config)
+    ids = calibration_tokens(CalibrationConfig(nsamples=8, seqlen=64), tok)
+    held_out = calibration_tokens(CalibrationConfig(nsamples=2, seqlen=64, seed=1), tok)
+    with torch.no_grad():
+        ref = model(held_out).logits
+    modules, reports = quantize_model(model, ids, QuantConfig(method=method, bits=3, group_size=32, rank=8),
+                                      progress=False)
+    assert len(modules) == len(reports) == 14  # 2 layers x 7 linears
+    # the model now computes Q + BA; with Q alone it is further from the float model
+    for name, module in model.named_modules():
+        if name in modules:
+            torch.testing.assert_close(module.weight, modules[name].step0_weight())
+    err_adapted = logits_mse(model, ref, held_out)
+    err_quant = logits_mse(apply_quantized(model, modules, with_adapter=False), ref, held_out)
+    assert err_adapted < err_quant
+    assert all(r.err_compensated < r.err_quant for r in reports)
+    assert "mean" in format_report(reports).splitlines()[-1]
+
+
+def test_calibration_feeds_quantized_outputs_forward():
+    """Layer 1 is calibrated on the outputs of the already-quantized layer 0, not the float one."""
+    cfg = QuantConfig(method="gptq", bits=2, group_size=32, rank=0)
+    fp, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    qmodel, _ = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    ids = calibration_tokens(CalibrationConfig(nsamples=8, seqlen=64), tok)
+    modules, _ = quantize_model(qmodel, ids, cfg, progress=False)
+
+    def layer1_q_hessian(model):
+        inputs, kwargs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=8)
+        with torch.no_grad():
+            hidden = [model.model.layers[0](h, **kw) for h, kw in zip(inputs, kwargs)]
+        q_proj = model.model.layers[1].self_attn.q_proj
+        return accumulate_hessians(model.model.layers[1], {"q_proj": q_proj}, hidden, kwargs)["q_proj"]
+
+    W = fp.model.layers[1].self_attn.q_proj.weight
+    from_quantized = gptq_quantize(W, layer1_q_hessian(qmodel), 2, 32).codes
+    from_float = gptq_quantize(W, layer1_q_hessian(fp), 2, 32).codes
+    assert torch.equal(modules["model.layers.1.self_attn.q_proj"].weight.codes, from_quantized)
+    assert not torch.equal(from_quantized, from_float)
+
+
+def test_unsupported_architecture_is_refused():
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        load_model_and_tokenizer(ModelConfig(config={"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2}))
+
+
+@pytest.mark.parametrize(
+    ("quant", "message"),
+    [
+        ({"group_size": 48}, r"layer 0 q_proj: group_size 48 does not divide in_features 64"),
+        ({"rank": 65, "group_size": 32}, r"layer 0 q_proj: rank must be in \[0, min\(out, in\)\] = \[0, 64\]"),
+    ],
+)
+def test_impossible_settings_fail_before_calibration(quant, message):
+    model, _ = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    with pytest.raises(ValueError, match=message):
+        quantize_model(model, torch.empty(0, 64, dtype=torch.long), QuantConfig(**quant), progress=False)
+
+
+def test_empty_calibration_set(tmp_path):
+    model, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        quantize_model(model, torch.empty(0, 64, dtype=torch.long), QuantConfig(group_size=32, rank=8),
+                       progress=False)
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match="is empty"):
+        calibration_tokens(CalibrationConfig(dataset=str(empty)), tok)
+
+
+def test_dataset_row_missing_field_names_file_and_row(tmp_path):
+    _, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    data = tmp_path / "rows.jsonl"
+    rows = [{"instruction": "Say hi", "input": "", "output": "hi"}, {"instruction": "Say bye", "input": ""}]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=rf"{data}, row 1: missing field\(s\) \['output'\]"):
+        calibration_tokens(CalibrationConfig(dataset=str(data), nsamples=2, seqlen=16), tok)
+
+
+def test_calibration_renders_alpaca_rows_and_is_seeded(tmp_path):
+    _, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps([{"instruction": f"Count to {i}", "input": "", "output": " ".join(map(str, range(i)))}
+                                for i in range(40)]))
+    cfg = CalibrationConfig(dataset=str(data), nsamples=4, seqlen=32, seed=3)
+    a, b = calibration_tokens(cfg, tok), calibration_tokens(cfg, tok)
+    assert a.shape == (4, 32) and torch.equal(a, b)
+    text = tok.decode(calibration_tokens(CalibrationConfig(dataset=str(data), nsamples=1, seqlen=200), tok)[0])
+    assert "### Instruction:\nCount to" in text and "### Response:\n" in text

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from projq_train.config import QuantConfig
 from projq_train.models import decoder_layers
 from projq_train.quant import QuantizedWeight, lowrank_compensation, quantize_weight
-from projq_train.quant.projq import check_rank
+from projq_train.quant.projq import check_rank, hessian_sqrt
 from projq_train.quant.rtn import check_grid
 
 log = logging.getLogger(__name__)
@@ -151,20 +151,22 @@ def accumulate_hessians(
     return {n: H[n] / max(count[n], 1) for n in modules}
 
 
-def _method_options(cfg: QuantConfig) -> dict:
+def _method_options(cfg: QuantConfig, sqrt_pair: tuple[Tensor, Tensor]) -> dict:
     if cfg.method == "rtn":
         return {}
     opts = {"block_size": cfg.block_size, "damp": cfg.damp, "act_order": cfg.act_order}
     if cfg.method == "projq":
-        opts.update(tol=cfg.tol, alpha=cfg.alpha)
+        opts.update(tol=cfg.tol, alpha=cfg.alpha, sqrt_pair=sqrt_pair)
     return opts
 
 
 def quantize_module(W: Tensor, H: Tensor, cfg: QuantConfig) -> QuantizedModule:
     """Quantize one weight ``W (out, in)`` with its Hessian and compute the compensation."""
     W = W.float()
-    qw = quantize_weight(W, H, cfg.method, cfg.bits, cfg.group_size, cfg.rank, cfg.iters, **_method_options(cfg))
-    B, A = lowrank_compensation(W - qw.dequantize(), H, cfg.rank)
+    sqrt_pair = hessian_sqrt(H)  # shared by ProjQ and the compensation
+    opts = _method_options(cfg, sqrt_pair)
+    qw = quantize_weight(W, H, cfg.method, cfg.bits, cfg.group_size, cfg.rank, cfg.iters, **opts)
+    B, A = lowrank_compensation(W - qw.dequantize(), H, cfg.rank, sqrt_pair)
     return QuantizedModule(qw, B, A)
 
 

@@ -81,14 +81,17 @@ def projected_hessian(H: Tensor, Hh: Tensor, Z: Tensor, alpha: float = 1.0) -> T
     return (H.to(Hh.dtype) - alpha * G @ G.T).to(H.dtype)
 
 
-def lowrank_compensation(E: Tensor, H: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+def lowrank_compensation(
+    E: Tensor, H: Tensor, rank: int, sqrt_pair: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """Best rank-r ``B (out, r) @ A (r, in)`` approximation of ``E (out, in)`` in the H-norm.
 
     ``E H^{1/2} = U Σ Vᵀ``; ``B = U_r Σ_r^{1/2}``, ``A = Σ_r^{1/2} V_rᵀ H^{-1/2}``, so
-    ``‖(E − BA) H^{1/2}‖²_F = Σ_{i>r} σ_i²``. Returned in float32.
+    ``‖(E − BA) H^{1/2}‖²_F = Σ_{i>r} σ_i²``. Returned in float32. ``sqrt_pair`` is
+    ``hessian_sqrt(H)`` when the caller already has it.
     """
     check_rank(rank, *E.shape)
-    Hh, Hih = hessian_sqrt(H)
+    Hh, Hih = sqrt_pair if sqrt_pair is not None else hessian_sqrt(H)
     U, S, Vh = torch.linalg.svd(E.to(Hh.dtype) @ Hh, full_matrices=False)
     s = S[:rank].sqrt()
     B = U[:, :rank] * s  # (out, r)
@@ -105,6 +108,7 @@ def projq_quantize(
     iters: int = 5,
     tol: float = 1e-3,
     alpha: float = 1.0,
+    sqrt_pair: tuple[Tensor, Tensor] | None = None,
     **gptq_kwargs,
 ) -> tuple[QuantizedWeight, list[float]]:
     """ProjQ phase 1: alternate GPTQ against ``H_perp`` and re-estimating the error subspace.
@@ -115,6 +119,7 @@ def projq_quantize(
         tol: stop when the tail improves by less than this fraction of the best so far,
             or when the projector moves by less than this (relative Frobenius distance).
         alpha: projection strength, ``H_perp = H − α G Gᵀ`` (1: the paper's algorithm).
+        sqrt_pair: ``hessian_sqrt(H)`` when the caller already has it.
         gptq_kwargs: passed to :func:`gptq_quantize` (block_size, damp, act_order).
 
     Returns:
@@ -124,7 +129,7 @@ def projq_quantize(
     q = gptq_quantize(W, H, bits, group_size, **gptq_kwargs)
     if rank == 0 or iters == 0:
         return q, []
-    Hh, _ = hessian_sqrt(H)
+    Hh, _ = sqrt_pair if sqrt_pair is not None else hessian_sqrt(H)
     best, best_tail, tails, Z_prev = q, float("inf"), [], None
     for t in range(iters + 1):
         lam, Z = error_subspace(W - q.dequantize(), Hh, rank)

@@ -53,7 +53,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     ap.add_argument("--ranks", nargs="+", type=int, default=[32, 64])
-    ap.add_argument("--group-size", type=int, default=64, help="128 does not divide SmolLM2's hidden size 576")
+    ap.add_argument(
+        "--group-size", type=int, default=64, help="128 does not divide SmolLM2's hidden size 576"
+    )
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -69,7 +71,9 @@ def main() -> None:
     fp_state = {k: v.clone() for k, v in model.state_dict().items()}
     calib = CalibrationConfig(
         dataset=str(args.data / "datasets" / "alpaca_5000" / "alpaca_5000.json"),
-        template="alpaca", nsamples=args.nsamples, seqlen=args.seqlen,
+        template="alpaca",
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
     )
     ids = calibration_tokens(calib, tok)
     wiki = (args.data / "datasets" / "wikitext-2-raw" / "wiki.test.raw").read_text()
@@ -82,14 +86,18 @@ def main() -> None:
         for rank in args.ranks:
             for name in args.variants:
                 model.load_state_dict(fp_state)
-                cfg = QuantConfig(bits=bits, group_size=args.group_size, rank=rank, iters=args.iters,
-                                  **VARIANTS[name])
+                cfg = QuantConfig(
+                    bits=bits, group_size=args.group_size, rank=rank, iters=args.iters, **VARIANTS[name]
+                )
                 t0 = time.perf_counter()
                 modules, reports = quantize_model(model, ids, cfg, progress=False)
                 wall = time.perf_counter() - t0
                 n = len(reports)
                 row = {
-                    "bits": bits, "rank": rank, "variant": name, "config": asdict(cfg),
+                    "bits": bits,
+                    "rank": rank,
+                    "variant": name,
+                    "config": asdict(cfg),
                     "err_q": sum(r.err_quant for r in reports) / n,
                     "err_qba": sum(r.err_compensated for r in reports) / n,
                     "module_errors": {r.name: r.err_compensated for r in reports},
@@ -99,8 +107,11 @@ def main() -> None:
                     "ppl_q": perplexity(apply_quantized(model, modules, with_adapter=False), windows),
                 }
                 rows.append(row)
-                print(f"w{bits} r{rank} {name}: err {row['err_q']:.5f} -> {row['err_qba']:.5f}, "
-                      f"ppl {row['ppl_q']:.2f} -> {row['ppl_qba']:.2f}, {row['quant_seconds']:.0f}s", flush=True)
+                print(
+                    f"w{bits} r{rank} {name}: err {row['err_q']:.5f} -> {row['err_qba']:.5f}, "
+                    f"ppl {row['ppl_q']:.2f} -> {row['ppl_qba']:.2f}, {row['quant_seconds']:.0f}s",
+                    flush=True,
+                )
                 if args.json:
                     args.json.write_text(json.dumps(rows, indent=1))
 
@@ -109,9 +120,15 @@ def main() -> None:
 
 def print_table(rows: list[dict], calib: CalibrationConfig, args) -> None:
     gptq = {(r["bits"], r["rank"]): r for r in rows if r["variant"] == "gptq"}
-    print(f"\nSmolLM2-135M-Instruct, group size {args.group_size}, calibration {calib.nsamples}x{calib.seqlen} "
-          f"Alpaca tokens, WikiText-2 perplexity over {args.ppl_windows}x512 tokens (fp: {rows[0]['ppl_q']:.2f})\n")
-    print("| bits | rank | method | err Q | err Q+BA | GPTQ/method (Q+BA) | ppl Q | ppl Q+BA | quant s | vs GPTQ time |")
+    print(
+        f"\nSmolLM2-135M-Instruct, group size {args.group_size}, calibration {calib.nsamples}x{calib.seqlen} "
+        f"Alpaca tokens, WikiText-2 perplexity over {args.ppl_windows}x512 tokens "
+        f"(fp: {rows[0]['ppl_q']:.2f})\n"
+    )
+    print(
+        "| bits | rank | method | err Q | err Q+BA | GPTQ/method (Q+BA) "
+        "| ppl Q | ppl Q+BA | quant s | vs GPTQ time |"
+    )
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows[1:]:
         g = gptq.get((r["bits"], r["rank"]))
@@ -121,8 +138,11 @@ def print_table(rows: list[dict], calib: CalibrationConfig, args) -> None:
             per = [g["module_errors"][k] / v for k, v in r["module_errors"].items()]
             ratio += f" (geo {math.exp(sum(map(math.log, per)) / len(per)):.3f})"
         tratio = f"{r['quant_seconds'] / g['quant_seconds']:.2f}x" if g else "-"
-        print(f"| {r['bits']} | {r['rank']} | {r['variant']} | {r['err_q']:.5f} | {r['err_qba']:.5f} | {ratio} | "
-              f"{r['ppl_q']:.2f} | {r['ppl_qba']:.2f} | {r['quant_seconds']:.0f} | {tratio} |")
+        print(
+            f"| {r['bits']} | {r['rank']} | {r['variant']} | {r['err_q']:.5f} | {r['err_qba']:.5f} "
+            f"| {ratio} | "
+            f"{r['ppl_q']:.2f} | {r['ppl_qba']:.2f} | {r['quant_seconds']:.0f} | {tratio} |"
+        )
 
 
 if __name__ == "__main__":

@@ -88,16 +88,24 @@ def save_artifact(
     tensors = {}
     for name, qm in modules.items():
         w = qm.weight
-        tensors.update({
-            f"{name}.codes": w.codes, f"{name}.scales": w.scales, f"{name}.zeros": w.zeros,
-            f"{name}.g_idx": w.g_idx, f"{name}.lora_A": qm.lora_A, f"{name}.lora_B": qm.lora_B,
-        })
+        tensors.update(
+            {
+                f"{name}.codes": w.codes,
+                f"{name}.scales": w.scales,
+                f"{name}.zeros": w.zeros,
+                f"{name}.g_idx": w.g_idx,
+                f"{name}.lora_A": qm.lora_A,
+                f"{name}.lora_B": qm.lora_B,
+            }
+        )
     meta = {
         "format_version": FORMAT_VERSION,
         "hash": full_hash,
         "codes_layout": "unpacked-uint8",
         "versions": library_versions(),
-        "modules": {n: {"bits": qm.weight.bits, "group_size": qm.weight.group_size} for n, qm in modules.items()},
+        "modules": {
+            n: {"bits": qm.weight.bits, "group_size": qm.weight.group_size} for n, qm in modules.items()
+        },
         **metadata,
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -122,7 +130,9 @@ def load_artifact(path: str | Path) -> tuple[dict[str, QuantizedModule], dict[st
     """Read an artifact directory back into quantized modules (on CPU) and its metadata."""
     path = Path(path)
     if not (path / METADATA).is_file() or not (path / TENSORS).is_file():
-        raise FileNotFoundError(f"{path} is not a complete projq-train artifact (missing {METADATA} or {TENSORS})")
+        raise FileNotFoundError(
+            f"{path} is not a complete projq-train artifact (missing {METADATA} or {TENSORS})"
+        )
     meta = json.loads((path / METADATA).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: artifact format {meta.get('format_version')} is not {FORMAT_VERSION}")
@@ -130,14 +140,20 @@ def load_artifact(path: str | Path) -> tuple[dict[str, QuantizedModule], dict[st
     modules = {}
     for name, info in meta["modules"].items():
         weight = QuantizedWeight(
-            t[f"{name}.codes"], t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"],
-            info["bits"], info["group_size"],
+            t[f"{name}.codes"],
+            t[f"{name}.scales"],
+            t[f"{name}.zeros"],
+            t[f"{name}.g_idx"],
+            info["bits"],
+            info["group_size"],
         )
         modules[name] = QuantizedModule(weight, t[f"{name}.lora_B"], t[f"{name}.lora_A"])
     return modules, meta
 
 
-def load_quantized_model(path: str | Path, with_adapter: bool = True) -> tuple[nn.Module, Any, dict[str, Any]]:
+def load_quantized_model(
+    path: str | Path, with_adapter: bool = True
+) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Rebuild the fake-quantized model (``Q`` or ``Q + BA`` in its linear weights) from an artifact.
 
     The base model named in the artifact's recipe is loaded and must hash to the model the
@@ -150,5 +166,7 @@ def load_quantized_model(path: str | Path, with_adapter: bool = True) -> tuple[n
     modules, meta = load_artifact(path)
     model, tokenizer = load_model_and_tokenizer(ModelConfig(**meta["recipe"]["model"]))
     if model_hash(model) != meta["base_model_hash"]:
-        raise ValueError(f"{path}: the base model {meta['recipe']['model']} is not the one this artifact was made from")
+        raise ValueError(
+            f"{path}: the base model {meta['recipe']['model']} is not the one this artifact was made from"
+        )
     return apply_quantized(model, modules, with_adapter), tokenizer, meta

@@ -31,13 +31,17 @@ SUBCOMMANDS = ("quantize",)
 
 
 def quantize_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="projq-train quantize", description="Quantize a model and write an artifact.")
+    parser = ArgumentParser(
+        prog="projq-train quantize", description="Quantize a model and write an artifact."
+    )
     parser.add_argument("--config", action="config", help="recipe YAML")
     parser.add_class_arguments(ModelConfig, "model")
     parser.add_class_arguments(QuantConfig, "quant")
     parser.add_class_arguments(CalibrationConfig, "calibration")
     parser.add_argument("--artifact_dir", type=str, default="artifacts", help="root directory of artifacts")
-    parser.add_argument("--device", type=str, default="auto", help="compute device: auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--device", type=str, default="auto", help="compute device: auto, cpu, cuda, cuda:1, ..."
+    )
     return parser
 
 
@@ -91,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] not in SUBCOMMANDS:
-        sys.exit(f"usage: projq-train {{{','.join(SUBCOMMANDS)}}} --config recipe.yaml [--section.key value ...]")
+        sys.exit(
+            f"usage: projq-train {{{','.join(SUBCOMMANDS)}}} --config recipe.yaml [--section.key value ...]"
+        )
     parser = quantize_parser()
     raw, cfg = parse_recipe(parser, argv[1:])
     path = run_quantize(raw, cfg)

@@ -28,7 +28,9 @@ class ModelConfig:
 
     def __post_init__(self):
         if (self.name_or_path is None) == (self.config is None):
-            raise ValueError("model: give exactly one of `name_or_path` (pretrained) or `config` (random init)")
+            raise ValueError(
+                "model: give exactly one of `name_or_path` (pretrained) or `config` (random init)"
+            )
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("model.config needs a `model_type` (llama, qwen2, qwen3 or mistral)")
 
@@ -38,7 +40,8 @@ class QuantConfig:
     """How the linear layers are quantized and how the adapter is initialized."""
 
     method: Literal["rtn", "gptq", "projq"] = "projq"
-    """``rtn`` round-to-nearest, ``gptq``, or ``projq`` (GPTQ with the error pushed into the adapter's subspace)."""
+    """``rtn`` round-to-nearest, ``gptq``, or ``projq`` (GPTQ with the error pushed into the
+    adapter's subspace)."""
     bits: int = 3
     """Bits per weight: 2, 3 or 4."""
     group_size: int = 128
@@ -74,7 +77,9 @@ class QuantConfig:
             raise ValueError(f"quant.alpha must be in [0, 1], got {self.alpha}")
         unknown = sorted(set(self.target_modules) - set(DEFAULT_TARGETS))
         if unknown or not self.target_modules:
-            raise ValueError(f"quant.target_modules must be a non-empty subset of {DEFAULT_TARGETS}, got {unknown}")
+            raise ValueError(
+                f"quant.target_modules must be a non-empty subset of {DEFAULT_TARGETS}, got {unknown}"
+            )
 
 
 @dataclass

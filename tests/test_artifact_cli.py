@@ -46,7 +46,10 @@ def test_artifact_round_trip_reproduces_quantized_model(tmp_path, quantized_tiny
     path = save_artifact(tmp_path, full_hash, modules, meta)
     assert path.name == full_hash[:16] and find_artifact(tmp_path, full_hash) == path
     loaded, meta_back = load_artifact(path)
-    assert meta_back["codes_layout"] == "unpacked-uint8" and set(meta_back["versions"]) >= {"torch", "transformers"}
+    assert meta_back["codes_layout"] == "unpacked-uint8" and set(meta_back["versions"]) >= {
+        "torch",
+        "transformers",
+    }
     for name, qm in modules.items():
         assert torch.equal(loaded[name].weight.codes, qm.weight.codes)
         assert torch.equal(loaded[name].weight.g_idx, qm.weight.g_idx)

@@ -31,8 +31,9 @@ def test_step0_adapter_is_closer_to_float_than_quantized(tiny_model_config, meth
     held_out = calibration_tokens(CalibrationConfig(nsamples=2, seqlen=64, seed=1), tok)
     with torch.no_grad():
         ref = model(held_out).logits
-    modules, reports = quantize_model(model, ids, QuantConfig(method=method, bits=3, group_size=32, rank=8),
-                                      progress=False)
+    modules, reports = quantize_model(
+        model, ids, QuantConfig(method=method, bits=3, group_size=32, rank=8), progress=False
+    )
     assert len(modules) == len(reports) == 14  # 2 layers x 7 linears
     # the model now computes Q + BA; with Q alone it is further from the float model
     for name, module in model.named_modules():
@@ -56,7 +57,7 @@ def test_calibration_feeds_quantized_outputs_forward():
     def layer1_q_hessian(model):
         inputs, kwargs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=8)
         with torch.no_grad():
-            hidden = [model.model.layers[0](h, **kw) for h, kw in zip(inputs, kwargs)]
+            hidden = [model.model.layers[0](h, **kw) for h, kw in zip(inputs, kwargs, strict=True)]
         q_proj = model.model.layers[1].self_attn.q_proj
         return accumulate_hessians(model.model.layers[1], {"q_proj": q_proj}, hidden, kwargs)["q_proj"]
 
@@ -69,14 +70,19 @@ def test_calibration_feeds_quantized_outputs_forward():
 
 def test_unsupported_architecture_is_refused():
     with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
-        load_model_and_tokenizer(ModelConfig(config={"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2}))
+        load_model_and_tokenizer(
+            ModelConfig(config={"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2})
+        )
 
 
 @pytest.mark.parametrize(
     ("quant", "message"),
     [
         ({"group_size": 48}, r"layer 0 q_proj: group_size 48 does not divide in_features 64"),
-        ({"rank": 65, "group_size": 32}, r"layer 0 q_proj: rank must be in \[0, min\(out, in\)\] = \[0, 64\]"),
+        (
+            {"rank": 65, "group_size": 32},
+            r"layer 0 q_proj: rank must be in \[0, min\(out, in\)\] = \[0, 64\]",
+        ),
     ],
 )
 def test_impossible_settings_fail_before_calibration(quant, message):
@@ -88,8 +94,9 @@ def test_impossible_settings_fail_before_calibration(quant, message):
 def test_empty_calibration_set(tmp_path):
     model, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
     with pytest.raises(ValueError, match="calibration set is empty"):
-        quantize_model(model, torch.empty(0, 64, dtype=torch.long), QuantConfig(group_size=32, rank=8),
-                       progress=False)
+        quantize_model(
+            model, torch.empty(0, 64, dtype=torch.long), QuantConfig(group_size=32, rank=8), progress=False
+        )
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     with pytest.raises(ValueError, match="is empty"):
@@ -108,10 +115,18 @@ def test_dataset_row_missing_field_names_file_and_row(tmp_path):
 def test_calibration_renders_alpaca_rows_and_is_seeded(tmp_path):
     _, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
     data = tmp_path / "rows.json"
-    data.write_text(json.dumps([{"instruction": f"Count to {i}", "input": "", "output": " ".join(map(str, range(i)))}
-                                for i in range(40)]))
+    data.write_text(
+        json.dumps(
+            [
+                {"instruction": f"Count to {i}", "input": "", "output": " ".join(map(str, range(i)))}
+                for i in range(40)
+            ]
+        )
+    )
     cfg = CalibrationConfig(dataset=str(data), nsamples=4, seqlen=32, seed=3)
     a, b = calibration_tokens(cfg, tok), calibration_tokens(cfg, tok)
     assert a.shape == (4, 32) and torch.equal(a, b)
-    text = tok.decode(calibration_tokens(CalibrationConfig(dataset=str(data), nsamples=1, seqlen=200), tok)[0])
+    text = tok.decode(
+        calibration_tokens(CalibrationConfig(dataset=str(data), nsamples=1, seqlen=200), tok)[0]
+    )
     assert "### Instruction:\nCount to" in text and "### Response:\n" in text

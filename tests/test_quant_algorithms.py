@@ -21,7 +21,9 @@ def hnorm(E, H):
 def structured_inputs(n=2048, d=128, k=8, seed=0):
     """Activations with a few dominant directions plus noise, as in real LLM layers."""
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, k, generator=g) @ torch.randn(k, d, generator=g) * 2 + 0.3 * torch.randn(n, d, generator=g)
+    X = torch.randn(n, k, generator=g) @ torch.randn(k, d, generator=g) * 2 + 0.3 * torch.randn(
+        n, d, generator=g
+    )
     return X, X.T @ X / n
 
 

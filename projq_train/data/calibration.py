@@ -83,12 +83,15 @@ def calibration_tokens(cfg: CalibrationConfig, tokenizer) -> Tensor:
     rows = load_rows(cfg.dataset, cfg.split)
     if not rows:
         raise ValueError(f"calibration dataset {cfg.dataset} is empty")
-    texts = [row_text(r, cfg.template, f"{cfg.dataset}, row {i}") for i, r in enumerate(rows)]  # checks every row
+    texts = [
+        row_text(r, cfg.template, f"{cfg.dataset}, row {i}") for i, r in enumerate(rows)
+    ]  # checks every row
     need = cfg.nsamples * cfg.seqlen
     stream = torch.tensor(list(_token_stream(texts, cfg.seed, tokenizer, need)), dtype=torch.long)
     if stream.numel() < cfg.seqlen:
         raise ValueError(
-            f"calibration dataset {cfg.dataset} has only {stream.numel()} tokens, fewer than seqlen {cfg.seqlen}"
+            f"calibration dataset {cfg.dataset} has only {stream.numel()} tokens, "
+            f"fewer than seqlen {cfg.seqlen}"
         )
     if stream.numel() >= need:
         return stream[:need].view(cfg.nsamples, cfg.seqlen)

@@ -112,7 +112,7 @@ def capture_layer_inputs(
 
 
 def _run_layer(layer: nn.Module, inputs: list[Tensor], kwargs: list[dict]) -> list[Tensor]:
-    outs = [layer(h, **kw) for h, kw in zip(inputs, kwargs)]
+    outs = [layer(h, **kw) for h, kw in zip(inputs, kwargs, strict=True)]
     return [o[0] if isinstance(o, tuple) else o for o in outs]
 
 
@@ -139,7 +139,7 @@ def accumulate_hessians(
 
     handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
     try:
-        for h, kw in zip(inputs, kwargs):
+        for h, kw in zip(inputs, kwargs, strict=True):
             seen.clear()
             try:
                 layer(h, **kw)
@@ -212,18 +212,27 @@ def quantize_model(
                 err_q, err_c = _hnorm(W - qm.weight.dequantize(), H) / wn, _hnorm(W - step0, H) / wn
                 name = layer_names[id(mod)]
                 reports.append(
-                    ModuleReport(name, tuple(W.shape), err_q, err_c, err_c / max(err_q, 1e-30), time.perf_counter() - t0)
+                    ModuleReport(
+                        name,
+                        tuple(W.shape),
+                        err_q,
+                        err_c,
+                        err_c / max(err_q, 1e-30),
+                        time.perf_counter() - t0,
+                    )
                 )
                 mod.weight.copy_(step0.to(mod.weight.dtype))
                 result[name] = QuantizedModule(qm.weight.to("cpu"), qm.lora_B.cpu(), qm.lora_A.cpu())
         inputs = _run_layer(layer, inputs, kwargs)
         layer.to("cpu")
-        bar.set_postfix(err=f"{sum(r.err_compensated for r in reports[-len(linears):]) / len(linears):.4f}")
+        bar.set_postfix(err=f"{sum(r.err_compensated for r in reports[-len(linears) :]) / len(linears):.4f}")
     log.info("quantized %d modules with %s at %d bits", len(result), cfg.method, cfg.bits)
     return result, reports
 
 
-def apply_quantized(model: nn.Module, modules: dict[str, QuantizedModule], with_adapter: bool = True) -> nn.Module:
+def apply_quantized(
+    model: nn.Module, modules: dict[str, QuantizedModule], with_adapter: bool = True
+) -> nn.Module:
     """Write ``Q`` (or ``Q + BA``) into the model's linear weights: the fake-quantized reference model."""
     named = dict(model.named_modules())
     with torch.no_grad():

@@ -48,7 +48,7 @@ def hessian_sqrt(H: Tensor, rel_floor: float = 1e-8) -> tuple[Tensor, Tensor]:
 
 
 def error_subspace(E: Tensor, Hh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Spectrum of ``K = E H^{1/2}``: all σ² (descending) and the top-r right singular vectors ``Z_r (in, r)``.
+    """Spectrum of ``K = E H^{1/2}``: all σ² (descending), top-r right singular vectors ``Z_r (in, r)``.
 
     Uses the eigendecomposition of the smaller Gram matrix of ``K (out, in)``.
     """

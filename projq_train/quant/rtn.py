@@ -49,8 +49,13 @@ class QuantizedWeight:
         return self.codes.shape
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
-        return replace(self, codes=self.codes.to(device), scales=self.scales.to(device),
-                       zeros=self.zeros.to(device), g_idx=self.g_idx.to(device))
+        return replace(
+            self,
+            codes=self.codes.to(device),
+            scales=self.scales.to(device),
+            zeros=self.zeros.to(device),
+            g_idx=self.g_idx.to(device),
+        )
 
     def dequantize(self) -> Tensor:
         """``Ŵ = (codes − zeros[:, g_idx]) · scales[:, g_idx]`` as an (out, in) float32 tensor."""

@@ -32,7 +32,10 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VARIANTS = {
     "rtn": {"method": "rtn"},
     "gptq": {"method": "gptq"},
-    "projq": {"method": "projq"},
+    "gptq-clip": {"method": "gptq", "clip": True},  # the fair baseline for the clipped variants
+    "projq": {"method": "projq"},  # the paper's algorithm
+    "projq-clip": {"method": "projq", "clip": True},
+    "projq-refresh": {"method": "projq", "mode": "refresh", "clip": True},  # our variant
 }
 
 
@@ -61,7 +64,18 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ppl-windows", type=int, default=16)
     ap.add_argument("--json", type=Path, help="also write all rows here")
+    ap.add_argument("--table-from", nargs="+", type=Path, help="only print the table of earlier --json files")
     args = ap.parse_args()
+    if args.table_from:
+        rows = [r for f in args.table_from for r in json.loads(f.read_text())]
+        fp = [r for r in rows if r["variant"] == "fp"][:1]
+        order = {v: i for i, v in enumerate(VARIANTS)}
+        rest = sorted(
+            (r for r in rows if r["variant"] != "fp"),
+            key=lambda r: (r["bits"], r["rank"], order[r["variant"]]),
+        )
+        print_table(fp + rest, args)
+        return
     torch.manual_seed(0)
 
     mdir = args.data / "models" / "SmolLM2-135M-Instruct-Q4_1-gguf"
@@ -115,13 +129,13 @@ def main() -> None:
                 if args.json:
                     args.json.write_text(json.dumps(rows, indent=1))
 
-    print_table(rows, calib, args)
+    print_table(rows, args)
 
 
-def print_table(rows: list[dict], calib: CalibrationConfig, args) -> None:
+def print_table(rows: list[dict], args) -> None:
     gptq = {(r["bits"], r["rank"]): r for r in rows if r["variant"] == "gptq"}
     print(
-        f"\nSmolLM2-135M-Instruct, group size {args.group_size}, calibration {calib.nsamples}x{calib.seqlen} "
+        f"\nSmolLM2-135M-Instruct, group size {args.group_size}, calibration {args.nsamples}x{args.seqlen} "
         f"Alpaca tokens, WikiText-2 perplexity over {args.ppl_windows}x512 tokens "
         f"(fp: {rows[0]['ppl_q']:.2f})\n"
     )

@@ -53,7 +53,13 @@ class QuantConfig:
     tol: float = 1e-3
     """ProjQ early stop: relative tail improvement (and subspace movement) below this stops."""
     alpha: float = 1.0
-    """ProjQ projection strength (1.0 is the paper's algorithm)."""
+    """ProjQ projection strength in ``paper`` mode (1.0 is the paper's algorithm)."""
+    mode: Literal["paper", "refresh"] = "paper"
+    """ProjQ loop: ``paper`` re-runs GPTQ against the projected Hessian; ``refresh`` quantizes
+    ``W − L`` with ``L`` the current best rank-r compensation, starting from the top-r part of W."""
+    clip: bool = False
+    """GPTQ/ProjQ: pick each group's range by an activation-weighted MSE search over shrunk
+    min-max ranges instead of plain min-max."""
     damp: float = 0.01
     """GPTQ dampening, as a fraction of the mean Hessian diagonal (raised automatically if needed)."""
     act_order: bool = False

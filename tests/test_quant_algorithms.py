@@ -12,6 +12,7 @@ from projq_train.quant import (
     spectral_tail,
 )
 from projq_train.quant.projq import error_subspace, hessian_sqrt, projected_hessian
+from projq_train.quant.rtn import clipped_params, minmax_params, quantize_to_grid
 
 
 def hnorm(E, H):
@@ -180,3 +181,37 @@ def test_hessian_shape_is_checked(layer):
     W, _, _ = layer
     with pytest.raises(ValueError, match=r"H must be \(128, 128\)"):
         quantize_weight(W, torch.eye(64), method="gptq")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_clipped_grid_is_never_worse_than_minmax(bits):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 32, generator=g)
+    w[:, 3] *= 6  # an outlier column: clipping it buys a finer step for the rest
+    weight = torch.rand(32, generator=g) + 0.1
+    maxq = 2**bits - 1
+
+    def row_err(scale, zero):
+        deq = (quantize_to_grid(w, scale, zero, maxq) - zero[:, None]) * scale[:, None]
+        return ((w - deq) ** 2 * weight).sum(dim=1)
+
+    clipped, plain = row_err(*clipped_params(w, maxq, weight)), row_err(*minmax_params(w, maxq))
+    assert torch.all(clipped <= plain)
+    assert clipped.sum() < plain.sum()
+
+
+def test_refresh_mode_lowers_compensated_error_on_structured_weight(layer):
+    W, _, H = layer
+    g = torch.Generator().manual_seed(3)
+    W = W + 4 * torch.randn(96, 4, generator=g) @ torch.randn(4, 128, generator=g) / 4  # low-rank structure
+    r = 8
+    gptq_tail = spectral_tail(W - gptq_quantize(W, H, 3, 32).dequantize(), H, r)
+    q, tails = projq_quantize(W, H, 3, 32, rank=r, iters=3, mode="refresh", clip=True)
+    assert spectral_tail(W - q.dequantize(), H, r) == pytest.approx(min(tails), rel=1e-6)
+    assert min(tails) < gptq_tail
+
+
+def test_unknown_projq_mode_is_refused(layer):
+    W, _, H = layer
+    with pytest.raises(ValueError, match="mode must be 'paper' or 'refresh'"):
+        projq_quantize(W, H, 3, 32, rank=8, mode="loftq")

@@ -39,8 +39,8 @@ def quantize_weight(
     """Quantize one weight ``W (out, in)`` given ``H = XᵀX / N (in, in)`` of its inputs.
 
     ``method``: ``"rtn"`` (H unused), ``"gptq"``, or ``"projq"`` (uses ``rank``, ``iters``).
-    ``options`` go to the method's function (``block_size``, ``damp``, ``act_order``;
-    for ProjQ also ``tol``, ``alpha``).
+    ``options`` go to the method's function (``block_size``, ``damp``, ``act_order``,
+    ``clip``; for ProjQ also ``tol``, ``alpha``, ``mode``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

@@ -154,9 +154,9 @@ def accumulate_hessians(
 def _method_options(cfg: QuantConfig, sqrt_pair: tuple[Tensor, Tensor]) -> dict:
     if cfg.method == "rtn":
         return {}
-    opts = {"block_size": cfg.block_size, "damp": cfg.damp, "act_order": cfg.act_order}
+    opts = {"block_size": cfg.block_size, "damp": cfg.damp, "act_order": cfg.act_order, "clip": cfg.clip}
     if cfg.method == "projq":
-        opts.update(tol=cfg.tol, alpha=cfg.alpha, sqrt_pair=sqrt_pair)
+        opts.update(tol=cfg.tol, alpha=cfg.alpha, mode=cfg.mode, sqrt_pair=sqrt_pair)
     return opts
 
 

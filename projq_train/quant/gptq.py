@@ -11,7 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from projq_train.quant.rtn import QuantizedWeight, check_grid, minmax_params, quantize_to_grid
+from projq_train.quant.rtn import (
+    QuantizedWeight,
+    check_grid,
+    clipped_params,
+    minmax_params,
+    quantize_to_grid,
+)
 
 
 def inverse_cholesky(H: Tensor, damp: float, max_tries: int = 6) -> Tensor:
@@ -20,16 +26,15 @@ def inverse_cholesky(H: Tensor, damp: float, max_tries: int = 6) -> Tensor:
     When a factorization fails (H is not positive definite in floating point), ``λ`` is
     multiplied by 10 and the factorization retried, up to ``max_tries`` times.
     """
-    H64 = H.double()
-    mean_diag = H64.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(H.shape[0], dtype=H64.dtype, device=H.device)
+    mean_diag = H.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(max_tries):
         lam = damp * mean_diag * 10**attempt
-        L, info = torch.linalg.cholesky_ex(H64 + lam * eye)
+        L, info = torch.linalg.cholesky_ex(H + lam * eye)
         if info.item() == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info.item() == 0:
-                return U.to(H.dtype)
+                return U
     raise torch.linalg.LinAlgError(
         f"Cholesky of the Hessian failed even with dampening {damp * 10 ** (max_tries - 1):g}; "
         "the calibration activations are degenerate (too few samples?)"
@@ -44,6 +49,7 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    clip: bool = False,
 ) -> QuantizedWeight:
     """Quantize ``W (out, in)`` against the input second moment ``H (in, in)``.
 
@@ -54,6 +60,8 @@ def gptq_quantize(
         damp: relative dampening added to ``diag(H)``.
         act_order: quantize columns in order of decreasing ``diag(H)``; groups then follow
             that order and ``g_idx`` records each column's group.
+        clip: choose each group's grid by a ``diag(H)``-weighted MSE search over shrunk
+            min-max ranges (:func:`clipped_params`) instead of plain min-max.
     """
     out_f, in_f = W.shape
     gs = check_grid(bits, group_size, in_f)
@@ -69,13 +77,17 @@ def gptq_quantize(
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_cholesky(H, damp)  # (in, in) upper
+    d = H.diagonal()
+
+    def grid(w: Tensor, cols: slice) -> tuple[Tensor, Tensor]:
+        return clipped_params(w, maxq, d[cols]) if clip else minmax_params(w, maxq)
 
     block = max(block_size // gs, 1) * gs if gs < in_f else block_size
     codes = torch.zeros_like(W)
     scales = torch.zeros(out_f, in_f // gs, device=W.device)
     zeros = torch.zeros_like(scales)
     if gs == in_f:
-        scale, zero = minmax_params(W, maxq)
+        scale, zero = grid(W, slice(None))
         scales[:, 0], zeros[:, 0] = scale, zero
 
     for i1 in range(0, in_f, block):
@@ -86,7 +98,7 @@ def gptq_quantize(
         for i in range(i2 - i1):
             col = i1 + i
             if gs < in_f and col % gs == 0:  # a group starts here and lies inside this block
-                scale, zero = minmax_params(W1[:, i : i + gs], maxq)
+                scale, zero = grid(W1[:, i : i + gs], slice(col, col + gs))
                 scales[:, col // gs], zeros[:, col // gs] = scale, zero
             w = W1[:, i]
             c = quantize_to_grid(w[:, None], scale, zero, maxq)[:, 0]

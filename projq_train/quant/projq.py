@@ -10,11 +10,17 @@ projector onto the dominant error directions turns, in Hessian-only form, into
 ``H_perp``, so rounding error may move freely into the subspace the adapter will absorb.
 No calibration ``X`` is stored and no ``N × N`` matrix is formed.
 
+``mode="refresh"`` is our variant (see :func:`projq_quantize`): instead of projecting the
+Hessian it refreshes the compensation inside the loop, starting from the H-weighted
+top-r SVD of ``W``.
+
 Phase 2 (``lowrank_compensation``): ``B A`` = best rank-r approximation of ``E`` in the
 H-norm, from the SVD of ``E H^{1/2}``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -108,31 +114,53 @@ def projq_quantize(
     iters: int = 5,
     tol: float = 1e-3,
     alpha: float = 1.0,
+    mode: Literal["paper", "refresh"] = "paper",
     sqrt_pair: tuple[Tensor, Tensor] | None = None,
     **gptq_kwargs,
 ) -> tuple[QuantizedWeight, list[float]]:
-    """ProjQ phase 1: alternate GPTQ against ``H_perp`` and re-estimating the error subspace.
+    """ProjQ phase 1: alternate quantizing and re-estimating the error subspace ``Z_r``.
+
+    ``mode="paper"``: ``Q ← GPTQ(W, H_perp)`` with ``H_perp`` projecting out ``Z_r`` (the
+    paper's algorithm, starting from ``GPTQ(W, H)``).
+    ``mode="refresh"``: the compensation is refreshed inside the loop instead,
+    ``Q ← GPTQ(W − L, H)`` with ``L = E H^{1/2} Z_r Z_rᵀ H^{-1/2}`` the best rank-r part of the
+    current error ``E`` in the H-norm, starting from ``L`` = the best rank-r part of ``W``
+    itself: the adapter takes the dominant structure, the grid fits what is left.
 
     Args:
-        rank: adapter rank r whose subspace the error is pushed into (0: plain GPTQ).
-        iters: projection rounds after the initial GPTQ (0: plain GPTQ).
+        rank: adapter rank r (0: plain GPTQ).
+        iters: rounds after the first quantization (0: plain GPTQ).
         tol: stop when the tail improves by less than this fraction of the best so far,
-            or when the projector moves by less than this (relative Frobenius distance).
-        alpha: projection strength, ``H_perp = H − α G Gᵀ`` (1: the paper's algorithm).
+            or when the subspace moves by less than this (relative Frobenius distance).
+        alpha: projection strength in paper mode, ``H_perp = H − α G Gᵀ`` (1: the paper).
         sqrt_pair: ``hessian_sqrt(H)`` when the caller already has it.
-        gptq_kwargs: passed to :func:`gptq_quantize` (block_size, damp, act_order).
+        gptq_kwargs: passed to :func:`gptq_quantize` (block_size, damp, act_order, clip).
 
     Returns:
         The iterate with the smallest tail, and the tail of every iterate in order.
     """
     check_rank(rank, *W.shape)
-    q = gptq_quantize(W, H, bits, group_size, **gptq_kwargs)
+    if mode not in ("paper", "refresh"):
+        raise ValueError(f"mode must be 'paper' or 'refresh', got {mode!r}")
     if rank == 0 or iters == 0:
-        return q, []
-    Hh, _ = sqrt_pair if sqrt_pair is not None else hessian_sqrt(H)
+        return gptq_quantize(W, H, bits, group_size, **gptq_kwargs), []
+    Hh, Hih = sqrt_pair if sqrt_pair is not None else hessian_sqrt(H)
+
+    def step(E: Tensor, Z: Tensor) -> QuantizedWeight:
+        """Quantize given the dominant subspace ``Z (in, r)`` of the current error ``E``."""
+        if mode == "paper":
+            return gptq_quantize(W, projected_hessian(H, Hh, Z, alpha), bits, group_size, **gptq_kwargs)
+        L = ((E.to(Hh.dtype) @ Hh @ Z) @ (Z.T @ Hih)).to(W.dtype)  # (out, in), rank r
+        return gptq_quantize(W - L, H, bits, group_size, **gptq_kwargs)
+
+    if mode == "paper":
+        q = gptq_quantize(W, H, bits, group_size, **gptq_kwargs)
+    else:
+        q = step(W, error_subspace(W, Hh, rank)[1])
     best, best_tail, tails, Z_prev = q, float("inf"), [], None
     for t in range(iters + 1):
-        lam, Z = error_subspace(W - q.dequantize(), Hh, rank)
+        E = W - q.dequantize()
+        lam, Z = error_subspace(E, Hh, rank)
         tail = lam[rank:].sum().item()
         tails.append(tail)
         improved = tail < best_tail * (1 - tol)
@@ -141,6 +169,6 @@ def projq_quantize(
         moved = Z_prev is None or torch.linalg.norm(Z @ Z.T - Z_prev @ Z_prev.T) > tol * (2 * rank) ** 0.5
         if t == iters or not improved or not moved:
             break
-        q = gptq_quantize(W, projected_hessian(H, Hh, Z, alpha), bits, group_size, **gptq_kwargs)
+        q = step(E, Z)
         Z_prev = Z
     return best, tails

@@ -73,6 +73,34 @@ def minmax_params(w: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
     return scale, zero
 
 
+def clipped_params(
+    w: Tensor,
+    maxq: int,
+    weight: Tensor,
+    shrinks: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6),
+) -> tuple[Tensor, Tensor]:
+    """Grid for each row of ``w (out, g)`` whose range is the min-max range shrunk by the factor
+    in ``shrinks`` that minimizes ``Σ_j weight_j (w_j − ŵ_j)²`` (``weight (g,)``, e.g. diag H).
+
+    Clipping a few outliers buys a finer step for every other weight of the group; at 2-3 bits
+    that usually lowers the error. Shrink 1.0 is plain min-max, so the result is never worse.
+    """
+    wmin, wmax = w.amin(dim=1), w.amax(dim=1)
+    best_scale = best_zero = best_err = None
+    for p in shrinks:
+        scale, zero = minmax_params(torch.stack([p * wmin, p * wmax], dim=1), maxq)
+        deq = (quantize_to_grid(w, scale, zero, maxq) - zero[:, None]) * scale[:, None]
+        err = ((w - deq) ** 2 * weight[None, :]).sum(dim=1)  # (out,)
+        if best_err is None:
+            best_scale, best_zero, best_err = scale, zero, err
+            continue
+        better = err < best_err
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+        best_err = torch.where(better, err, best_err)
+    return best_scale, best_zero
+
+
 def quantize_to_grid(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
     """Integer codes (as float) of ``w (out, k)`` on the grid of per-row ``scale``, ``zero`` (out,)."""
     return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, maxq)

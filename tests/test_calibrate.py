@@ -130,3 +130,19 @@ def test_calibration_renders_alpaca_rows_and_is_seeded(tmp_path):
         calibration_tokens(CalibrationConfig(dataset=str(data), nsamples=1, seqlen=200), tok)[0]
     )
     assert "### Instruction:\nCount to" in text and "### Response:\n" in text
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".txt"])
+def test_calibration_reads_parquet_and_text_files(tmp_path, suffix):
+    _, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    path = tmp_path / f"corpus{suffix}"
+    texts = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(20)]
+    if suffix == ".parquet":
+        import pandas as pd
+
+        pd.DataFrame({"text": texts}).to_parquet(path)
+    else:
+        path.write_text("\n".join(texts))
+    ids = calibration_tokens(CalibrationConfig(dataset=str(path), nsamples=2, seqlen=64), tok)
+    assert ids.shape == (2, 64)
+    assert "quick brown fox" in tok.decode(ids[0])

@@ -10,7 +10,7 @@ _SHAPE = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 256,
 }
-TINY = {family: {"model_type": family, **_SHAPE} for family in ("llama", "qwen2")}
+TINY = {family: {"model_type": family, **_SHAPE} for family in ("llama", "qwen2", "qwen3", "mistral")}
 
 
 @pytest.fixture(params=sorted(TINY))

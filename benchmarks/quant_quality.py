@@ -132,30 +132,38 @@ def main() -> None:
     print_table(rows, args)
 
 
+def error_ratio(base: dict | None, row: dict) -> str:
+    """base/row compensated error: the mean over modules, and in brackets the geometric mean of
+    the per-module ratios (a check that one module does not dominate)."""
+    if base is None:
+        return "-"
+    per = [base["module_errors"][k] / v for k, v in row["module_errors"].items()]
+    return f"{base['err_qba'] / row['err_qba']:.2f} ({math.exp(sum(map(math.log, per)) / len(per)):.2f})"
+
+
+def fmt_ppl(x: float) -> str:
+    return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"
+
+
 def print_table(rows: list[dict], args) -> None:
-    gptq = {(r["bits"], r["rank"]): r for r in rows if r["variant"] == "gptq"}
+    by = {(r["bits"], r["rank"], r["variant"]): r for r in rows}
     print(
         f"\nSmolLM2-135M-Instruct, group size {args.group_size}, calibration {args.nsamples}x{args.seqlen} "
         f"Alpaca tokens, WikiText-2 perplexity over {args.ppl_windows}x512 tokens "
         f"(fp: {rows[0]['ppl_q']:.2f})\n"
     )
     print(
-        "| bits | rank | method | err Q | err Q+BA | GPTQ/method (Q+BA) "
+        "| bits | rank | method | err Q | err Q+BA | GPTQ / method | GPTQ-clip / method "
         "| ppl Q | ppl Q+BA | quant s | vs GPTQ time |"
     )
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows[1:]:
-        g = gptq.get((r["bits"], r["rank"]))
-        ratio = f"{g['err_qba'] / r['err_qba']:.3f}" if g else "-"
-        # geometric mean over modules of the per-module ratio, a check that one module does not dominate
-        if g:
-            per = [g["module_errors"][k] / v for k, v in r["module_errors"].items()]
-            ratio += f" (geo {math.exp(sum(map(math.log, per)) / len(per)):.3f})"
+        g = by.get((r["bits"], r["rank"], "gptq"))
         tratio = f"{r['quant_seconds'] / g['quant_seconds']:.2f}x" if g else "-"
         print(
             f"| {r['bits']} | {r['rank']} | {r['variant']} | {r['err_q']:.5f} | {r['err_qba']:.5f} "
-            f"| {ratio} | "
-            f"{r['ppl_q']:.2f} | {r['ppl_qba']:.2f} | {r['quant_seconds']:.0f} | {tratio} |"
+            f"| {error_ratio(g, r)} | {error_ratio(by.get((r['bits'], r['rank'], 'gptq-clip')), r)} "
+            f"| {fmt_ppl(r['ppl_q'])} | {fmt_ppl(r['ppl_qba'])} | {r['quant_seconds']:.0f} | {tratio} |"
         )
 
 

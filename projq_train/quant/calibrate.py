@@ -151,7 +151,7 @@ def accumulate_hessians(
     return {n: H[n] / max(count[n], 1) for n in modules}
 
 
-def _method_options(cfg: QuantConfig, sqrt_pair: tuple[Tensor, Tensor]) -> dict:
+def _method_options(cfg: QuantConfig, sqrt_pair: tuple[Tensor, Tensor] | None) -> dict:
     if cfg.method == "rtn":
         return {}
     opts = {"block_size": cfg.block_size, "damp": cfg.damp, "act_order": cfg.act_order, "clip": cfg.clip}
@@ -163,6 +163,9 @@ def _method_options(cfg: QuantConfig, sqrt_pair: tuple[Tensor, Tensor]) -> dict:
 def quantize_module(W: Tensor, H: Tensor, cfg: QuantConfig) -> QuantizedModule:
     """Quantize one weight ``W (out, in)`` with its Hessian and compute the compensation."""
     W = W.float()
+    if cfg.rank == 0:  # no adapter: nothing to shape the error for or to compensate
+        qw = quantize_weight(W, H, cfg.method, cfg.bits, cfg.group_size, 0, 0, **_method_options(cfg, None))
+        return QuantizedModule(qw, W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1]))
     sqrt_pair = hessian_sqrt(H)  # shared by ProjQ and the compensation
     opts = _method_options(cfg, sqrt_pair)
     qw = quantize_weight(W, H, cfg.method, cfg.bits, cfg.group_size, cfg.rank, cfg.iters, **opts)

@@ -44,10 +44,6 @@ class QuantizedWeight:
     bits: int
     group_size: int  # columns per group; equals in_features for per-row groups
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
     def to(self, device: torch.device | str) -> QuantizedWeight:
         return replace(
             self,

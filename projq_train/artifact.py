@@ -2,11 +2,11 @@
 
 An artifact is a directory ``<root>/<hash[:16]>/`` holding
 
-- ``quantized.safetensors``: per quantized module ``<name>.codes`` (uint8, unpacked, one
-  code per weight), ``.scales`` (fp32), ``.zeros`` (uint8), ``.g_idx`` (int32),
-  ``.lora_A`` / ``.lora_B`` (fp32 compensation);
+- ``quantized.safetensors``: per quantized module the packed weight in the GPTQ layout
+  (:mod:`projq_train.quant.pack`): ``<name>.qweight`` / ``.qzeros`` (int32), ``.scales``
+  (fp16), ``.g_idx`` (int32), and the compensation ``.lora_A`` / ``.lora_B`` (fp32);
 - ``metadata.json``: format version, the full hash and the base model's hash, the complete
-  recipe, library versions, per-module bits/group size and the quantization report.
+  recipe, library versions, per-module bits/group size/shape and the quantization report.
 
 The hash covers the base model's tensors, the calibration token ids and the quantization
 settings, so a recipe that would produce the same result finds the existing artifact.
@@ -31,9 +31,10 @@ from torch import Tensor, nn
 
 import projq_train
 from projq_train.quant.calibrate import QuantizedModule
-from projq_train.quant.rtn import QuantizedWeight
+from projq_train.quant.linear import swap_in_quant_linears
+from projq_train.quant.pack import PackedWeight
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: unpacked uint8 codes; 2: packed GPTQ layout
 TENSORS = "quantized.safetensors"
 METADATA = "metadata.json"
 
@@ -48,8 +49,9 @@ def model_hash(model: nn.Module) -> str:
 
 
 def artifact_hash(base_model_hash: str, calibration_ids: Tensor, settings: dict[str, Any]) -> str:
-    """sha256 of the base model hash, the calibration token ids and the quantization settings."""
-    h = hashlib.sha256(base_model_hash.encode())
+    """sha256 of the format version, the base model hash, the calibration token ids and the
+    quantization settings."""
+    h = hashlib.sha256(f"projq-artifact-v{FORMAT_VERSION}|{base_model_hash}".encode())
     h.update(calibration_ids.to(torch.int64).contiguous().numpy().tobytes())
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
@@ -87,24 +89,21 @@ def save_artifact(
     final.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, qm in modules.items():
-        w = qm.weight
-        tensors.update(
-            {
-                f"{name}.codes": w.codes,
-                f"{name}.scales": w.scales,
-                f"{name}.zeros": w.zeros,
-                f"{name}.g_idx": w.g_idx,
-                f"{name}.lora_A": qm.lora_A,
-                f"{name}.lora_B": qm.lora_B,
-            }
-        )
+        tensors.update({f"{name}.{key}": t for key, t in qm.weight.tensors().items()})
+        tensors.update({f"{name}.lora_A": qm.lora_A, f"{name}.lora_B": qm.lora_B})
     meta = {
         "format_version": FORMAT_VERSION,
         "hash": full_hash,
-        "codes_layout": "unpacked-uint8",
+        "codes_layout": "gptq-int32-packed",
         "versions": library_versions(),
         "modules": {
-            n: {"bits": qm.weight.bits, "group_size": qm.weight.group_size} for n, qm in modules.items()
+            n: {
+                "bits": qm.weight.bits,
+                "group_size": qm.weight.group_size,
+                "in_features": qm.weight.in_features,
+                "out_features": qm.weight.out_features,
+            }
+            for n, qm in modules.items()
         },
         **metadata,
     }
@@ -135,33 +134,31 @@ def load_artifact(path: str | Path) -> tuple[dict[str, QuantizedModule], dict[st
         )
     meta = json.loads((path / METADATA).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: artifact format {meta.get('format_version')} is not {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path}: artifact format {meta.get('format_version')} is not {FORMAT_VERSION}, which this "
+            f"version of projq-train reads; delete the directory and quantize again"
+        )
     t = load_file(str(path / TENSORS))
     modules = {}
     for name, info in meta["modules"].items():
-        weight = QuantizedWeight(
-            t[f"{name}.codes"],
-            t[f"{name}.scales"],
-            t[f"{name}.zeros"],
-            t[f"{name}.g_idx"],
-            info["bits"],
-            info["group_size"],
-        )
+        packed = {key: t[f"{name}.{key}"] for key in ("qweight", "qzeros", "scales", "g_idx")}
+        weight = PackedWeight.from_tensors(packed, **info)
         modules[name] = QuantizedModule(weight, t[f"{name}.lora_B"], t[f"{name}.lora_A"])
     return modules, meta
 
 
 def load_quantized_model(
-    path: str | Path, with_adapter: bool = True
-) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Rebuild the fake-quantized model (``Q`` or ``Q + BA`` in its linear weights) from an artifact.
+    path: str | Path,
+) -> tuple[nn.Module, Any, dict[str, QuantizedModule], dict[str, Any]]:
+    """The base model with its quantized linears replaced by packed :class:`QuantLinear` layers,
+    its tokenizer, the artifact's modules (whose ``lora_A``/``lora_B`` initialize adapters) and
+    the metadata.
 
     The base model named in the artifact's recipe is loaded and must hash to the model the
     artifact was made from.
     """
     from projq_train.config import ModelConfig
     from projq_train.models import load_model_and_tokenizer
-    from projq_train.quant.calibrate import apply_quantized
 
     modules, meta = load_artifact(path)
     model, tokenizer = load_model_and_tokenizer(ModelConfig(**meta["recipe"]["model"]))
@@ -169,4 +166,5 @@ def load_quantized_model(
         raise ValueError(
             f"{path}: the base model {meta['recipe']['model']} is not the one this artifact was made from"
         )
-    return apply_quantized(model, modules, with_adapter), tokenizer, meta
+    swap_in_quant_linears(model, {name: qm.weight for name, qm in modules.items()})
+    return model, tokenizer, modules, meta

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
+from torch import nn
 
 import projq_train.artifact as artifact
 import projq_train.cli as cli
@@ -21,7 +23,8 @@ from projq_train.artifact import (
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
 from projq_train.models import load_model_and_tokenizer
-from projq_train.quant.calibrate import quantize_model
+from projq_train.quant.calibrate import apply_quantized, quantize_model
+from projq_train.quant.linear import QuantLinear
 from tests.conftest import TINY
 
 RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
@@ -46,16 +49,37 @@ def test_artifact_round_trip_reproduces_quantized_model(tmp_path, quantized_tiny
     path = save_artifact(tmp_path, full_hash, modules, meta)
     assert path.name == full_hash[:16] and find_artifact(tmp_path, full_hash) == path
     loaded, meta_back = load_artifact(path)
-    assert meta_back["codes_layout"] == "unpacked-uint8" and set(meta_back["versions"]) >= {
+    assert meta_back["codes_layout"] == "gptq-int32-packed" and set(meta_back["versions"]) >= {
         "torch",
         "transformers",
     }
+    stored = load_file(str(path / "quantized.safetensors"))
+    assert stored["model.layers.0.mlp.down_proj.qweight"].dtype == torch.int32
     for name, qm in modules.items():
-        assert torch.equal(loaded[name].weight.codes, qm.weight.codes)
-        assert torch.equal(loaded[name].weight.g_idx, qm.weight.g_idx)
-    rebuilt, _, _ = load_quantized_model(path)
+        for key, t in qm.weight.tensors().items():
+            assert torch.equal(loaded[name].weight.tensors()[key], t), (name, key)
+        assert torch.equal(loaded[name].lora_B @ loaded[name].lora_A, qm.lora_B @ qm.lora_A)
+    rebuilt, _, rebuilt_modules, _ = load_quantized_model(path)
+    quant_linears = [m for m in rebuilt.modules() if isinstance(m, QuantLinear)]
+    assert len(quant_linears) == len(modules) == 14
+    assert not any(isinstance(m, nn.Linear) for m in rebuilt.model.layers.modules())
+    fake_quantized = apply_quantized(
+        load_model_and_tokenizer(ModelConfig(**meta["recipe"]["model"]))[0],
+        rebuilt_modules,
+        with_adapter=False,
+    )
     with torch.no_grad():
-        assert torch.equal(rebuilt(ids).logits, model(ids).logits)
+        torch.testing.assert_close(rebuilt(ids).logits, fake_quantized(ids).logits)
+
+
+def test_artifact_of_an_older_format_is_refused_with_a_clear_message(tmp_path, quantized_tiny):
+    _, modules, full_hash, meta, _ = quantized_tiny
+    path = save_artifact(tmp_path, full_hash, modules, meta)
+    recorded = json.loads((path / "metadata.json").read_text())
+    recorded["format_version"] = 1
+    (path / "metadata.json").write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match="artifact format 1 is not 2.*quantize again"):
+        load_artifact(path)
 
 
 def test_artifact_refuses_a_different_base_model(tmp_path, quantized_tiny):

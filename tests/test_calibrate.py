@@ -64,7 +64,7 @@ def test_calibration_feeds_quantized_outputs_forward():
     W = fp.model.layers[1].self_attn.q_proj.weight
     from_quantized = gptq_quantize(W, layer1_q_hessian(qmodel), 2, 32).codes
     from_float = gptq_quantize(W, layer1_q_hessian(fp), 2, 32).codes
-    assert torch.equal(modules["model.layers.1.self_attn.q_proj"].weight.codes, from_quantized)
+    assert torch.equal(modules["model.layers.1.self_attn.q_proj"].weight.unpack().codes, from_quantized)
     assert not torch.equal(from_quantized, from_float)
 
 

@@ -39,20 +39,27 @@ def layer():
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
 def test_rtn_grid_round_trip(bits, group_size):
-    W = torch.randn(17, 128)
+    W = torch.randn(17, 128, generator=torch.Generator().manual_seed(bits * 1000 + group_size))
     q = rtn_quantize(W, bits, group_size)
     assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 2**bits - 1
     gs = 128 if group_size == -1 else group_size
     assert q.scales.shape == (17, 128 // gs)
-    # every weight lies within half a step of its group's grid, groups are contiguous
+    # every weight lies within half a step of its group's grid (widened by the fp16 rounding of
+    # the step, at most 2^-11 relative, over the 2^bits - 1 steps of the range); groups are contiguous
     step = q.scales[:, q.g_idx.long()]
-    assert torch.all((W - q.dequantize()).abs() <= step / 2 + 1e-6)
+    assert torch.all((W - q.dequantize()).abs() <= step / 2 + (2**bits - 1) * step * 2**-11 + 1e-6)
     assert torch.equal(q.g_idx.long(), torch.arange(128) // gs)
 
 
-def test_rtn_constant_row_is_exact():
-    W = torch.full((3, 32), 0.25)
+@pytest.mark.parametrize("value", [0.25, -0.25, 0.0])
+def test_rtn_constant_row_is_exact(value):
+    W = torch.full((3, 32), value)
     assert torch.equal(rtn_quantize(W, 2, 32).dequantize(), W)
+
+
+def test_scales_are_fp16_values_so_packing_is_lossless():
+    q = rtn_quantize(torch.randn(16, 64) * 1e-3, 3, 32)
+    assert torch.equal(q.scales.half().float(), q.scales) and bool((q.scales > 0).all())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

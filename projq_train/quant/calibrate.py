@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from projq_train.config import QuantConfig
 from projq_train.models import decoder_layers
-from projq_train.quant import QuantizedWeight, lowrank_compensation, quantize_weight
+from projq_train.quant import lowrank_compensation, quantize_weight
+from projq_train.quant.pack import PackedWeight
 from projq_train.quant.projq import check_rank, hessian_sqrt
 from projq_train.quant.rtn import check_grid
 
@@ -34,7 +35,7 @@ SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", 
 class QuantizedModule:
     """What the quantizer produced for one linear module."""
 
-    weight: QuantizedWeight
+    weight: PackedWeight
     lora_B: Tensor  # (out, r)
     lora_A: Tensor  # (r, in)
 
@@ -165,12 +166,14 @@ def quantize_module(W: Tensor, H: Tensor, cfg: QuantConfig) -> QuantizedModule:
     W = W.float()
     if cfg.rank == 0:  # no adapter: nothing to shape the error for or to compensate
         qw = quantize_weight(W, H, cfg.method, cfg.bits, cfg.group_size, 0, 0, **_method_options(cfg, None))
-        return QuantizedModule(qw, W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1]))
+        return QuantizedModule(
+            PackedWeight.from_quantized(qw), W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
+        )
     sqrt_pair = hessian_sqrt(H)  # shared by ProjQ and the compensation
     opts = _method_options(cfg, sqrt_pair)
     qw = quantize_weight(W, H, cfg.method, cfg.bits, cfg.group_size, cfg.rank, cfg.iters, **opts)
     B, A = lowrank_compensation(W - qw.dequantize(), H, cfg.rank, sqrt_pair)
-    return QuantizedModule(qw, B, A)
+    return QuantizedModule(PackedWeight.from_quantized(qw), B, A)
 
 
 @torch.no_grad()

@@ -3,8 +3,9 @@
 A weight ``W (out, in)`` is cut along ``in`` into groups of ``group_size`` columns
 (``-1``: one group per row). Each (row, group) has a scale ``s`` and an integer zero
 point ``z``; a weight is stored as a code ``c ∈ [0, 2^bits)`` and read back as
-``ŵ = (c − z) · s``. ``g_idx (in,)`` names the group of every input column, the layout
-GPTQ checkpoints use, so act-order GPTQ (whose groups follow a permutation) fits too.
+``ŵ = (c − z) · s``. Scales are fp16 values (kept in float32), so packing is exact.
+``g_idx (in,)`` names the group of every input column, the layout GPTQ checkpoints use,
+so act-order GPTQ (whose groups follow a permutation) fits too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 SUPPORTED_BITS = (2, 3, 4)
+FP16_TINY, FP16_MAX = 2.0**-24, 65504.0  # scales live on the fp16 grid (smallest subnormal, largest)
 
 
 def check_grid(bits: int, group_size: int, in_features: int) -> int:
@@ -63,9 +65,10 @@ def minmax_params(w: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
     """Asymmetric min-max grid for each row of ``w (out, g)``: scale (out,), integer zero (out,)."""
     wmin = w.amin(dim=1)
     wmax = w.amax(dim=1)
-    flat = wmax == wmin  # constant rows: any positive scale reproduces them exactly
-    scale = torch.where(flat, wmax.abs().clamp_min(1e-8), (wmax - wmin) / maxq)
-    zero = torch.where(flat, torch.zeros_like(wmin), torch.round(-wmin / scale)).clamp(0, maxq)
+    flat = wmax == wmin  # constant rows c: scale |c| with code 1, zero 0 (c > 0) or code 0, zero 1
+    scale = torch.where(flat, wmax.abs(), (wmax - wmin) / maxq)
+    scale = scale.clamp(FP16_TINY, FP16_MAX).to(torch.float16).float()  # stored as fp16, as in GPTQ
+    zero = torch.where(flat, (wmin < 0).float(), torch.round(-wmin / scale)).clamp(0, maxq)
     return scale, zero
 
 

@@ -1,0 +1,212 @@
+"""QuantLinear: a frozen linear layer whose weight lives packed at 2/3/4 bits.
+
+The weight is held as GPTQ-layout buffers (:mod:`projq_train.quant.pack`), never as a
+parameter, so optimizers, ``requires_grad_`` and dtype casts of the model leave it alone.
+``y = x Ŵᵀ + b`` with ``Ŵ = dequant(qweight)``; the backward pass computes ``∂L/∂x = ∂L/∂y · Ŵ``
+only. Two backends compute the products:
+
+- ``torch``: dequantize to the input's dtype, then a dense matmul. Works everywhere; it is
+  the reference the fused kernel is tested against. The dequantized weight is rebuilt in the
+  backward pass instead of being kept alive, unless ``save_dequantized`` is set.
+- ``triton``: fused dequantize + matmul on CUDA (:mod:`projq_train.quant.triton_kernels`).
+  ``auto`` uses it on CUDA once a self-test against the torch backend has passed on that
+  device, and falls back to torch with a warning if the test fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from projq_train.quant.pack import PackedWeight, packed_length, unpack
+from projq_train.quant.rtn import check_grid
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "torch", "triton"]
+_TRITON_READY: dict[torch.device, bool] = {}
+
+
+def triton_ready(device: torch.device) -> bool:
+    """Whether the fused kernels run and agree with the torch backend on ``device`` (tested once)."""
+    if device.type != "cuda":
+        return False
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if device not in _TRITON_READY:
+        try:
+            from projq_train.quant import triton_kernels
+        except ImportError as err:
+            problem = f"triton is not importable ({err})"
+        else:
+            problem = triton_kernels.self_test(device)
+        if problem:
+            warnings.warn(f"QuantLinear uses the torch backend on {device}: {problem}", stacklevel=2)
+        else:
+            log.info("QuantLinear: Triton kernels passed their self-test on %s", device)
+        _TRITON_READY[device] = not problem
+    return _TRITON_READY[device]
+
+
+def dequantize_packed(
+    qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, dtype: torch.dtype
+) -> Tensor:
+    """``Ŵᵀ (in, out)`` in ``dtype`` from GPTQ-layout tensors (the torch reference)."""
+    in_f, out_f = g_idx.shape[0], scales.shape[1]
+    g = g_idx.long()
+    codes = unpack(qweight, bits, in_f, dim=0)  # (in, out)
+    zeros = unpack(qzeros, bits, out_f, dim=1)[g]  # (in, out)
+    return ((codes.float() - zeros.float()) * scales[g].float()).to(dtype)
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """``x (..., in) → x Ŵᵀ (..., out)`` with a gradient for ``x`` only."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantLinear, fused: bool) -> Tensor:
+        ctx.layer, ctx.fused = layer, fused
+        if fused:
+            from projq_train.quant.triton_kernels import matmul
+
+            return matmul(x.reshape(-1, x.shape[-1]), *layer.packed_tensors(), layer.bits).reshape(
+                *x.shape[:-1], layer.out_features
+            )
+        w_t = layer.dequantize_t(x.dtype)  # (in, out)
+        if layer.save_dequantized:
+            ctx.save_for_backward(w_t)
+        return x @ w_t
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        layer = ctx.layer
+        if ctx.fused:
+            from projq_train.quant.triton_kernels import matmul_grad_input
+
+            g = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
+            grad_x = matmul_grad_input(g, *layer.packed_tensors(), layer.bits)
+            return grad_x.reshape(*grad_y.shape[:-1], layer.in_features), None, None
+        w_t = ctx.saved_tensors[0] if layer.save_dequantized else layer.dequantize_t(grad_y.dtype)
+        return grad_y @ w_t.T, None, None
+
+
+class QuantLinear(nn.Module):
+    """Frozen ``(out_features, in_features)`` linear layer with a packed ``bits``-bit weight."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        backend: Backend = "auto",
+        save_dequantized: bool = False,
+    ) -> None:
+        super().__init__()
+        gs = check_grid(bits, group_size, in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, gs
+        self.backend, self.save_dequantized = backend, save_dequantized
+        n_groups = in_features // gs
+        self.register_buffer(
+            "qweight",
+            torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32, device=device),
+        )
+        self.register_buffer(
+            "qzeros",
+            torch.zeros(n_groups, packed_length(out_features, bits), dtype=torch.int32, device=device),
+        )
+        self.register_buffer(
+            "scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device)
+        )
+        self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32, device=device) // gs)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_packed(cls, pw: PackedWeight, bias: Tensor | None = None, **kwargs) -> QuantLinear:
+        layer = cls(
+            pw.in_features,
+            pw.out_features,
+            pw.bits,
+            pw.group_size,
+            bias=bias is not None,
+            dtype=bias.dtype if bias is not None else torch.float32,
+            device="meta",
+            **kwargs,
+        )
+        for name, t in pw.tensors().items():
+            setattr(layer, name, t)
+        if bias is not None:
+            layer.bias = bias.detach().clone()
+        return layer
+
+    def packed_tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.qweight, self.qzeros, self.scales, self.g_idx
+
+    def packed(self) -> PackedWeight:
+        return PackedWeight(
+            *self.packed_tensors(), self.bits, self.group_size, self.in_features, self.out_features
+        )
+
+    def dequantize_t(self, dtype: torch.dtype) -> Tensor:
+        """``Ŵᵀ (in, out)`` in ``dtype`` (torch reference)."""
+        return dequantize_packed(*self.packed_tensors(), self.bits, dtype)
+
+    def _fused(self, x: Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        if self.backend == "triton":
+            if not triton_ready(x.device):
+                raise RuntimeError(
+                    f"backend='triton' needs CUDA and a working Triton install (input on {x.device})"
+                )
+            return True
+        return triton_ready(x.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        y = _QuantMatmul.apply(x, self, self._fused(x))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _apply(self, fn, recurse=True):
+        """Follow the model's device moves, but keep the fp16 scales fp16: they are part of the
+        packed format, and a cast such as ``model.to(torch.bfloat16)`` would round them."""
+        scales = self.scales
+        super()._apply(fn, recurse)
+        self.scales = scales.to(self.qweight.device)
+        return self
+
+    def weight_bits(self) -> float:
+        """Stored bits per weight: packed codes, zeros, scales and g_idx over ``in·out`` weights."""
+        total = sum(t.numel() * t.element_size() for t in self.packed_tensors())
+        return 8 * total / (self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend}"
+        )
+
+
+def swap_in_quant_linears(model: nn.Module, weights: dict[str, PackedWeight], **kwargs) -> nn.Module:
+    """Replace each ``nn.Linear`` named in ``weights`` by a :class:`QuantLinear` (bias kept)."""
+    for name, pw in weights.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        if (old.out_features, old.in_features) != (pw.out_features, pw.in_features):
+            raise ValueError(
+                f"{name}: packed weight is ({pw.out_features}, {pw.in_features}), "
+                f"the model's layer is ({old.out_features}, {old.in_features})"
+            )
+        pw = pw.to(old.weight.device)
+        setattr(parent, child, QuantLinear.from_packed(pw, old.bias, **kwargs))
+    return model

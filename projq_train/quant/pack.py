@@ -1,0 +1,177 @@
+"""Bit packing of 2/3/4-bit codes into int32 words, in the layout GPTQ checkpoints use.
+
+Codes are packed along one dimension as a little-endian bit stream: code ``k`` occupies
+bits ``[bits·k, bits·k + bits)`` of the stream, and stream bit ``b`` is bit ``b mod 32`` of
+word ``b // 32``. A *unit* is the smallest run of codes that fills whole words
+(``32·W = bits·L``)::
+
+    bits  codes/unit L  words/unit W
+     2        16            1        word0 = c15 … c1 c0        (c0 in bits 0-1)
+     4         8            1        word0 = c7 … c1 c0         (c0 in bits 0-3)
+     3        32            3        see below
+
+    3 bits, one unit of 32 codes in 3 words (bit 31 on the left, bit 0 on the right):
+
+    word0  |c10₁c10₀|  c9 | c8 | … | c1 | c0 |      c10 is split: bits 0-1 here,
+    word1  |c21₀|  c20 | … | c12 | c11 |c10₂|      bit 2 in word1's bit 0;
+    word2  |  c31 | c30 | … | c23 | c22 |c21₂c21₁|  c21: bit 0 in word1's bit 31, bits 1-2 here
+
+No bit is wasted. ``PACKING[bits]`` lists, for one unit, every piece of a code that lands in
+a word as ``(code, word, code_shift, word_shift, width)``; pack and unpack loop over that table,
+vectorized over all units and over the other dimension. A length that is not a multiple of
+``L`` is padded with zero codes; unpacking takes the true length back.
+
+The GPTQ checkpoint tensors of a linear layer ``W (out, in)`` are ``qweight (in·bits/32, out)``
+(codes packed along ``in``), ``qzeros (n_groups, out·bits/32)`` (zero points packed along
+``out``), ``scales (n_groups, out)`` fp16 and ``g_idx (in,)`` int32. Zero points are stored as
+they are (what GPTQModel calls format v2); the original AutoGPTQ format v1 stores ``zero − 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from projq_train.quant.rtn import QuantizedWeight, check_grid
+
+
+def _pieces(bits: int) -> tuple[int, int, tuple[tuple[int, int, int, int, int], ...]]:
+    """``(L, W, pieces)`` for one unit: every (code, word, code_shift, word_shift, width) piece."""
+    words = bits // math.gcd(bits, 32)
+    codes = 32 * words // bits
+    pieces = []
+    for k in range(codes):
+        start, end = bits * k, bits * (k + 1)
+        while start < end:
+            word, word_shift = divmod(start, 32)
+            width = min(end, 32 * (word + 1)) - start
+            pieces.append((k, word, start - bits * k, word_shift, width))
+            start += width
+    return codes, words, tuple(pieces)
+
+
+PACKING = {bits: _pieces(bits) for bits in (2, 3, 4)}
+
+
+def packed_length(length: int, bits: int) -> int:
+    """Number of int32 words that hold ``length`` codes (padded to whole units)."""
+    codes, words, _ = PACKING[bits]
+    return -(-length // codes) * words
+
+
+def pack(codes: Tensor, bits: int, dim: int = 0) -> Tensor:
+    """Pack integer ``codes`` in ``[0, 2**bits)`` along ``dim`` (of a 2-D tensor) into int32 words."""
+    L, W, pieces = PACKING[bits]
+    c = codes.to(torch.int64).movedim(dim, 0)
+    n = c.shape[0]
+    c = torch.cat([c, c.new_zeros(-(-n // L) * L - n, *c.shape[1:])])
+    c = c.reshape(-1, L, *c.shape[1:])  # (units, L, rest)
+    out = c.new_zeros(c.shape[0], W, *c.shape[2:])  # (units, W, rest)
+    for k, w, code_shift, word_shift, width in pieces:
+        out[:, w] |= ((c[:, k] >> code_shift) & ((1 << width) - 1)) << word_shift
+    out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)  # reinterpret as signed
+    return out.reshape(-1, *out.shape[2:]).movedim(0, dim).contiguous()
+
+
+def unpack(words: Tensor, bits: int, length: int, dim: int = 0) -> Tensor:
+    """Inverse of :func:`pack`: the first ``length`` codes along ``dim``, as uint8."""
+    L, W, pieces = PACKING[bits]
+    w = words.movedim(dim, 0)
+    w = w.reshape(-1, W, *w.shape[1:])  # (units, W, rest) int32
+    c = w.new_zeros(w.shape[0], L, *w.shape[2:])
+    # a piece never crosses bit 31, so the sign bits an arithmetic shift brings in are masked off
+    for k, i, code_shift, word_shift, width in pieces:
+        c[:, k] |= ((w[:, i] >> word_shift) & ((1 << width) - 1)) << code_shift
+    c = c.reshape(-1, *c.shape[2:])[:length]
+    return c.to(torch.uint8).movedim(0, dim).contiguous()
+
+
+@dataclass
+class PackedWeight:
+    """A quantized linear weight ``(out, in)`` in the GPTQ checkpoint layout (see module docstring)."""
+
+    qweight: Tensor  # (packed_length(in), out) int32
+    qzeros: Tensor  # (n_groups, packed_length(out)) int32
+    scales: Tensor  # (n_groups, out) float16
+    g_idx: Tensor  # (in,) int32
+    bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight) -> PackedWeight:
+        """Pack a :class:`QuantizedWeight`; exact because its scales are already fp16 values."""
+        out_f, in_f = q.codes.shape
+        return cls(
+            qweight=pack(q.codes.T, q.bits, dim=0),
+            qzeros=pack(q.zeros.T, q.bits, dim=1),
+            scales=q.scales.T.to(torch.float16).contiguous(),
+            g_idx=q.g_idx.to(torch.int32).contiguous(),
+            bits=q.bits,
+            group_size=q.group_size,
+            in_features=in_f,
+            out_features=out_f,
+        )
+
+    def unpack(self) -> QuantizedWeight:
+        return QuantizedWeight(
+            codes=unpack(self.qweight, self.bits, self.in_features, dim=0).T.contiguous(),
+            scales=self.scales.T.float().contiguous(),
+            zeros=unpack(self.qzeros, self.bits, self.out_features, dim=1).T.contiguous(),
+            g_idx=self.g_idx,
+            bits=self.bits,
+            group_size=self.group_size,
+        )
+
+    def dequantize(self) -> Tensor:
+        """``Ŵ (out, in)`` float32."""
+        return self.unpack().dequantize()
+
+    def to(self, device: torch.device | str) -> PackedWeight:
+        return replace(
+            self,
+            qweight=self.qweight.to(device),
+            qzeros=self.qzeros.to(device),
+            scales=self.scales.to(device),
+            g_idx=self.g_idx.to(device),
+        )
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The four GPTQ tensors by their checkpoint names."""
+        return {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, Tensor], bits: int, group_size: int, in_features: int, out_features: int
+    ) -> PackedWeight:
+        """Rebuild from checkpoint tensors, checking every shape against the stated layer size."""
+        gs = check_grid(bits, group_size, in_features)
+        n_groups = in_features // gs
+        expected = {
+            "qweight": (packed_length(in_features, bits), out_features),
+            "qzeros": (n_groups, packed_length(out_features, bits)),
+            "scales": (n_groups, out_features),
+            "g_idx": (in_features,),
+        }
+        for key, shape in expected.items():
+            if key not in tensors:
+                raise KeyError(f"packed weight is missing '{key}'")
+            if tuple(tensors[key].shape) != shape:
+                raise ValueError(
+                    f"packed '{key}' has shape {tuple(tensors[key].shape)}, expected {shape} for a "
+                    f"{bits}-bit ({out_features}, {in_features}) weight with group size {gs}"
+                )
+        return cls(
+            tensors["qweight"],
+            tensors["qzeros"],
+            tensors["scales"],
+            tensors["g_idx"],
+            bits,
+            gs,
+            in_features,
+            out_features,
+        )

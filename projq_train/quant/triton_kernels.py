@@ -1,0 +1,308 @@
+"""Fused dequantize + matmul for packed 2/3/4-bit weights (CUDA, Triton).
+
+Imported lazily by :mod:`projq_train.quant.linear`; CPU installs never import it. Both
+kernels read the GPTQ-layout tensors of :mod:`projq_train.quant.pack` and rebuild a
+``(BLOCK_K, BLOCK_N)`` tile of ``Ŵᵀ`` in registers: code ``k`` of column ``n`` sits at bit
+``bits·k`` of ``qweight[:, n]``'s bit stream (word ``bits·k // 32``, shift ``bits·k % 32``);
+at 3 bits a code may straddle two words, so the next word is read where the shift exceeds 29.
+
+- :func:`matmul`: ``y (M, out) = x (M, in) · Ŵᵀ``
+- :func:`matmul_grad_input`: ``dx (M, in) = dy (M, out) · Ŵ``
+
+With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (with fixed tile sizes
+instead of autotuning), which is how the tests check them on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# fmt: off  (kernel signatures and launches keep their arguments grouped by role)
+@triton.jit
+def _extract(lo_ptrs, shift, mask, next_word: tl.constexpr, BITS: tl.constexpr):
+    """Codes of ``BITS`` bits at bit ``shift`` of the words at ``lo_ptrs`` (``+ next_word`` for
+    the following word, which 3-bit codes at shift 30 or 31 continue into)."""
+    lo = tl.load(lo_ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    code = (lo >> shift) & ((1 << BITS) - 1)
+    if BITS == 3:
+        cross = shift > 29
+        hi = tl.load(lo_ptrs + next_word, mask=mask & cross, other=0).to(tl.uint32, bitcast=True)
+        code = code | ((hi << tl.where(cross, 32 - shift, 0)) & 7)
+    return code
+
+
+@triton.jit
+def _dequant_tile(
+    qw_ptr,
+    qz_ptr,
+    sc_ptr,
+    gi_ptr,
+    offs_k,
+    offs_n,
+    K,
+    N,
+    stride_qw,
+    stride_qz,
+    stride_sc,
+    BITS: tl.constexpr,
+):
+    """``Ŵᵀ[offs_k, offs_n]`` as a float32 ``(BLOCK_K, BLOCK_N)`` tile (zero outside the matrix)."""
+    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    kbit = offs_k * BITS
+    wptrs = qw_ptr + (kbit // 32)[:, None] * stride_qw + offs_n[None, :]
+    kshift = (kbit % 32).to(tl.uint32)[:, None] + tl.zeros_like(offs_n).to(tl.uint32)[None, :]
+    codes = _extract(wptrs, kshift, mask, stride_qw, BITS)
+    g = tl.load(gi_ptr + offs_k, mask=offs_k < K, other=0)
+    nbit = offs_n * BITS
+    zptrs = qz_ptr + g[:, None] * stride_qz + (nbit // 32)[None, :]
+    nshift = tl.zeros_like(offs_k).to(tl.uint32)[:, None] + (nbit % 32).to(tl.uint32)[None, :]
+    zeros = _extract(zptrs, nshift, mask, 1, BITS)
+    scales = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=mask, other=0.0)
+    return (codes.to(tl.int32) - zeros.to(tl.int32)).to(tl.float32) * scales.to(tl.float32)
+
+
+@triton.jit
+def _matmul_kernel(
+    x_ptr,
+    qw_ptr,
+    qz_ptr,
+    sc_ptr,
+    gi_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    stride_xm,
+    stride_qw,
+    stride_qz,
+    stride_sc,
+    stride_ym,
+    BITS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # program ids walk GROUP_M row blocks per column block, so neighbours share weight tiles in L2
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    rows = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % rows
+    pid_n = (pid % (GROUP_M * n_n)) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_K)
+        w = _dequant_tile(
+            qw_ptr, qz_ptr, sc_ptr, gi_ptr, offs_k, offs_n, K, N, stride_qw, stride_qz, stride_sc, BITS
+        ).to(x.dtype)  # (BLOCK_K, BLOCK_N)
+        if IEEE:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_input_kernel(
+    g_ptr,
+    qw_ptr,
+    qz_ptr,
+    sc_ptr,
+    gi_ptr,
+    dx_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    stride_gm,
+    stride_qw,
+    stride_qz,
+    stride_sc,
+    stride_dm,
+    BITS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_m, n_k = tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K)
+    group = pid // (GROUP_M * n_k)
+    first_m = group * GROUP_M
+    rows = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_k)) % rows
+    pid_k = (pid % (GROUP_M * n_k)) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        g = tl.load(
+            g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
+            mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_N)
+        w = _dequant_tile(
+            qw_ptr, qz_ptr, sc_ptr, gi_ptr, offs_k, offs_n, K, N, stride_qw, stride_qz, stride_sc, BITS
+        ).to(g.dtype)  # (BLOCK_K, BLOCK_N)
+        if IEEE:
+            acc += tl.dot(g, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(g, tl.trans(w))
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    tl.store(
+        dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask
+    )
+
+
+# fmt: on
+def _configs() -> list[triton.Config]:
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+        (16, 64, 64, 4, 4),
+        (16, 128, 64, 4, 4),
+        (32, 64, 64, 4, 4),
+        (64, 64, 64, 4, 3),
+        (64, 128, 32, 4, 4),
+        (128, 64, 32, 4, 4),
+        (128, 128, 32, 8, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
+
+
+if INTERPRET:
+    _FIXED = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+    _matmul, _grad_input = _matmul_kernel, _grad_input_kernel
+else:
+    _FIXED = {}
+    _KEY = ["M_BUCKET", "N", "K", "BITS", "IEEE"]  # M in power-of-two buckets: no re-tuning per batch shape
+    _matmul = triton.autotune(_configs(), key=_KEY)(_matmul_kernel)
+    _grad_input = triton.autotune(_configs(), key=_KEY)(_grad_input_kernel)
+
+
+def _bucket(m: int) -> int:
+    return min(triton.next_power_of_2(m), 4096)
+
+
+def matmul(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int) -> Tensor:
+    """``x (M, in) · Ŵᵀ → (M, out)`` in ``x``'s dtype."""
+    x = x.contiguous()
+    (M, K), N = x.shape, scales.shape[1]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _matmul[grid](
+        x,
+        qweight,
+        qzeros,
+        scales,
+        g_idx,
+        y,
+        M,
+        N,
+        K,
+        _bucket(M),
+        x.stride(0),
+        qweight.stride(0),
+        qzeros.stride(0),
+        scales.stride(0),
+        y.stride(0),
+        BITS=bits,
+        IEEE=x.dtype == torch.float32,
+        **_FIXED,
+    )
+    return y
+
+
+def matmul_grad_input(
+    grad_y: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int
+) -> Tensor:
+    """``dy (M, out) · Ŵ → (M, in)`` in ``dy``'s dtype."""
+    grad_y = grad_y.contiguous()
+    (M, N), K = grad_y.shape, g_idx.shape[0]
+    dx = torch.empty(M, K, dtype=grad_y.dtype, device=grad_y.device)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+
+    _grad_input[grid](
+        grad_y,
+        qweight,
+        qzeros,
+        scales,
+        g_idx,
+        dx,
+        M,
+        N,
+        K,
+        _bucket(M),
+        grad_y.stride(0),
+        qweight.stride(0),
+        qzeros.stride(0),
+        scales.stride(0),
+        dx.stride(0),
+        BITS=bits,
+        IEEE=grad_y.dtype == torch.float32,
+        **_FIXED,
+    )
+    return dx
+
+
+def self_test(device: torch.device) -> str | None:
+    """Run both kernels at every bit width and dtype on ``device`` against the torch reference
+    (act-order groups, ragged sizes); ``None`` when they agree, else what went wrong."""
+    from projq_train.quant.linear import dequantize_packed
+    from projq_train.quant.pack import PackedWeight
+    from projq_train.quant.rtn import rtn_quantize
+
+    gen = torch.Generator().manual_seed(0)
+    # bf16 on CUDA only: the interpreter's tl.dot mishandles bf16 operands
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if bf16 else [])
+    try:
+        for bits in (2, 3, 4):
+            q = rtn_quantize(torch.randn(72, 160, generator=gen), bits, 32)
+            q.g_idx = q.g_idx[torch.randperm(160, generator=gen)]  # act-order style group map
+            tensors = tuple(PackedWeight.from_quantized(q).to(device).tensors().values())
+            for dtype in dtypes:
+                x = torch.randn(37, 160, generator=gen).to(device, dtype)
+                dy = torch.randn(37, 72, generator=gen).to(device, dtype)
+                w_t = dequantize_packed(*tensors, bits, torch.float32)  # (in, out)
+                for name, got, ref in (
+                    ("forward", matmul(x, *tensors, bits), x.float() @ w_t),
+                    ("grad_input", matmul_grad_input(dy, *tensors, bits), dy.float() @ w_t.T),
+                ):
+                    err = (got.float() - ref).abs().max().item()
+                    tol = 1e-3 if dtype == torch.float32 else 2e-2
+                    if not err <= tol * ref.abs().max().item():
+                        return (
+                            f"{name} at {bits} bits in {dtype} differs from the torch reference by {err:.3g}"
+                        )
+    except Exception as err:  # any compile or launch failure means: do not use the kernels
+        return f"{type(err).__name__}: {err}"
+    return None

@@ -1,0 +1,166 @@
+"""Bit packing and QuantLinear (torch backend): round trips, layout, gradients, memory."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import projq_train.quant.linear as linear
+from projq_train.quant.linear import QuantLinear, dequantize_packed, swap_in_quant_linears, triton_ready
+from projq_train.quant.pack import PACKING, PackedWeight, pack, packed_length, unpack
+from projq_train.quant.rtn import rtn_quantize
+
+
+def bitstream_reference(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack (K, N) codes bit by bit: code k of column n at stream bit bits*k, word = bit // 32."""
+    K, N = codes.shape
+    words = torch.zeros(packed_length(K, bits), N, dtype=torch.int64)
+    for k in range(K):
+        for t in range(bits):
+            bit = bits * k + t
+            words[bit // 32] |= ((codes[k].long() >> t) & 1) << (bit % 32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("length", [1, 31, 32, 33, 100])
+def test_pack_matches_the_bit_stream_and_round_trips(bits, length):
+    codes = torch.randint(0, 2**bits, (length, 5), dtype=torch.uint8)
+    words = pack(codes, bits)
+    assert words.dtype == torch.int32 and torch.equal(words, bitstream_reference(codes, bits))
+    assert torch.equal(unpack(words, bits, length), codes)
+    along_cols = pack(codes.T, bits, dim=1)
+    assert torch.equal(along_cols, words.T) and torch.equal(unpack(along_cols, bits, length, dim=1), codes.T)
+
+
+def test_three_bit_unit_is_32_codes_in_3_words_with_two_split_codes():
+    L, W, pieces = PACKING[3]
+    assert (L, W) == (32, 3)
+    split = sorted({k for k, *_ in pieces if sum(p[0] == k for p in pieces) == 2})
+    assert split == [10, 21]
+    # all 96 bits used exactly once
+    assert sum(width for *_, width in pieces) == 96
+    codes = torch.zeros(32, 1, dtype=torch.uint8)
+    codes[10] = 0b111  # bits 30, 31 of word 0 and bit 0 of word 1
+    assert pack(codes, 3)[:, 0].tolist() == [-(2**31) + 2**30, 1, 0]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape,group_size", [((48, 64), 32), ((33, 100), -1), ((7, 96), 32)])
+def test_packed_weight_round_trip_is_exact(bits, shape, group_size):
+    q = rtn_quantize(torch.randn(*shape), bits, group_size)
+    q.g_idx = q.g_idx[torch.randperm(shape[1])]  # act-order style group map
+    pw = PackedWeight.from_quantized(q)
+    back = pw.unpack()
+    for field in ("codes", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(back, field), getattr(q, field)), field
+    assert torch.equal(pw.dequantize(), q.dequantize())
+    assert torch.equal(dequantize_packed(*pw.tensors().values(), bits, torch.float32), q.dequantize().T)
+
+
+def test_packed_weight_from_tensors_checks_shapes():
+    pw = PackedWeight.from_quantized(rtn_quantize(torch.randn(8, 64), 3, 32))
+    tensors = pw.tensors()
+    assert PackedWeight.from_tensors(tensors, 3, 32, 64, 8).bits == 3
+    with pytest.raises(ValueError, match=r"packed 'qweight' has shape \(6, 8\), expected \(12, 8\)"):
+        PackedWeight.from_tensors(tensors, 3, 32, 128, 8)
+    with pytest.raises(KeyError, match="missing 'scales'"):
+        PackedWeight.from_tensors({k: v for k, v in tensors.items() if k != "scales"}, 3, 32, 64, 8)
+
+
+def make_layer(bits=3, out_f=24, in_f=64, gs=32, bias=True, **kwargs):
+    torch.manual_seed(0)
+    dense = nn.Linear(in_f, out_f, bias=bias)
+    pw = PackedWeight.from_quantized(rtn_quantize(dense.weight.detach(), bits, gs))
+    return QuantLinear.from_packed(pw, dense.bias, **kwargs), pw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quant_linear_matches_dense_reference(dtype):
+    layer, pw = make_layer()
+    x = torch.randn(2, 5, 64)
+    ref = x.to(dtype).float() @ pw.dequantize().to(dtype).float().T + layer.bias.to(dtype).float()
+    y = layer(x.to(dtype))
+    assert y.dtype == dtype and y.shape == (2, 5, 24)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(y.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("save_dequantized", [False, True])
+def test_gradient_flows_to_the_input_only(save_dequantized):
+    layer, pw = make_layer(save_dequantized=save_dequantized)
+    x = torch.randn(3, 64, dtype=torch.float64).float().requires_grad_()
+    dense_x = x.detach().clone().requires_grad_()
+    layer(x).pow(2).sum().backward()
+    (dense_x @ pw.dequantize().T + layer.bias).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, dense_x.grad)
+    assert list(layer.parameters()) == []
+    assert all(not b.requires_grad and b.grad is None for b in layer.buffers())
+
+
+def saved_numels(layer: QuantLinear, x: torch.Tensor) -> list[int]:
+    """Sizes of the tensors autograd keeps from the forward pass for the backward pass."""
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        layer(x)
+    return sizes
+
+
+def test_dequantized_weight_is_kept_between_forward_and_backward_only_when_configured():
+    x = torch.randn(1, 512, requires_grad=True)
+    weight = 256 * 512
+    assert max(saved_numels(make_layer(out_f=256, in_f=512, gs=128, bias=False)[0], x), default=0) < weight
+    kept = make_layer(out_f=256, in_f=512, gs=128, bias=False, save_dequantized=True)[0]
+    assert max(saved_numels(kept, x)) == weight
+
+
+def test_three_bit_group_128_stores_at_most_3_3_bits_per_weight():
+    layer = QuantLinear(4096, 4096, bits=3, group_size=128)
+    assert layer.qweight.dtype == torch.int32 and layer.qweight.shape == (384, 4096)
+    assert layer.weight_bits() <= 3.3
+    assert QuantLinear(4096, 11008, bits=2, group_size=128).weight_bits() <= 2.3
+
+
+def test_model_dtype_casts_leave_packed_buffers_alone():
+    layer, pw = make_layer()
+    layer.to(torch.bfloat16)
+    assert layer.qweight.dtype == torch.int32 and layer.scales.dtype == torch.float16
+    assert torch.equal(layer.scales, pw.scales) and layer.bias.dtype == torch.bfloat16
+
+
+def test_extra_repr_and_bad_settings():
+    layer, _ = make_layer()
+    assert "bits=3, group_size=32" in repr(layer)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        QuantLinear(64, 8, bits=5, group_size=32)
+    with pytest.raises(ValueError, match="does not divide in_features 64"):
+        QuantLinear(64, 8, bits=3, group_size=48)
+
+
+def test_swap_in_quant_linears_replaces_named_layers_and_checks_shapes():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(4, 64)
+    weights = {"0": PackedWeight.from_quantized(rtn_quantize(model[0].weight.detach(), 4, 32))}
+    expected = model[2](torch.relu(x @ weights["0"].dequantize().T + model[0].bias))
+    swap_in_quant_linears(model, weights)
+    assert isinstance(model[0], QuantLinear) and isinstance(model[2], nn.Linear)
+    torch.testing.assert_close(model(x), expected)
+    with pytest.raises(ValueError, match="packed weight is"):
+        swap_in_quant_linears(model, {"2": weights["0"]})
+
+
+def test_triton_backend_falls_back_with_a_warning_when_the_self_test_fails(monkeypatch):
+    class BrokenKernels:
+        @staticmethod
+        def self_test(device):
+            return "forward at 3 bits differs"
+
+    monkeypatch.setitem(__import__("sys").modules, "projq_train.quant.triton_kernels", BrokenKernels)
+    monkeypatch.setattr(linear, "_TRITON_READY", {})
+    with pytest.warns(UserWarning, match="torch backend on cuda:0: forward at 3 bits differs"):
+        assert triton_ready(torch.device("cuda", 0)) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert triton_ready(torch.device("cuda", 0)) is False  # tested once, warned once
+    assert triton_ready(torch.device("cpu")) is False

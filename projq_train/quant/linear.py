@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from projq_train.quant.pack import PackedWeight, packed_length, unpack
+from projq_train.quant.pack import PackedWeight, packed_length, unpack_rows
 from projq_train.quant.rtn import check_grid
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,19 @@ def dequantize_packed(
     qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, dtype: torch.dtype
 ) -> Tensor:
     """``Ŵᵀ (in, out)`` in ``dtype`` from GPTQ-layout tensors (the torch reference)."""
-    in_f, out_f = g_idx.shape[0], scales.shape[1]
-    g = g_idx.long()
-    codes = unpack(qweight, bits, in_f, dim=0)  # (in, out)
-    zeros = unpack(qzeros, bits, out_f, dim=1)[g]  # (in, out)
-    return ((codes.float() - zeros.float()) * scales[g].float()).to(dtype)
+    (in_f,), (n_groups, out_f) = g_idx.shape, scales.shape
+    w = unpack_rows(qweight, bits, in_f).to(torch.float32)  # (in, out)
+    zeros = unpack_rows(qzeros.T, bits, out_f).T.to(torch.float32)  # (n_groups, out)
+    scales = scales.to(torch.float32)
+    gs = in_f // n_groups
+    if torch.equal(g_idx, torch.arange(in_f, device=g_idx.device, dtype=g_idx.dtype) // gs):
+        # contiguous groups: broadcast per group instead of gathering per input row
+        w3 = w.view(n_groups, gs, out_f)
+        w3.sub_(zeros[:, None]).mul_(scales[:, None])
+    else:
+        g = g_idx.long()
+        w.sub_(zeros[g]).mul_(scales[g])
+    return w.to(dtype)
 
 
 class _QuantMatmul(torch.autograd.Function):

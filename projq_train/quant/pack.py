@@ -17,9 +17,10 @@ word ``b // 32``. A *unit* is the smallest run of codes that fills whole words
     word2  |  c31 | c30 | … | c23 | c22 |c21₂c21₁|  c21: bit 0 in word1's bit 31, bits 1-2 here
 
 No bit is wasted. ``PACKING[bits]`` lists, for one unit, every piece of a code that lands in
-a word as ``(code, word, code_shift, word_shift, width)``; pack and unpack loop over that table,
-vectorized over all units and over the other dimension. A length that is not a multiple of
-``L`` is padded with zero codes; unpacking takes the true length back.
+a word as ``(code, word, code_shift, word_shift, width)``; packing loops over that table,
+vectorized over all units and over the other dimension. Unpacking indexes the bit stream
+directly, the way the Triton kernel does. A length that is not a multiple of ``L`` is padded
+with zero codes; unpacking takes the true length back.
 
 The GPTQ checkpoint tensors of a linear layer ``W (out, in)`` are ``qweight (in·bits/32, out)``
 (codes packed along ``in``), ``qzeros (n_groups, out·bits/32)`` (zero points packed along
@@ -78,15 +79,29 @@ def pack(codes: Tensor, bits: int, dim: int = 0) -> Tensor:
 
 def unpack(words: Tensor, bits: int, length: int, dim: int = 0) -> Tensor:
     """Inverse of :func:`pack`: the first ``length`` codes along ``dim``, as uint8."""
-    L, W, pieces = PACKING[bits]
-    w = words.movedim(dim, 0)
-    w = w.reshape(-1, W, *w.shape[1:])  # (units, W, rest) int32
-    c = w.new_zeros(w.shape[0], L, *w.shape[2:])
-    # a piece never crosses bit 31, so the sign bits an arithmetic shift brings in are masked off
-    for k, i, code_shift, word_shift, width in pieces:
-        c[:, k] |= ((w[:, i] >> word_shift) & ((1 << width) - 1)) << code_shift
-    c = c.reshape(-1, *c.shape[2:])[:length]
-    return c.to(torch.uint8).movedim(0, dim).contiguous()
+    return unpack_rows(words.movedim(dim, 0), bits, length).to(torch.uint8).movedim(0, dim).contiguous()
+
+
+def unpack_rows(words: Tensor, bits: int, length: int) -> Tensor:
+    """The first ``length`` codes packed along dim 0 of ``words (packed, rest)``, as int32 ``(length, rest)``.
+
+    Reads the bit stream directly: code ``k`` is at shift ``bits·k mod 32`` of word
+    ``bits·k // 32``, continued in the next word when it straddles (3 bits, shift 30 or 31).
+    """
+    bit = torch.arange(length, device=words.device) * bits
+    word, shift = bit // 32, (bit % 32).to(torch.int32)
+    mask = (1 << bits) - 1
+    codes = words[word]  # (length, rest)
+    codes >>= shift.view(-1, *[1] * (words.dim() - 1))
+    # the arithmetic shift brings in sign bits above bit 31 - shift; masking drops them, except
+    # for codes that continue into the next word, which are rebuilt from both words
+    codes &= mask
+    cross = (shift > 32 - bits).nonzero().squeeze(1)
+    if cross.numel():
+        low_width = (32 - shift[cross]).view(-1, *[1] * (words.dim() - 1))
+        low = (words[word[cross]] >> (32 - low_width)) & ((1 << low_width) - 1)
+        codes[cross] = low | ((words[word[cross] + 1] << low_width) & mask)
+    return codes
 
 
 @dataclass

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import projq_train
-from projq_train.quant.calibrate import QuantizedModule
+from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
+from projq_train.data.calibration import calibration_tokens
+from projq_train.quant.calibrate import QuantizedModule, check_model_settings, format_report, quantize_model
 from projq_train.quant.linear import swap_in_quant_linears
 from projq_train.quant.pack import PackedWeight
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 1: unpacked uint8 codes; 2: packed GPTQ layout
 TENSORS = "quantized.safetensors"
 METADATA = "metadata.json"
@@ -157,7 +162,6 @@ def load_quantized_model(
     The base model named in the artifact's recipe is loaded and must hash to the model the
     artifact was made from.
     """
-    from projq_train.config import ModelConfig
     from projq_train.models import load_model_and_tokenizer
 
     modules, meta = load_artifact(path)
@@ -168,3 +172,37 @@ def load_quantized_model(
         )
     swap_in_quant_linears(model, {name: qm.weight for name, qm in modules.items()})
     return model, tokenizer, modules, meta
+
+
+def quantize_or_load(
+    model: nn.Module,
+    tokenizer: Any,
+    model_cfg: ModelConfig,
+    quant: QuantConfig,
+    calibration: CalibrationConfig,
+    artifact_dir: str | Path,
+    device: torch.device,
+) -> tuple[Path, dict[str, QuantizedModule]]:
+    """The artifact for this model, calibration and settings: found under ``artifact_dir``, or made
+    by calibrating and quantizing ``model`` on ``device`` (which rewrites its linear weights to the
+    step-0 weights ``Q + BA``) and saved. Returns its directory and its modules."""
+    check_model_settings(model, quant)
+    ids = calibration_tokens(calibration, tokenizer)
+    base_hash = model_hash(model)
+    full_hash = artifact_hash(base_hash, ids, asdict(quant))
+    existing = find_artifact(artifact_dir, full_hash)
+    if existing is not None:
+        log.info("artifact %s already exists for this model, calibration and settings; reusing it", existing)
+        return existing, load_artifact(existing)[0]
+    modules, reports = quantize_model(model, ids, quant, device, calibration.batch_size)
+    log.info("quantization report\n%s", format_report(reports))
+    meta = {
+        "base_model_hash": base_hash,
+        "recipe": {"model": asdict(model_cfg), "quant": asdict(quant), "calibration": asdict(calibration)},
+        "calibration_tokens": list(ids.shape),
+        "device": str(device),
+        "report": [asdict(r) for r in reports],
+    }
+    path = save_artifact(artifact_dir, full_hash, modules, meta)
+    log.info("wrote artifact %s", path)
+    return path, modules

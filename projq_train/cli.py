@@ -1,7 +1,9 @@
 """The ``projq-train`` command line.
 
-``projq-train quantize --config recipe.yaml`` calibrates and quantizes a model and writes a
-content-addressed artifact (reused when one with the same hash exists).
+- ``projq-train fit|validate|test --config recipe.yaml``: LightningCLI over :class:`ProjQModule`
+  and a data module (``data: class_path: ...``); ``--print_config`` shows the full recipe.
+- ``projq-train quantize --config recipe.yaml`` calibrates and quantizes a model and writes a
+  content-addressed artifact (reused when one with the same hash exists).
 """
 
 from __future__ import annotations
@@ -9,25 +11,45 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
+import lightning as L
 import torch
 from jsonargparse import ArgumentParser, Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from projq_train.artifact import (
-    artifact_hash,
-    find_artifact,
-    model_hash,
-    save_artifact,
-)
+from projq_train.artifact import quantize_or_load
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
-from projq_train.data.calibration import calibration_tokens
 from projq_train.models import load_model_and_tokenizer
-from projq_train.quant.calibrate import check_model_settings, format_report, quantize_model
+from projq_train.module import ProjQModule
 
 log = logging.getLogger("projq_train")
-SUBCOMMANDS = ("quantize",)
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
+SUBCOMMANDS = (*TRAINER_SUBCOMMANDS, "quantize")
+
+
+class ProjQCLI(LightningCLI):
+    """LightningCLI whose data module gets the model's tokenizer, and whose invalid settings
+    (checked when the classes are built, before any work) end in one parser error."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            self.parser.error(str(err))
+
+
+def trainer_cli(argv: list[str] | None) -> ProjQCLI:
+    return ProjQCLI(
+        ProjQModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
 
 
 def quantize_parser() -> ArgumentParser:
@@ -60,47 +82,33 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def run_quantize(raw: Namespace, cfg: Namespace) -> Path:
-    """Load, calibrate and quantize per the recipe; return the artifact directory."""
+def run_quantize(cfg: Namespace) -> Path:
+    """Load, calibrate and quantize per the recipe (or find the artifact); return its directory."""
+    if cfg.quant.method == "nf4":
+        raise ValueError(
+            "quant.method nf4 is quantized by bitsandbytes when `fit` loads the model; nothing to do"
+        )
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    check_model_settings(model, cfg.quant)
-    ids = calibration_tokens(cfg.calibration, tokenizer)
-    base_hash = model_hash(model)
-    full_hash = artifact_hash(base_hash, ids, asdict(cfg.quant))
-    existing = find_artifact(cfg.artifact_dir, full_hash)
-    if existing is not None:
-        log.info("artifact %s already exists for this model, calibration and settings; reusing it", existing)
-        return existing
-    device = resolve_device(cfg.device)
-    modules, reports = quantize_model(model, ids, cfg.quant, device, cfg.calibration.batch_size)
-    print(format_report(reports))
-    recipe = {k: raw[k].as_dict() for k in ("model", "quant", "calibration")}
-    path = save_artifact(
-        cfg.artifact_dir,
-        full_hash,
-        modules,
-        {
-            "base_model_hash": base_hash,
-            "recipe": recipe,
-            "calibration_tokens": list(ids.shape),
-            "device": str(device),
-            "report": [asdict(r) for r in reports],
-        },
+    path, _ = quantize_or_load(
+        model, tokenizer, cfg.model, cfg.quant, cfg.calibration, cfg.artifact_dir, resolve_device(cfg.device)
     )
-    log.info("wrote artifact %s", path)
     return path
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point; ``argv`` defaults to the command line."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if (sys.argv[1:] if argv is None else argv)[:1] in ([s] for s in TRAINER_SUBCOMMANDS):
+        trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
+        return
+    argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in SUBCOMMANDS:
         sys.exit(
             f"usage: projq-train {{{','.join(SUBCOMMANDS)}}} --config recipe.yaml [--section.key value ...]"
         )
     parser = quantize_parser()
-    raw, cfg = parse_recipe(parser, argv[1:])
-    path = run_quantize(raw, cfg)
+    _, cfg = parse_recipe(parser, argv[1:])
+    path = run_quantize(cfg)
     print(json.dumps({"artifact": str(path)}))
 
 

@@ -39,9 +39,10 @@ class ModelConfig:
 class QuantConfig:
     """How the linear layers are quantized and how the adapter is initialized."""
 
-    method: Literal["rtn", "gptq", "projq"] = "projq"
+    method: Literal["rtn", "gptq", "projq", "nf4"] = "projq"
     """``rtn`` round-to-nearest, ``gptq``, or ``projq`` (GPTQ with the error pushed into the
-    adapter's subspace)."""
+    adapter's subspace); ``nf4`` is the QLoRA baseline (bitsandbytes 4-bit NormalFloat, no
+    calibration, ``fit`` only)."""
     bits: int = 3
     """Bits per weight: 2, 3 or 4."""
     group_size: int = 128
@@ -81,6 +82,8 @@ class QuantConfig:
             raise ValueError(f"quant.rank and quant.iters must be >= 0, got {self.rank} and {self.iters}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"quant.alpha must be in [0, 1], got {self.alpha}")
+        if self.method == "nf4" and self.bits != 4:
+            raise ValueError(f"quant.method nf4 is a 4-bit format; set quant.bits: 4 (got {self.bits})")
         unknown = sorted(set(self.target_modules) - set(DEFAULT_TARGETS))
         if unknown or not self.target_modules:
             raise ValueError(
@@ -112,3 +115,53 @@ class CalibrationConfig:
     def __post_init__(self):
         if self.nsamples <= 0 or self.seqlen <= 0 or self.batch_size <= 0:
             raise ValueError("calibration.nsamples, seqlen and batch_size must be positive")
+
+
+@dataclass
+class AdapterConfig:
+    """The LoRA adapters trained on top of the frozen quantized base (rank = ``quant.rank``,
+    on the modules in ``quant.target_modules``)."""
+
+    init: Literal["projq", "standard"] = "projq"
+    """``projq``: start from the quantizer's low-rank compensation of ``W − Q`` (for every
+    ``quant.method`` but nf4), so step 0 computes ``Q + BA``; ``standard``: peft's QLoRA init
+    (``B = 0``), step 0 computes ``Q``."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the update is ``alpha / rank · B A``."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input during training."""
+
+    def __post_init__(self):
+        if self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(
+                f"adapter.alpha must be > 0 and dropout in [0, 1), got {self.alpha}, {self.dropout}"
+            )
+
+
+def check_adapter_settings(quant: QuantConfig, adapter: AdapterConfig) -> None:
+    """Combinations of quantization and adapter settings that cannot work."""
+    if quant.rank == 0:
+        raise ValueError("quant.rank is the adapter rank; it must be > 0 to fine-tune")
+    if adapter.init == "projq" and quant.method == "nf4":
+        raise ValueError(
+            "adapter.init projq needs a compensation from rtn/gptq/projq; use `standard` with nf4"
+        )
+    if adapter.init == "standard" and quant.method == "projq" and quant.mode == "refresh":
+        raise ValueError(
+            "quant.mode refresh moves the weight's dominant rank-r part into the adapter, so Q alone is far "
+            "from W; it needs adapter.init projq (or use quant.mode paper for a standard-init comparison)"
+        )
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then cosine decay to ``min_lr_ratio · lr`` at the last step."""
+
+    warmup_steps: int = 10
+    """Optimizer steps of linear warmup from 0."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+
+    def __post_init__(self):
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError("schedule.warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")

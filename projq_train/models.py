@@ -43,6 +43,18 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
+    """The model's tokenizer (the byte tokenizer for a model built from ``cfg.config``), with a pad token."""
+    if cfg.config is not None:
+        tokenizer = byte_tokenizer()
+    else:
+        extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **extra)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast]:
     """Load (or build, for ``cfg.config``) a supported causal LM in eval mode, and its tokenizer.
 
@@ -50,7 +62,7 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTok
     """
     dtype = getattr(torch, cfg.dtype)
     if cfg.config is not None:
-        tokenizer = byte_tokenizer()
+        tokenizer = load_tokenizer(cfg)
         fields = dict(cfg.config)
         model_type = fields.pop("model_type")
         fields.setdefault("vocab_size", len(tokenizer))
@@ -61,8 +73,6 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTok
     else:
         extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         check_architecture(AutoConfig.from_pretrained(cfg.name_or_path, **extra))
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **extra)
+        tokenizer = load_tokenizer(cfg)
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **extra)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

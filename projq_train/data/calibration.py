@@ -13,15 +13,20 @@ from torch import Tensor
 from projq_train.config import CalibrationConfig
 from projq_train.data.prompts import alpaca_prompt
 
-BUILTIN_SAMPLE = "builtin:sample"
+BUILTIN = "builtin:"  # files shipped in projq_train/data: builtin:sample, builtin:toy_instructions
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 
 
 def load_rows(source: str, split: str = "train") -> list[dict | str]:
-    """Rows of a local .json/.jsonl/.parquet/.txt file (a .txt file is one row), the builtin
-    sample, or a hub dataset split."""
-    if source == BUILTIN_SAMPLE:
-        return [(Path(__file__).parent / "sample.txt").read_text()]
+    """Rows of a local .json/.jsonl/.parquet/.txt file (a .txt file is one row), a file shipped
+    with the package (``builtin:<name>``), or a hub dataset split."""
+    if source.startswith(BUILTIN):
+        name = source.removeprefix(BUILTIN)
+        found = sorted(p for p in Path(__file__).parent.glob(f"{name}.*") if p.suffix in LOCAL_SUFFIXES)
+        if not found:
+            shipped = sorted(p.stem for p in Path(__file__).parent.iterdir() if p.suffix in LOCAL_SUFFIXES)
+            raise FileNotFoundError(f"no builtin dataset {name!r}; shipped: {shipped}")
+        source = str(found[0])
     path = Path(source)
     if path.suffix not in LOCAL_SUFFIXES:
         from datasets import load_dataset

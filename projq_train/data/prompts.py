@@ -19,3 +19,18 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     if input and input.strip():
         return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
     return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+def check_chat_template(tokenizer) -> None:
+    """Raise a clear error if the tokenizer cannot render chat messages."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat_template; use `template: alpaca` for this model")
+
+
+def chat_prompt(tokenizer, instruction: str, input: str = "") -> str:
+    """The tokenizer's chat template applied to one user turn (instruction, then the input after a
+    blank line), ending where the assistant's reply starts. The text already holds any BOS token."""
+    check_chat_template(tokenizer)
+    content = f"{instruction}\n\n{input}" if input and input.strip() else instruction
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

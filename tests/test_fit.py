@@ -1,0 +1,202 @@
+"""The fit job: LightningCLI recipes, step-0 model, training, adapter-only checkpoints, resume."""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+import projq_train.cli as cli
+from projq_train.config import AdapterConfig, CalibrationConfig, ModelConfig, QuantConfig, ScheduleConfig
+from projq_train.data.instruct import InstructionData
+from projq_train.models import load_model_and_tokenizer
+from projq_train.module import ProjQModule, causal_lm_loss, prepare_model, warmup_cosine
+from projq_train.quant.calibrate import apply_quantized
+from projq_train.quant.linear import QuantLinear
+from tests.conftest import TINY
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+TINY_FIT = RECIPES / "tiny-cpu.yaml"
+CALIB = CalibrationConfig(nsamples=4, seqlen=64)
+
+
+def tiny_quant(**overrides) -> QuantConfig:
+    return QuantConfig(**{"method": "projq", "bits": 3, "group_size": 32, "rank": 8, "iters": 1, **overrides})
+
+
+@pytest.mark.parametrize("init", ["projq", "standard"])
+def test_step0_model_is_the_quantized_model_plus_its_compensation(tmp_path, init):
+    base = ModelConfig(config=TINY["llama"])
+    model, base_id = prepare_model(base, tiny_quant(), AdapterConfig(init=init, alpha=8.0), CALIB, tmp_path,
+                                   torch.device("cpu"))  # fmt: skip
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    from projq_train.artifact import load_artifact
+
+    modules, meta = load_artifact(tmp_path / base_id)
+    reference = apply_quantized(load_model_and_tokenizer(base)[0], modules, with_adapter=init == "projq")
+    ids = torch.randint(0, 259, (2, 24))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+
+
+def test_loss_decreases_when_overfitting_a_small_set(tmp_path):
+    # initializer_range 0.25: with the default 0.02 a 64-wide random model's frozen embeddings and
+    # head cannot express a peaked distribution, whatever the adapters do
+    module = ProjQModule(
+        ModelConfig(config={**TINY["llama"], "initializer_range": 0.25}),
+        tiny_quant(),
+        AdapterConfig(dropout=0.0),
+        CALIB,
+        artifact_dir=str(tmp_path),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+        schedule=ScheduleConfig(warmup_steps=0, min_lr_ratio=1.0),
+    )
+    data = InstructionData("builtin:toy_instructions", limit=8, batch_size=8, val_fraction=0.0,
+                           max_seq_length=320, tokenizer=module.tokenizer)  # fmt: skip
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[Record()], limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert len(losses) == 40 and losses[-1] < 0.1 * losses[0]
+
+
+def run_cli(*args: str) -> None:
+    cli.main(["fit", "--config", str(TINY_FIT), *args])
+
+
+def fit_args(root: Path, steps: int) -> list[str]:
+    return [
+        f"--trainer.max_steps={steps}",
+        "--trainer.val_check_interval=2",
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.logger.init_args.save_dir={root}",
+        f"--trainer.callbacks.init_args.dirpath={root}/checkpoints",
+        "--trainer.callbacks.init_args.every_n_train_steps=2",
+        "--trainer.enable_progress_bar=false",
+        f"--model.artifact_dir={root}/artifacts",
+        "--model.calibration.nsamples=4",
+        "--model.calibration.seqlen=64",
+        "--model.quant.iters=1",
+    ]
+
+
+class Capture(L.Callback):
+    """Adapter weights and global step when training starts."""
+
+    seen: dict = {}
+
+    def on_train_start(self, trainer, pl_module):
+        Capture.seen = {
+            "step": trainer.global_step,
+            "weights": {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad},
+        }
+
+
+def test_tiny_recipe_fits_checkpoints_adapters_only_and_resumes(tmp_path):
+    run_cli(*fit_args(tmp_path, 4))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["global_step"] == 4
+    keys = set(ckpt["state_dict"])
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    adapter_bytes = sum(t.numel() * t.element_size() for t in ckpt["state_dict"].values())
+    base = load_model_and_tokenizer(ModelConfig(**yaml.safe_load(TINY_FIT.read_text())["model"]["base"]))[0]
+    base_bytes = sum(t.numel() * t.element_size() for t in base.state_dict().values())
+    assert adapter_bytes < 0.6 * base_bytes  # rank 16 on a 128-wide toy model; no base tensor inside
+    assert ckpt["projq"]["base_id"] == next((tmp_path / "artifacts").iterdir()).name
+    assert "lr_schedulers" in ckpt and "optimizer_states" in ckpt
+    metrics = (next((tmp_path / "lightning_logs").glob("version_*")) / "metrics.csv").read_text()
+    assert "val_loss" in metrics and "val_ppl" in metrics
+
+    run_cli(*fit_args(tmp_path, 6), "--ckpt_path=last", "--trainer.callbacks+=tests.test_fit.Capture")
+    seen = sys.modules["tests.test_fit"].Capture.seen  # the CLI imported this file under that name
+    assert seen["step"] == 4
+    for name, saved in ckpt["state_dict"].items():
+        torch.testing.assert_close(seen["weights"][name], saved, rtol=0, atol=0)
+    assert torch.load(last, weights_only=False)["global_step"] == 6
+
+    # a checkpoint made for another quantized base is refused
+    with pytest.raises(ValueError, match="trained on quantized base"):
+        run_cli(*fit_args(tmp_path, 8), "--ckpt_path=last", "--model.quant.method=rtn")
+
+
+def test_module_refuses_a_checkpoint_for_another_base():
+    module = ProjQModule(ModelConfig(config=TINY["llama"]), tiny_quant(), AdapterConfig(), CALIB)
+    module.base_id = "aaaa"
+    with pytest.raises(ValueError, match="trained on quantized base bbbb"):
+        module.on_load_checkpoint({"projq": {"base_id": "bbbb"}, "state_dict": {}})
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--model.quant.bits=5", "bits must be one of"),
+        ("--model.quant.metod=gptq", "metod"),
+        ("--model.quant.method=nf4", "nf4 is a 4-bit format"),
+        ("--model.adapter.init=standard --model.quant.mode=refresh", "needs adapter.init projq"),
+        ("--model.quant.rank=0", "must be > 0 to fine-tune"),
+    ],
+)
+def test_bad_recipe_is_one_clear_error(override, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*override.split(), "--trainer.max_steps=1")
+    assert exit_info.value.code != 0
+    assert message in capsys.readouterr().err
+
+
+def test_print_config_shows_the_full_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("--print_config")
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["class_path"] == "projq_train.data.instruct.InstructionData"
+    assert printed["model"]["quant"]["bits"] == 3 and printed["model"]["adapter"]["init"] == "projq"
+
+
+class ParseOnly(cli.ProjQCLI):
+    """Parse and type-check a recipe without building anything (no model or tokenizer loads)."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_parses(recipe):
+    if "trainer" not in yaml.safe_load(recipe.read_text()):  # a `quantize` recipe
+        raw, cfg = cli.parse_recipe(cli.quantize_parser(), ["--config", str(recipe)])
+        assert isinstance(cfg.quant, QuantConfig)
+        return
+    parsed = ParseOnly(ProjQModule, L.LightningDataModule, subclass_mode_data=True, run=False,
+                       args=["--config", str(recipe)]).config  # fmt: skip
+    model = parsed.model
+    quant, adapter = QuantConfig(**model.quant), AdapterConfig(**model.adapter)  # runs the validations
+    ModelConfig(**model.base), CalibrationConfig(**model.calibration)
+    from projq_train.config import check_adapter_settings
+
+    check_adapter_settings(quant, adapter)
+    assert parsed.data.class_path.startswith("projq_train.data.")
+
+
+def test_causal_lm_loss_ignores_masked_positions_and_shifts():
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 0, 2] = 10.0  # position 0 predicts token 2 at position 1
+    labels = torch.tensor([[-100, 2, -100, -100]])
+    assert causal_lm_loss(logits, labels) < 1e-3
+    labels_other = torch.tensor([[-100, 3, -100, -100]])
+    assert causal_lm_loss(logits, labels_other) > 5
+
+
+def test_warmup_cosine_schedule():
+    f = [warmup_cosine(s, warmup_steps=4, total_steps=20, min_lr_ratio=0.1) for s in range(21)]
+    assert f[0] == 0.25 and f[3] == 1.0 and f[4] == 1.0
+    assert all(a >= b for a, b in zip(f[4:], f[5:], strict=False)) and f[20] == pytest.approx(0.1)

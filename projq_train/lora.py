@@ -26,8 +26,15 @@ class QuantLoraLinear(nn.Module, LoraLayer):
     """peft LoRA layer around a frozen :class:`QuantLinear`. Merging is not supported: the base is
     packed; ``projq-train export`` writes merged models instead."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
-                 lora_alpha: float = 1, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: float = 1,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer)
         if config.use_dora:

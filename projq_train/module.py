@@ -9,7 +9,6 @@ computes the loss with :func:`causal_lm_loss`, and keeps checkpoints adapter-onl
 
 from __future__ import annotations
 
-import logging
 import math
 from functools import partial
 from pathlib import Path
@@ -32,12 +31,10 @@ from projq_train.config import (
     ScheduleConfig,
     check_adapter_settings,
 )
+from projq_train.data.instruct import IGNORE_INDEX
 from projq_train.lora import attach_adapters, init_from_compensation
 from projq_train.models import load_model_and_tokenizer, load_tokenizer
 from projq_train.quant.linear import swap_in_quant_linears
-
-log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 
 
 def swap_in_nf4(model: nn.Module, target_modules: list[str], compute_dtype: torch.dtype, device) -> None:
@@ -147,9 +144,13 @@ class ProjQModule(L.LightningModule):
         if self.model is not None:
             return
         self.model, self.base_id = prepare_model(
-            self.base_cfg, self.quant, self.adapter, self.calibration, self.artifact_dir,
+            self.base_cfg,
+            self.quant,
+            self.adapter,
+            self.calibration,
+            self.artifact_dir,
             self.trainer.strategy.root_device,
-        )  # fmt: skip
+        )
         self.model.train()  # loaded in eval mode; dropout in the adapters is wanted while training
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

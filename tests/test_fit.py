@@ -29,8 +29,9 @@ def tiny_quant(**overrides) -> QuantConfig:
 @pytest.mark.parametrize("init", ["projq", "standard"])
 def test_step0_model_is_the_quantized_model_plus_its_compensation(tmp_path, init):
     base = ModelConfig(config=TINY["llama"])
-    model, base_id = prepare_model(base, tiny_quant(), AdapterConfig(init=init, alpha=8.0), CALIB, tmp_path,
-                                   torch.device("cpu"))  # fmt: skip
+    model, base_id = prepare_model(
+        base, tiny_quant(), AdapterConfig(init=init, alpha=8.0), CALIB, tmp_path, torch.device("cpu")
+    )
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
     from projq_train.artifact import load_artifact
 
@@ -56,16 +57,29 @@ def test_loss_decreases_when_overfitting_a_small_set(tmp_path):
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
         schedule=ScheduleConfig(warmup_steps=0, min_lr_ratio=1.0),
     )
-    data = InstructionData("builtin:toy_instructions", limit=8, batch_size=8, val_fraction=0.0,
-                           max_seq_length=320, tokenizer=module.tokenizer)  # fmt: skip
+    data = InstructionData(
+        "builtin:toy_instructions",
+        limit=8,
+        batch_size=8,
+        val_fraction=0.0,
+        max_seq_length=320,
+        tokenizer=module.tokenizer,
+    )
     losses = []
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=[Record()], limit_val_batches=0)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=40,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Record()],
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=data)
     assert len(losses) == 40 and losses[-1] < 0.1 * losses[0]
 
@@ -102,7 +116,7 @@ class Capture(L.Callback):
         }
 
 
-def test_tiny_recipe_fits_checkpoints_adapters_only_and_resumes(tmp_path):
+def test_tiny_recipe_fits_checkpoints_adapters_only_and_resumes(tmp_path, capsys):
     run_cli(*fit_args(tmp_path, 4))
     last = tmp_path / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=False)
@@ -124,6 +138,13 @@ def test_tiny_recipe_fits_checkpoints_adapters_only_and_resumes(tmp_path):
     for name, saved in ckpt["state_dict"].items():
         torch.testing.assert_close(seen["weights"][name], saved, rtol=0, atol=0)
     assert torch.load(last, weights_only=False)["global_step"] == 6
+
+    for stage, metric, extra in (
+        ("validate", "val_loss", []),
+        ("test", "test_ppl", ["--data.init_args.test_path=builtin:toy_instructions"]),
+    ):
+        cli.main([stage, "--config", str(TINY_FIT), *fit_args(tmp_path, 6), f"--ckpt_path={last}", *extra])
+        assert metric in capsys.readouterr().out
 
     # a checkpoint made for another quantized base is refused
     with pytest.raises(ValueError, match="trained on quantized base"):
@@ -176,8 +197,9 @@ def test_every_recipe_parses(recipe):
         raw, cfg = cli.parse_recipe(cli.quantize_parser(), ["--config", str(recipe)])
         assert isinstance(cfg.quant, QuantConfig)
         return
-    parsed = ParseOnly(ProjQModule, L.LightningDataModule, subclass_mode_data=True, run=False,
-                       args=["--config", str(recipe)]).config  # fmt: skip
+    parsed = ParseOnly(
+        ProjQModule, L.LightningDataModule, subclass_mode_data=True, run=False, args=["--config", str(recipe)]
+    ).config
     model = parsed.model
     quant, adapter = QuantConfig(**model.quant), AdapterConfig(**model.adapter)  # runs the validations
     ModelConfig(**model.base), CalibrationConfig(**model.calibration)
@@ -200,3 +222,41 @@ def test_warmup_cosine_schedule():
     f = [warmup_cosine(s, warmup_steps=4, total_steps=20, min_lr_ratio=0.1) for s in range(21)]
     assert f[0] == 0.25 and f[3] == 1.0 and f[4] == 1.0
     assert all(a >= b for a, b in zip(f[4:], f[5:], strict=False)) and f[20] == pytest.approx(0.1)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(tmp_path):
+    base = ModelConfig(config=TINY["llama"])
+    ids = torch.randint(0, 259, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model, _ = prepare_model(
+            base, tiny_quant(), AdapterConfig(dropout=0.0), CALIB, tmp_path, torch.device("cpu")
+        )
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        causal_lm_loss(model(ids).logits, ids).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert g is not None and g.abs().sum() > 0
+        torch.testing.assert_close(grads[1][name], g)
+
+
+def test_nf4_baseline_wraps_bitsandbytes_layers_with_zero_init_adapters(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    base = ModelConfig(config=TINY["llama"])
+    quant = tiny_quant(method="nf4", bits=4)
+    model, base_id = prepare_model(
+        base, quant, AdapterConfig(init="standard"), CALIB, tmp_path, torch.device("cpu")
+    )
+    assert base_id.startswith("nf4-") and not any(tmp_path.iterdir())  # no calibration, no artifact
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14
+    # zero-init adapters: the model computes the NF4 base, which is close to the float model
+    fp = load_model_and_tokenizer(base)[0]
+    ids = torch.randint(0, 259, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        nf4_logits, fp_logits = model(ids).logits, fp(ids).logits
+    assert 0 < (nf4_logits - fp_logits).pow(2).mean() < 0.05 * fp_logits.pow(2).mean()

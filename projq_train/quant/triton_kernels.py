@@ -25,7 +25,7 @@ from torch import Tensor
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# fmt: off  (kernel signatures and launches keep their arguments grouped by role)
+# fmt: off  (kernel signatures keep their arguments grouped by role)
 @triton.jit
 def _extract(lo_ptrs, shift, mask, next_word: tl.constexpr, BITS: tl.constexpr):
     """Codes of ``BITS`` bits at bit ``shift`` of the words at ``lo_ptrs`` (``+ next_word`` for

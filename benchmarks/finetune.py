@@ -115,6 +115,14 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def device_name(device: torch.device) -> str:
+    return (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+
+
 def worker_setup(cli_args: list[str]) -> dict:
     """Find or make the quantization artifact of this recipe; time the quantization."""
     from projq_train.artifact import quantize_or_load
@@ -154,8 +162,7 @@ def worker_train(cli_args: list[str]) -> dict:
     fit_seconds = time.perf_counter() - t0
     timed = timer.seconds[SKIP_STEPS:] or timer.seconds
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads",  # fmt: skip
+        "device": device_name(device),
         "base_id": module.base_id,
         "val_loss": {"0": val0, **{str(s): v for s, v in timer.val_loss.items()}},
         "train_loss": timer.train_loss,
@@ -231,28 +238,31 @@ def fmt(x: float | None, spec: str) -> str:
 
 def print_table(results: list[dict]) -> None:
     h = results[0]["header"]
+    val_batches = "all batches" if h["limit_val_batches"] is None else f"{h['limit_val_batches']} batches"
     print(
         f"\nDevice: {h['device']}. Model: {h['model']}, {h['bits']}-bit, rank {h['rank']}, group size "
         f"{h['group_size']}{' (clipped grid)' if h['clip'] else ''}; {h['max_steps']} steps, batch "
         f"{h['batch_size']} x {h['accumulate_grad_batches']} accumulated, max seq length "
-        f"{h['max_seq_length']}, {h['precision']}; val loss over {h['limit_val_batches']} batches "
-        f"every {h['val_check_interval']} steps.\nCommand: `{h['command']}`\n"
+        f"{h['max_seq_length']}, {h['precision']}; val loss over {val_batches} every "
+        f"{h['val_check_interval']} steps.\nCommand: `{h['command']}`\n"
     )
     steps = sorted({int(s) for r in results for s in r["val_loss"]})
-    print(f"| variant | {' | '.join(f'val loss @{s}' for s in steps)} | s/step | peak GiB | setup s | quant s |")
-    print(f"|---|{'---:|' * len(steps)}---:|---:|---:|---:|")
+    val_columns = " | ".join(f"val loss @{s}" for s in steps)
+    print(f"| variant | {val_columns} | s/step | fit s | peak GiB | setup s | quant s |")
+    print(f"|---|{'---:|' * len(steps)}---:|---:|---:|---:|---:|")
     for r in results:
         losses = " | ".join(fmt(r["val_loss"].get(str(s)), ".4f") for s in steps)
         quant = fmt(r["quant_seconds"], ".0f") if r["quant_seconds"] is not None else "cached"
         print(
-            f"| {r['variant']} | {losses} | {fmt(r['seconds_per_step'], '.2f')} | {r['peak_gib']:.2f} "
-            f"| {r['setup_seconds']:.0f} | {quant} |"
+            f"| {r['variant']} | {losses} | {fmt(r['seconds_per_step'], '.2f')} | {r['fit_seconds']:.0f} "
+            f"| {r['peak_gib']:.2f} | {r['setup_seconds']:.0f} | {quant} |"
         )
     kind = results[0]["peak_kind"]
     print(
-        f"\npeak GiB: {kind} of the training process. setup s: model load, adapters and data before "
-        "step 0. quant s: calibration + quantization when this run made the artifact ('cached': "
-        "an earlier run did)."
+        f"\ns/step: median over training steps (the first {SKIP_STEPS} left out). fit s: the whole fit, "
+        f"validations and checkpoints included. peak GiB: {kind} of the training process. setup s: "
+        "model load, adapters and data before step 0. quant s: calibration + quantization when this "
+        "run made the artifact ('cached': an earlier run did)."
     )
 
 
@@ -282,8 +292,10 @@ def main() -> None:
     jobs = {}
     for name in args.variants:  # parse every variant first: a bad override fails before any work
         run_dir = (args.runs_dir / stamp / name.replace("+", "_")).resolve()
-        cli_args = ["--config", str(args.recipe.resolve()), *VARIANTS[name], *steps,
-                    *run_dir_args(recipe, run_dir), "--trainer.num_sanity_val_steps=0", *overrides]  # fmt: skip
+        cli_args = [
+            "--config", str(args.recipe.resolve()), *VARIANTS[name], *steps, *run_dir_args(recipe, run_dir),
+            "--trainer.num_sanity_val_steps=0", *overrides,
+        ]  # fmt: skip
         jobs[name] = cli_args, build_cli(cli_args, parse_only=True).config
     results, made = [], set()
     for name, (cli_args, config) in jobs.items():

@@ -4,6 +4,8 @@
   and a data module (``data: class_path: ...``); ``--print_config`` shows the full recipe.
 - ``projq-train quantize --config recipe.yaml`` calibrates and quantizes a model and writes a
   content-addressed artifact (reused when one with the same hash exists).
+- ``projq-train export --ckpt_path CKPT --format {peft,merged,quantized} --output DIR`` writes
+  an export of a fit checkpoint and checks it against the trained model.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from projq_train.artifact import quantize_or_load
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
+from projq_train.export import run_export
 from projq_train.models import load_model_and_tokenizer
 from projq_train.module import ProjQModule
 
 log = logging.getLogger("projq_train")
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
-SUBCOMMANDS = (*TRAINER_SUBCOMMANDS, "quantize")
+SUBCOMMANDS = (*TRAINER_SUBCOMMANDS, "quantize", "export")
 
 
 class ProjQCLI(LightningCLI):
@@ -102,6 +105,16 @@ def main(argv: list[str] | None = None) -> None:
         trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
         return
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        parser = ArgumentParser(prog="projq-train export", description=run_export.__doc__)
+        parser.add_function_arguments(run_export, as_positional=False)
+        args = parser.parse_args(argv[1:])
+        try:
+            report = run_export(**args.as_dict())
+        except (ValueError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
+        print(json.dumps(report, indent=2))
+        return
     if not argv or argv[0] not in SUBCOMMANDS:
         sys.exit(
             f"usage: projq-train {{{','.join(SUBCOMMANDS)}}} --config recipe.yaml [--section.key value ...]"

@@ -1,0 +1,298 @@
+"""Exports of a fine-tuned checkpoint, each checked against the trained model.
+
+- ``peft``: ``adapter_model.safetensors`` + ``adapter_config.json`` (peft's own files) and
+  ``projq_artifact.json``, the reference to the quantized base; :func:`load_peft_export` rebuilds
+  the packed base and loads the adapter with ``PeftModel.from_pretrained``.
+- ``merged``: ``Ŵ + s·BA`` written as a plain Hugging Face ``save_pretrained`` directory (with
+  tokenizer and generation config) in bf16/fp16/fp32; it loads with ``AutoModelForCausalLM``
+  alone.
+- ``quantized``: the merged weights quantized again (GPTQ or RTN, calibrated afresh on the
+  recipe's calibration set, since fine-tuning changed every layer's inputs) and written in the
+  GPTQ checkpoint layout: ``<module>.qweight/.qzeros/.scales/.g_idx`` in ``model.safetensors``,
+  ``quantize_config.json`` and a ``quantization_config`` in ``config.json``. Zero points are
+  stored as they are (``checkpoint_format: gptq_v2``; the v1 ``zero − 1`` convention cannot
+  represent a zero point of 0, which asymmetric grids use). :func:`load_quantized_export` loads it.
+
+The fidelity check compares logits of the exported and the trained model on held-out token
+windows: relative logit error ``‖Z_e − Z_t‖ / ‖Z_t‖``, top-1 agreement and perplexity of both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from projq_train.artifact import load_quantized_model
+from projq_train.config import AdapterConfig, CalibrationConfig, ModelConfig, QuantConfig
+from projq_train.data.calibration import calibration_tokens
+from projq_train.lora import ADAPTER, QuantLoraLinear, adapter_layers, attach_adapters
+from projq_train.models import load_model_and_tokenizer
+from projq_train.quant.calibrate import quantize_model
+from projq_train.quant.linear import QuantLinear, swap_in_quant_linears
+from projq_train.quant.pack import PackedWeight
+
+Format = Literal["peft", "merged", "quantized"]
+ARTIFACT_REF = "projq_artifact.json"
+GPTQ_FILE = "model.safetensors"
+
+
+@dataclass
+class Trained:
+    """A fine-tuned model rebuilt from a checkpoint, with the settings it was made with."""
+
+    model: PeftModel
+    tokenizer: Any
+    base: ModelConfig
+    quant: QuantConfig
+    calibration: CalibrationConfig
+    artifact: Path
+    data_path: str | None  # the training data, for held-out fidelity windows
+
+
+def _typed(cls, value):
+    return value if isinstance(value, cls) else cls(**value)
+
+
+def load_trained(ckpt_path: str | Path, artifact_dir: str | Path | None = None) -> Trained:
+    """The packed base of the checkpoint's artifact plus its trained adapters. Refuses a checkpoint
+    whose artifact is missing or is not the one it was trained on (no silent re-quantization)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    hp, base_id = ckpt.get("hyper_parameters", {}), ckpt.get("projq", {}).get("base_id")
+    if base_id is None or "base" not in hp:
+        raise ValueError(f"{ckpt_path} is not a projq-train fit checkpoint")
+    if base_id.startswith("nf4-"):
+        raise ValueError(
+            f"{ckpt_path} was trained on an NF4 (bitsandbytes) base; export supports rtn/gptq/projq"
+        )
+    base, quant = _typed(ModelConfig, hp["base"]), _typed(QuantConfig, hp["quant"])
+    adapter, calibration = _typed(AdapterConfig, hp["adapter"]), _typed(CalibrationConfig, hp["calibration"])
+    artifact = Path(artifact_dir or hp.get("artifact_dir", "artifacts")) / base_id
+    if not (artifact / "metadata.json").is_file():
+        raise FileNotFoundError(
+            f"the quantized base {artifact} of {ckpt_path} is missing; re-create it by running "
+            f"`projq-train quantize` with the recipe's model/quant/calibration, or pass --artifact_dir"
+        )
+    if not json.loads((artifact / "metadata.json").read_text()).get("hash", "").startswith(base_id):
+        raise ValueError(f"{artifact} is not the artifact {base_id} that {ckpt_path} was trained on")
+    model, tokenizer, _, _ = load_quantized_model(artifact)
+    peft_model = attach_adapters(model, quant.target_modules, quant.rank, adapter.alpha, adapter.dropout)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    missing = [k for k in peft_model.state_dict() if ".lora_" in k and k not in state]
+    if missing:
+        raise ValueError(f"{ckpt_path} lacks adapter weights {missing[:3]} ({len(missing)} in all)")
+    peft_model.load_state_dict(state, strict=False)
+    data_path = (ckpt.get("datamodule_hyper_parameters") or {}).get("path")
+    return Trained(peft_model.eval(), tokenizer, base, quant, calibration, artifact, data_path)
+
+
+@torch.no_grad()
+def merged_weights(model: PeftModel) -> dict[str, Tensor]:
+    """``Ŵ + s·B A (out, in)`` in float32 for every adapted module, by its name in the base model."""
+    merged = {}
+    for name, layer in adapter_layers(model).items():
+        base = layer.get_base_layer()
+        w = base.dequantize_t(torch.float32).T if isinstance(base, QuantLinear) else base.weight.float()
+        delta = layer.lora_B[ADAPTER].weight.float() @ layer.lora_A[ADAPTER].weight.float()
+        merged[name] = w + layer.scaling[ADAPTER] * delta
+    return merged
+
+
+def merged_model(trained: Trained, dtype: torch.dtype) -> nn.Module:
+    """A plain Hugging Face model (no quantization config) holding the merged weights."""
+    source, _ = load_model_and_tokenizer(trained.base)
+    config = source.config
+    if hasattr(config, "quantization_config"):  # e.g. a GGUF checkpoint: the export is plain weights
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(source.state_dict())
+    weights = merged_weights(trained.model)
+    with torch.no_grad():
+        for name, w in weights.items():
+            model.get_submodule(name).weight.copy_(w)
+    return model.to(dtype).eval()
+
+
+def export_peft(trained: Trained, output: Path) -> None:
+    trained.model.save_pretrained(output)
+    ref = {
+        "artifact": str(trained.artifact.resolve()),
+        "metadata": json.loads((trained.artifact / "metadata.json").read_text()),
+    }
+    (output / ARTIFACT_REF).write_text(json.dumps(ref, indent=2))
+
+
+def load_peft_export(path: str | Path) -> PeftModel:
+    """The packed quantized base named in ``projq_artifact.json`` with the exported adapter loaded
+    by ``PeftModel.from_pretrained`` (our LoRA layer registered for ``QuantLinear``)."""
+    path = Path(path)
+    ref = json.loads((path / ARTIFACT_REF).read_text())
+    base, _, _, _ = load_quantized_model(ref["artifact"])
+    config = LoraConfig.from_pretrained(path)
+    config._register_custom_module({QuantLinear: QuantLoraLinear})
+    return PeftModel.from_pretrained(base, path, config=config).eval()
+
+
+def export_merged(trained: Trained, output: Path, dtype: torch.dtype) -> nn.Module:
+    model = merged_model(trained, dtype)
+    model.save_pretrained(output)
+    trained.tokenizer.save_pretrained(output)
+    return model
+
+
+def export_quantized(
+    trained: Trained,
+    output: Path,
+    method: Literal["gptq", "rtn"],
+    bits: int,
+    group_size: int,
+    device: torch.device,
+) -> nn.Module:
+    """Quantize the merged model again (no adapter) and write the GPTQ layout; returns the loaded export."""
+    model = merged_model(trained, torch.float32)
+    quant = QuantConfig(
+        method=method, bits=bits, group_size=group_size, rank=0, target_modules=trained.quant.target_modules
+    )
+    ids = calibration_tokens(trained.calibration, trained.tokenizer)
+    modules, _ = quantize_model(model, ids, quant, device, trained.calibration.batch_size, progress=False)
+    tensors = {k: v for k, v in model.state_dict().items() if k.removesuffix(".weight") not in modules}
+    for name, qm in modules.items():
+        tensors.update({f"{name}.{key}": t for key, t in qm.weight.tensors().items()})
+    gs = next(iter(modules.values())).weight.group_size
+    qconfig = {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": gs,
+        "desc_act": quant.act_order,
+        "sym": False,
+        "true_sequential": quant.true_sequential,
+        "damp_percent": quant.damp,
+        "checkpoint_format": "gptq_v2",
+        "modules_in_block_to_quantize": None,
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(output / GPTQ_FILE), metadata={"format": "pt"}
+    )
+    config = model.config.to_dict() | {"quantization_config": qconfig}
+    (output / "config.json").write_text(json.dumps(config, indent=2))
+    (output / "quantize_config.json").write_text(json.dumps(qconfig, indent=2))
+    trained.tokenizer.save_pretrained(output)
+    return load_quantized_export(output)
+
+
+def load_quantized_export(path: str | Path) -> nn.Module:
+    """A model with packed :class:`QuantLinear` layers from a GPTQ-layout directory written by
+    :func:`export_quantized` (``checkpoint_format: gptq_v2``)."""
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    qconfig = config.quantization_config
+    qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
+    if qconfig.get("checkpoint_format") != "gptq_v2":
+        raise ValueError(f"{path}: only gptq_v2 checkpoints (zero points stored as is) are supported")
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_file(str(path / GPTQ_FILE))
+    names = sorted({k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")})
+    weights = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        parts = {key: tensors.pop(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "g_idx")}
+        weights[name] = PackedWeight.from_tensors(
+            parts, qconfig["bits"], qconfig["group_size"], layer.in_features, layer.out_features
+        )
+    swap_in_quant_linears(model, weights)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    unexpected = [k for k in unexpected if not k.endswith(("qweight", "qzeros", "scales", "g_idx"))]
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensors {unexpected[:3]}")
+    return model.eval()
+
+
+@torch.no_grad()
+def fidelity(trained: nn.Module, exported: nn.Module, ids: Tensor, batch_size: int = 4) -> dict[str, float]:
+    """Compare the exported model's logits with the trained model's on ``ids (n, T)``."""
+    diff = ref = agree = count = 0.0
+    nll = {"trained": 0.0, "exported": 0.0}
+    for batch in ids.split(batch_size):
+        zt = trained(input_ids=batch).logits.float()  # (B, T, V)
+        ze = exported(input_ids=batch).logits.float()
+        diff += (ze - zt).pow(2).sum().item()
+        ref += zt.pow(2).sum().item()
+        agree += (ze.argmax(-1) == zt.argmax(-1)).sum().item()
+        count += batch.numel()
+        for key, z in (("trained", zt), ("exported", ze)):
+            nll[key] += torch.nn.functional.cross_entropy(
+                z[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
+            ).item()
+    tokens = ids.numel() - ids.shape[0]
+    return {
+        "logit_rel_error": math.sqrt(diff / ref),
+        "top1_agreement": agree / count,
+        "ppl_trained": math.exp(nll["trained"] / tokens),
+        "ppl_exported": math.exp(nll["exported"] / tokens),
+        "windows": ids.shape[0],
+        "tokens": ids.numel(),
+    }
+
+
+def held_out_ids(trained: Trained, nsamples: int, seqlen: int) -> Tensor:
+    """Token windows from the training data (else the calibration text) with a seed the
+    calibration does not use."""
+    source = trained.data_path or trained.calibration.dataset
+    cfg = CalibrationConfig(dataset=source, template="auto", nsamples=nsamples, seqlen=seqlen, seed=12345)
+    return calibration_tokens(cfg, trained.tokenizer)
+
+
+def run_export(
+    ckpt_path: str | Path,
+    format: Format,
+    output: str | Path,
+    artifact_dir: str | None = None,
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+    method: Literal["gptq", "rtn"] = "gptq",
+    bits: int | None = None,
+    group_size: int | None = None,
+    max_drift: float | None = None,
+    eval_samples: int = 8,
+    eval_seqlen: int = 256,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Export and check; writes ``fidelity.json`` next to the export and returns the report."""
+    output = Path(output)
+    trained = load_trained(ckpt_path, artifact_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    if format == "peft":
+        export_peft(trained, output)
+        exported = load_peft_export(output)
+    elif format == "merged":
+        export_merged(trained, output, getattr(torch, dtype))
+        exported = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    else:
+        bits = bits or trained.quant.bits
+        group_size = group_size or trained.quant.group_size
+        exported = export_quantized(trained, output, method, bits, group_size, torch.device(device))
+    report = {
+        "format": format,
+        "checkpoint": str(ckpt_path),
+        "artifact": str(trained.artifact),
+        "output": str(output),
+        **({"dtype": dtype} if format == "merged" else {}),
+        **({"method": method, "bits": bits, "group_size": group_size} if format == "quantized" else {}),
+        **fidelity(trained.model, exported, held_out_ids(trained, eval_samples, eval_seqlen)),
+    }
+    (output / "fidelity.json").write_text(json.dumps(report, indent=2))
+    if max_drift is not None and report["logit_rel_error"] > max_drift:
+        raise ValueError(
+            f"export drift {report['logit_rel_error']:.4g} (relative logit error) exceeds --max_drift "
+            f"{max_drift}; the files are in {output}, the report in {output / 'fidelity.json'}"
+        )
+    return report

@@ -1,0 +1,116 @@
+"""Exports of a fit checkpoint: peft adapter, merged model, re-quantized GPTQ layout, refusals."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import projq_train.cli as cli
+from projq_train.export import load_peft_export, load_quantized_export, load_trained, run_export
+from projq_train.quant.linear import QuantLinear
+from tests.test_fit import TINY_FIT, fit_args
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint of the tiny recipe after a few steps (adapters moved away from their init)."""
+    root = tmp_path_factory.mktemp("fit")
+    cli.main(["fit", "--config", str(TINY_FIT), *fit_args(root, 4), "--trainer.val_check_interval=4"])
+    return root / "checkpoints" / "last.ckpt"
+
+
+def export(checkpoint, tmp_path, fmt, **kwargs):
+    return run_export(checkpoint, fmt, tmp_path / fmt, eval_samples=2, eval_seqlen=64, **kwargs)
+
+
+def test_peft_export_reloads_with_peft_and_matches_the_trained_model(checkpoint, tmp_path):
+    report = export(checkpoint, tmp_path, "peft")
+    out = tmp_path / "peft"
+    assert {"adapter_model.safetensors", "adapter_config.json", "projq_artifact.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert report["logit_rel_error"] < 1e-6 and report["top1_agreement"] == 1.0
+    reloaded = load_peft_export(out)
+    assert sum(isinstance(m, QuantLinear) for m in reloaded.modules()) == 14
+    assert json.loads((out / "fidelity.json").read_text()) == report
+
+
+def test_merged_export_loads_without_projq_train(checkpoint, tmp_path):
+    report = export(checkpoint, tmp_path, "merged", dtype="float32")
+    assert report["logit_rel_error"] < 1e-4
+    ids = torch.randint(3, 259, (1, 12))
+    trained = load_trained(checkpoint).model
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r}).eval()\n"
+        f"AutoTokenizer.from_pretrained({str(tmp_path / 'merged')!r})\n"
+        f"ref = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    logits = model(input_ids=ref['ids']).logits\n"
+        "torch.testing.assert_close(logits, ref['logits'], atol=1e-4, rtol=1e-4)\n"
+        "assert not any(m.startswith('projq_train') for m in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_merged_bf16_export_drifts_only_by_rounding(checkpoint, tmp_path):
+    report = export(checkpoint, tmp_path, "merged")
+    assert report["dtype"] == "bfloat16" and 0 < report["logit_rel_error"] < 0.05
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_quantized_export_writes_the_gptq_layout_and_reloads(checkpoint, tmp_path, bits):
+    report = export(checkpoint, tmp_path, "quantized", bits=bits)
+    out = tmp_path / "quantized"
+    qconfig = json.loads((out / "quantize_config.json").read_text())
+    assert qconfig["bits"] == bits and qconfig["checkpoint_format"] == "gptq_v2"
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == qconfig
+    model = load_quantized_export(out)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, QuantLinear) and q_proj.qweight.dtype == torch.int32
+    assert q_proj.qweight.shape == (128 * bits // 32, 128)
+    assert report["bits"] == bits and report["logit_rel_error"] > 0 and report["ppl_exported"] < float("inf")
+
+
+def test_quantized_export_drifts_less_at_more_bits(checkpoint, tmp_path):
+    drift = {b: export(checkpoint, tmp_path / str(b), "quantized", bits=b)["logit_rel_error"] for b in (2, 4)}
+    assert drift[4] < drift[2]
+
+
+def test_max_drift_fails_the_export_but_keeps_the_files(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="exceeds --max_drift"):
+        export(checkpoint, tmp_path, "merged", max_drift=1e-9)
+    assert (tmp_path / "merged" / "fidelity.json").is_file()
+
+
+def test_export_refuses_a_missing_or_mismatched_artifact(checkpoint, tmp_path):
+    ckpt = torch.load(checkpoint, weights_only=False)
+    artifact = next((checkpoint.parents[1] / "artifacts").iterdir())
+    copy = tmp_path / "artifacts" / artifact.name
+    shutil.copytree(artifact, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    meta["hash"] = "f" * 64
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="is not the artifact"):
+        load_trained(checkpoint, artifact_dir=tmp_path / "artifacts")
+    with pytest.raises(FileNotFoundError, match="is missing"):
+        load_trained(checkpoint, artifact_dir=tmp_path / "nowhere")
+    assert ckpt["projq"]["base_id"] == artifact.name
+
+
+def test_export_command_prints_the_report_and_errors_clearly(checkpoint, tmp_path, capsys):
+    args = ["export", f"--ckpt_path={checkpoint}", "--format=peft", f"--output={tmp_path / 'p'}"]
+    cli.main([*args, "--eval_samples=2", "--eval_seqlen=64"])
+    assert json.loads(capsys.readouterr().out)["format"] == "peft"
+    with pytest.raises(SystemExit, match="is missing"):
+        cli.main([*args, f"--artifact_dir={tmp_path / 'nowhere'}"])
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--format=onnx"])

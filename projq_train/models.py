@@ -50,6 +50,10 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
     else:
         extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **extra)
+        if tokenizer.eos_token is None:  # e.g. a tokenizer rebuilt from GGUF: the model config knows it
+            eos = AutoConfig.from_pretrained(cfg.name_or_path, **extra).eos_token_id
+            if eos is not None:
+                tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos if isinstance(eos, int) else eos[0])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

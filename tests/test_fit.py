@@ -262,3 +262,14 @@ def test_nf4_baseline_wraps_bitsandbytes_layers_with_zero_init_adapters(tmp_path
     with torch.no_grad():
         nf4_logits, fp_logits = model(ids).logits, fp(ids).logits
     assert 0 < (nf4_logits - fp_logits).pow(2).mean() < 0.05 * fp_logits.pow(2).mean()
+
+
+SMOLLM2 = Path(__file__).parents[2] / "shared" / "data" / "models" / "SmolLM2-135M-Instruct-Q4_1-gguf"
+
+
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="the shared SmolLM2 GGUF is not on this machine")
+def test_gguf_tokenizer_gets_its_eos_token_from_the_model_config():
+    from projq_train.models import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(SMOLLM2), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == tok.eos_token_id == 2

@@ -23,6 +23,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -182,15 +183,25 @@ def quantize_or_load(
     calibration: CalibrationConfig,
     artifact_dir: str | Path,
     device: torch.device,
+    wait: bool = False,
+    poll_seconds: float = 5.0,
 ) -> tuple[Path, dict[str, QuantizedModule]]:
     """The artifact for this model, calibration and settings: found under ``artifact_dir``, or made
     by calibrating and quantizing ``model`` on ``device`` (which rewrites its linear weights to the
-    step-0 weights ``Q + BA``) and saved. Returns its directory and its modules."""
+    step-0 weights ``Q + BA``) and saved. With ``wait``, never quantize: wait until another
+    process (rank 0) has written it. Returns its directory and its modules."""
     check_model_settings(model, quant)
     ids = calibration_tokens(calibration, tokenizer)
     base_hash = model_hash(model)
     full_hash = artifact_hash(base_hash, ids, asdict(quant))
     existing = find_artifact(artifact_dir, full_hash)
+    waited = 0.0
+    while existing is None and wait:
+        if waited % 60 < poll_seconds:
+            log.info("waiting for rank 0 to write artifact %s", artifact_path(artifact_dir, full_hash))
+        time.sleep(poll_seconds)
+        waited += poll_seconds
+        existing = find_artifact(artifact_dir, full_hash)
     if existing is not None:
         log.info("artifact %s already exists for this model, calibration and settings; reusing it", existing)
         return existing, load_artifact(existing)[0]

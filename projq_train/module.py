@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from peft import PeftModel
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.text import Perplexity
 
 from projq_train.artifact import model_hash, quantize_or_load
@@ -65,8 +66,10 @@ def prepare_model(
     calibration: CalibrationConfig,
     artifact_dir: str | Path,
     device: torch.device,
+    wait: bool = False,
 ) -> tuple[PeftModel, str]:
-    """The trainable model and the id of its frozen base (artifact hash, or ``nf4-<model hash>``)."""
+    """The trainable model and the id of its frozen base (artifact hash, or ``nf4-<model hash>``).
+    With ``wait``, the artifact is awaited from another process instead of made."""
     check_adapter_settings(quant, adapter)
     model, tokenizer = load_model_and_tokenizer(model_cfg)
     if quant.method == "nf4":
@@ -75,7 +78,7 @@ def prepare_model(
         modules = {}
     else:
         path, modules = quantize_or_load(
-            model, tokenizer, model_cfg, quant, calibration, artifact_dir, device
+            model, tokenizer, model_cfg, quant, calibration, artifact_dir, device, wait=wait
         )
         base_id = path.name
         swap_in_quant_linears(model, {name: qm.weight for name, qm in modules.items()})
@@ -85,12 +88,15 @@ def prepare_model(
     return peft_model, base_id
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy: ``logits (B, T, V)`` predict ``labels (B, T)`` shifted by one;
-    positions labelled ``-100`` (prompt, padding) are ignored."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+def causal_lm_loss(logits: Tensor, labels: Tensor, num_tokens: Tensor | float | None = None) -> Tensor:
+    """Next-token cross-entropy: ``logits (B, T, V)`` predict ``labels (B, T)`` shifted by one;
+    positions labelled ``-100`` (prompt, padding) are ignored. Summed and divided by
+    ``num_tokens`` (default: the labelled tokens of this batch, i.e. the mean)."""
+    targets = labels[:, 1:].flatten()
+    total = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
     )
+    return total / (num_tokens if num_tokens is not None else (targets != IGNORE_INDEX).sum())
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -143,14 +149,19 @@ class ProjQModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model, self.base_id = prepare_model(
-            self.base_cfg,
-            self.quant,
-            self.adapter,
-            self.calibration,
-            self.artifact_dir,
-            self.trainer.strategy.root_device,
-        )
+        # quantize once: rank 0 finds or makes the artifact; the other ranks wait for it on the
+        # file system (no collective, so a long quantization cannot time out a process group).
+        # With several nodes, artifact_dir must be on a shared file system.
+        strategy = self.trainer.strategy
+        rank0 = self.trainer.is_global_zero
+        cfgs = (self.base_cfg, self.quant, self.adapter, self.calibration, self.artifact_dir)
+        self.model, self.base_id = prepare_model(*cfgs, strategy.root_device, wait=not rank0)
+        strategy.barrier("projq-artifact")
+        # the packed bases are loaded identically on every rank: DDP need not broadcast them
+        frozen = [n for n, _ in self.named_buffers()] + [
+            n for n, p in self.named_parameters() if not p.requires_grad
+        ]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
         self.model.train()  # loaded in eval mode; dropout in the adapters is wanted while training
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -159,8 +170,12 @@ class ProjQModule(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = causal_lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-        self.log("train_loss", loss, prog_bar=True)
+        # normalize by the labelled tokens of the whole step across ranks (DDP then averages the
+        # gradients), so N processes compute the gradient one process would on the same batch
+        local = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+        per_rank = self.trainer.strategy.reduce(local, reduce_op="sum") / self.trainer.world_size
+        loss = causal_lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"], per_rank)
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:

@@ -1,0 +1,103 @@
+"""Several processes (gloo on CPU): quantize once, DDP keeps adapters in sync and matches one process."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+import projq_train.artifact as artifact
+from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
+from projq_train.models import load_model_and_tokenizer
+from tests.conftest import TINY
+from tests.test_fit import TINY_FIT, fit_args
+
+ROOT = Path(__file__).parents[1]
+
+
+class DumpAdapters(L.Callback):
+    """Save every rank's adapter weights and its training losses under the run's root dir."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+    def on_train_end(self, trainer, pl_module):
+        weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        out = Path(trainer.default_root_dir) / f"adapters-rank{trainer.global_rank}.pt"
+        torch.save({"weights": weights, "losses": self.losses}, out)
+
+
+def fit_in_subprocess(root: Path, devices: int, batch_size: int, steps: int = 4, *extra: str) -> None:
+    args = [
+        *fit_args(root, steps),
+        *extra,
+        f"--trainer.devices={devices}",
+        *(["--trainer.strategy=ddp"] if devices > 1 else []),
+        "--trainer.callbacks+=tests.test_distributed.DumpAdapters",
+        "--data.init_args.limit=8",  # one global batch per step: 8 rows in both set-ups
+        "--data.init_args.val_fraction=0.1",
+        f"--data.init_args.batch_size={batch_size}",
+        "--model.adapter.dropout=0.0",
+        # plain SGD: updates proportional to the gradients, so the comparison below is a real one
+        # (Adam's sign-like first steps would amplify rounding-level gradient differences)
+        "--model.optimizer=torch.optim.SGD",
+        "--model.optimizer.init_args.lr=0.5",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "projq_train.cli", "fit", "--config", str(TINY_FIT), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_ddp_two_processes_quantize_once_and_train_like_one_process(tmp_path):
+    fit_in_subprocess(tmp_path / "ddp", devices=2, batch_size=4)
+    fit_in_subprocess(tmp_path / "single", devices=1, batch_size=8)
+    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"adapters-rank{r}.pt") for r in (0, 1))
+    single = torch.load(tmp_path / "single" / "adapters-rank0.pt")
+    assert len(list((tmp_path / "ddp" / "artifacts").iterdir())) == 1  # one artifact, no leftovers
+    for name, w in rank0["weights"].items():
+        torch.testing.assert_close(rank1["weights"][name], w, rtol=0, atol=0)  # in sync
+        # the same global batch: per-rank token means differ from the global mean only slightly
+        torch.testing.assert_close(single["weights"][name], w, rtol=0.05, atol=1e-4)
+    ddp_loss = [(a + b) / 2 for a, b in zip(rank0["losses"], rank1["losses"], strict=True)]
+    torch.testing.assert_close(torch.tensor(ddp_loss), torch.tensor(single["losses"]), rtol=1e-4, atol=0)
+
+    # the adapter-only DDP checkpoint resumes in one process
+    fit_in_subprocess(tmp_path / "ddp", 1, 8, 6, "--ckpt_path=last")
+    assert torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_waiting_rank_loads_the_artifact_rank_0_writes(tmp_path, monkeypatch):
+    mcfg = ModelConfig(config=TINY["llama"])
+    quant = QuantConfig(method="rtn", bits=4, group_size=32, rank=4)
+    calib = CalibrationConfig(nsamples=2, seqlen=32)
+    model, tok = load_model_and_tokenizer(mcfg)
+    found = {}
+
+    def waiter():
+        found["result"] = artifact.quantize_or_load(
+            load_model_and_tokenizer(mcfg)[0],
+            tok,
+            mcfg,
+            quant,
+            calib,
+            tmp_path,
+            "cpu",
+            wait=True,
+            poll_seconds=0.1,
+        )
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive() and not list(tmp_path.iterdir())  # waiting, not quantizing
+    made_path, _ = artifact.quantize_or_load(model, tok, mcfg, quant, calib, tmp_path, "cpu")
+    thread.join(timeout=60)
+    assert found["result"][0] == made_path

@@ -1,5 +1,6 @@
 """The fit job: LightningCLI recipes, step-0 model, training, adapter-only checkpoints, resume."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -199,8 +200,14 @@ def test_every_recipe_parses(recipe):
         raw, cfg = cli.parse_recipe(cli.quantize_parser(), ["--config", str(recipe)])
         assert isinstance(cfg.quant, QuantConfig)
         return
+    configs = ["--config", str(recipe)]
+    if "model" not in yaml.safe_load(recipe.read_text()):  # an overlay: its usage line names the base
+        base = re.search(
+            rf"--config recipes/(\S+) --config recipes/{re.escape(recipe.name)}", recipe.read_text()
+        )
+        configs = ["--config", str(RECIPES / base.group(1)), *configs]
     parsed = ParseOnly(
-        ProjQModule, L.LightningDataModule, subclass_mode_data=True, run=False, args=["--config", str(recipe)]
+        ProjQModule, L.LightningDataModule, subclass_mode_data=True, run=False, args=configs
     ).config
     model = parsed.model
     quant, adapter = QuantConfig(**model.quant), AdapterConfig(**model.adapter)  # runs the validations

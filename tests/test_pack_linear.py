@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import projq_train.quant.linear as linear
-from projq_train.quant.linear import QuantLinear, dequantize_packed, swap_in_quant_linears, triton_ready
-from projq_train.quant.pack import PACKING, PackedWeight, pack, packed_length, unpack
+from projq_train.quant.linear import QuantLinear, swap_in_quant_linears, triton_ready
+from projq_train.quant.pack import PACKING, PackedWeight, dequantize_packed, pack, packed_length, unpack
 from projq_train.quant.rtn import rtn_quantize
 
 

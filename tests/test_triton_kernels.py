@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from projq_train.quant.linear import QuantLinear, dequantize_packed
-from projq_train.quant.pack import PackedWeight
+from projq_train.quant.linear import QuantLinear
+from projq_train.quant.pack import PackedWeight, dequantize_packed
 from projq_train.quant.rtn import rtn_quantize
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

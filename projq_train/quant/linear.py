@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from projq_train.quant.pack import PackedWeight, packed_length, unpack_rows
+from projq_train.quant.pack import PackedWeight, dequantize_packed, packed_length
 from projq_train.quant.rtn import check_grid
 
 log = logging.getLogger(__name__)
@@ -49,25 +49,6 @@ def triton_ready(device: torch.device) -> bool:
             log.info("QuantLinear: Triton kernels passed their self-test on %s", device)
         _TRITON_READY[device] = not problem
     return _TRITON_READY[device]
-
-
-def dequantize_packed(
-    qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, dtype: torch.dtype
-) -> Tensor:
-    """``Ŵᵀ (in, out)`` in ``dtype`` from GPTQ-layout tensors (the torch reference)."""
-    (in_f,), (n_groups, out_f) = g_idx.shape, scales.shape
-    w = unpack_rows(qweight, bits, in_f).to(torch.float32)  # (in, out)
-    zeros = unpack_rows(qzeros.T, bits, out_f).T.to(torch.float32)  # (n_groups, out)
-    scales = scales.to(torch.float32)
-    gs = in_f // n_groups
-    if torch.equal(g_idx, torch.arange(in_f, device=g_idx.device, dtype=g_idx.dtype) // gs):
-        # contiguous groups: broadcast per group instead of gathering per input row
-        w3 = w.view(n_groups, gs, out_f)
-        w3.sub_(zeros[:, None]).mul_(scales[:, None])
-    else:
-        g = g_idx.long()
-        w.sub_(zeros[g]).mul_(scales[g])
-    return w.to(dtype)
 
 
 class _QuantMatmul(torch.autograd.Function):

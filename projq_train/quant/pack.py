@@ -104,6 +104,25 @@ def unpack_rows(words: Tensor, bits: int, length: int) -> Tensor:
     return codes
 
 
+def dequantize_packed(
+    qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, dtype: torch.dtype
+) -> Tensor:
+    """``Ŵᵀ (in, out)`` in ``dtype`` from GPTQ-layout tensors (the torch reference)."""
+    (in_f,), (n_groups, out_f) = g_idx.shape, scales.shape
+    w = unpack_rows(qweight, bits, in_f).to(torch.float32)  # (in, out)
+    zeros = unpack_rows(qzeros.T, bits, out_f).T.to(torch.float32)  # (n_groups, out)
+    scales = scales.to(torch.float32)
+    gs = in_f // n_groups
+    if torch.equal(g_idx, torch.arange(in_f, device=g_idx.device, dtype=g_idx.dtype) // gs):
+        # contiguous groups: broadcast per group instead of gathering per input row
+        w3 = w.view(n_groups, gs, out_f)
+        w3.sub_(zeros[:, None]).mul_(scales[:, None])
+    else:
+        g = g_idx.long()
+        w.sub_(zeros[g]).mul_(scales[g])
+    return w.to(dtype)
+
+
 @dataclass
 class PackedWeight:
     """A quantized linear weight ``(out, in)`` in the GPTQ checkpoint layout (see module docstring)."""
@@ -144,7 +163,9 @@ class PackedWeight:
 
     def dequantize(self) -> Tensor:
         """``Ŵ (out, in)`` float32."""
-        return self.unpack().dequantize()
+        return dequantize_packed(
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, torch.float32
+        ).T
 
     def to(self, device: torch.device | str) -> PackedWeight:
         return replace(

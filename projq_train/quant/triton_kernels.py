@@ -276,8 +276,7 @@ def matmul_grad_input(
 def self_test(device: torch.device) -> str | None:
     """Run both kernels at every bit width and dtype on ``device`` against the torch reference
     (act-order groups, ragged sizes); ``None`` when they agree, else what went wrong."""
-    from projq_train.quant.linear import dequantize_packed
-    from projq_train.quant.pack import PackedWeight
+    from projq_train.quant.pack import PackedWeight, dequantize_packed
     from projq_train.quant.rtn import rtn_quantize
 
     gen = torch.Generator().manual_seed(0)

@@ -26,7 +26,6 @@ from projq_train.export import run_export
 from projq_train.models import load_model_and_tokenizer
 from projq_train.module import ProjQModule
 
-log = logging.getLogger("projq_train")
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
 SUBCOMMANDS = (*TRAINER_SUBCOMMANDS, "quantize", "export")
 

@@ -163,7 +163,11 @@ def export_quantized(
     )
     ids = calibration_tokens(trained.calibration, trained.tokenizer)
     modules, _ = quantize_model(model, ids, quant, device, trained.calibration.batch_size, progress=False)
-    tensors = {k: v for k, v in model.state_dict().items() if k.removesuffix(".weight") not in modules}
+    tensors, seen = {}, set()
+    for k, v in model.state_dict().items():  # tied weights (e.g. lm_head = embeddings) are saved once
+        if k.removesuffix(".weight") not in modules and v.data_ptr() not in seen:
+            tensors[k] = v
+            seen.add(v.data_ptr())
     for name, qm in modules.items():
         tensors.update({f"{name}.{key}": t for key, t in qm.weight.tensors().items()})
     gs = next(iter(modules.values())).weight.group_size
@@ -211,9 +215,16 @@ def load_quantized_export(path: str | Path) -> nn.Module:
         )
     swap_in_quant_linears(model, weights)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    unexpected = [k for k in unexpected if not k.endswith(("qweight", "qzeros", "scales", "g_idx"))]
-    if unexpected:
-        raise ValueError(f"{path}: unexpected tensors {unexpected[:3]}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in tensors if k in params}
+    missing = [
+        k
+        for k in missing
+        if k.rpartition(".")[0] not in weights  # packed buffers, set above
+        and not (k in params and params[k].data_ptr() in loaded)  # tied to a loaded weight
+    ]
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}")
     return model.eval()
 
 

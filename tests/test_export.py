@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 import projq_train.cli as cli
 from projq_train.export import load_peft_export, load_quantized_export, load_trained, run_export
@@ -114,3 +115,15 @@ def test_export_command_prints_the_report_and_errors_clearly(checkpoint, tmp_pat
         cli.main([*args, f"--artifact_dir={tmp_path / 'nowhere'}"])
     with pytest.raises(SystemExit):
         cli.main([*args, "--format=onnx"])
+
+
+def test_quantized_export_of_a_model_with_tied_embeddings(tmp_path):
+    root = tmp_path / "fit"
+    config = {**yaml.safe_load(TINY_FIT.read_text())["model"]["base"]["config"], "tie_word_embeddings": True}
+    cli.main(
+        ["fit", "--config", str(TINY_FIT), *fit_args(root, 2), f"--model.base.config={json.dumps(config)}"]
+    )
+    report = export(root / "checkpoints" / "last.ckpt", tmp_path, "quantized", bits=4)
+    model = load_quantized_export(tmp_path / "quantized")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert report["top1_agreement"] > 0.5

@@ -25,7 +25,6 @@ from torch import Tensor
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# fmt: off  (kernel signatures keep their arguments grouped by role)
 @triton.jit
 def _extract(lo_ptrs, shift, mask, next_word: tl.constexpr, BITS: tl.constexpr):
     """Codes of ``BITS`` bits at bit ``shift`` of the words at ``lo_ptrs`` (``+ next_word`` for
@@ -70,6 +69,17 @@ def _dequant_tile(
 
 
 @triton.jit
+def _tile_ids(M, COLS, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of this program. Program ids walk GROUP_M row blocks per column
+    block, so neighbouring programs share weight tiles in L2."""
+    pid = tl.program_id(0)
+    n_m, n_c = tl.cdiv(M, BLOCK_M), tl.cdiv(COLS, BLOCK_C)
+    first_m = pid // (GROUP_M * n_c) * GROUP_M
+    rows = tl.minimum(n_m - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * n_c)) % rows, (pid % (GROUP_M * n_c)) // rows
+
+
+@triton.jit
 def _matmul_kernel(
     x_ptr,
     qw_ptr,
@@ -93,14 +103,7 @@ def _matmul_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # program ids walk GROUP_M row blocks per column block, so neighbours share weight tiles in L2
-    pid = tl.program_id(0)
-    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    rows = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % rows
-    pid_n = (pid % (GROUP_M * n_n)) // rows
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -146,13 +149,7 @@ def _grad_input_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_m, n_k = tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K)
-    group = pid // (GROUP_M * n_k)
-    first_m = group * GROUP_M
-    rows = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_k)) % rows
-    pid_k = (pid % (GROUP_M * n_k)) // rows
+    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -176,7 +173,6 @@ def _grad_input_kernel(
     )
 
 
-# fmt: on
 def _configs() -> list[triton.Config]:
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
         (16, 64, 64, 4, 4),

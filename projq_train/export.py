@@ -19,6 +19,7 @@ windows: relative logit error ``‖Z_e − Z_t‖ / ‖Z_t‖``, top-1 agreement
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -35,7 +37,6 @@ from projq_train.artifact import load_quantized_model
 from projq_train.config import AdapterConfig, CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
 from projq_train.lora import ADAPTER, QuantLoraLinear, adapter_layers, attach_adapters
-from projq_train.models import load_model_and_tokenizer
 from projq_train.quant.calibrate import quantize_model
 from projq_train.quant.linear import QuantLinear, swap_in_quant_linears
 from projq_train.quant.pack import PackedWeight
@@ -107,17 +108,23 @@ def merged_weights(model: PeftModel) -> dict[str, Tensor]:
 
 
 def merged_model(trained: Trained, dtype: torch.dtype) -> nn.Module:
-    """A plain Hugging Face model (no quantization config) holding the merged weights."""
-    source, _ = load_model_and_tokenizer(trained.base)
-    config = source.config
+    """A plain Hugging Face model (no quantization config) holding the merged weights; every other
+    tensor comes from the trained model's base, which is already loaded."""
+    base = trained.model.get_base_model()
+    config = copy.deepcopy(base.config)
     if hasattr(config, "quantization_config"):  # e.g. a GGUF checkpoint: the export is plain weights
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(source.state_dict())
     weights = merged_weights(trained.model)
-    with torch.no_grad():
-        for name, w in weights.items():
-            model.get_submodule(name).weight.copy_(w)
+    state = {}
+    for key in model.state_dict():
+        path, _, attr = key.rpartition(".")
+        if attr == "weight" and path in weights:
+            state[key] = weights[path]
+        else:  # unadapted tensors, and the bias of an adapted layer (on its base layer)
+            module = base.get_submodule(path)
+            state[key] = getattr(module.get_base_layer() if isinstance(module, LoraLayer) else module, attr)
+    model.load_state_dict(state)
     return model.to(dtype).eval()
 
 

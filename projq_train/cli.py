@@ -6,6 +6,9 @@
   content-addressed artifact (reused when one with the same hash exists).
 - ``projq-train export --ckpt_path CKPT --format {peft,merged,quantized} --output DIR`` writes
   an export of a fit checkpoint and checks it against the trained model.
+- ``projq-train eval --tasks wikitext2 boolq ... (--ckpt_path C | --artifact A | --model M)``
+  scores one model; ``projq-train report --ckpt_path C --tasks ... --output DIR`` writes the
+  recovery report (float → quantized → initialized → fine-tuned).
 """
 
 from __future__ import annotations
@@ -16,18 +19,19 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import torch
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from projq_train.artifact import quantize_or_load
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
+from projq_train.eval.run import run_eval, run_report
 from projq_train.export import run_export
-from projq_train.models import load_model_and_tokenizer
+from projq_train.models import load_model_and_tokenizer, resolve_device
 from projq_train.module import ProjQModule
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
-SUBCOMMANDS = (*TRAINER_SUBCOMMANDS, "quantize", "export")
+FUNCTION_SUBCOMMANDS = {"export": run_export, "eval": run_eval, "report": run_report}
+SUBCOMMANDS = (*TRAINER_SUBCOMMANDS, "quantize", *FUNCTION_SUBCOMMANDS)
 
 
 class ProjQCLI(LightningCLI):
@@ -40,7 +44,7 @@ class ProjQCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except ValueError as err:
+        except (ValueError, FileNotFoundError) as err:
             self.parser.error(str(err))
 
 
@@ -78,12 +82,6 @@ def parse_recipe(parser: ArgumentParser, argv: list[str]) -> tuple[Namespace, Na
         parser.error(str(e))
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def run_quantize(cfg: Namespace) -> Path:
     """Load, calibrate and quantize per the recipe (or find the artifact); return its directory."""
     if cfg.quant.method == "nf4":
@@ -104,15 +102,19 @@ def main(argv: list[str] | None = None) -> None:
         trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
         return
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["export"]:
-        parser = ArgumentParser(prog="projq-train export", description=run_export.__doc__)
-        parser.add_function_arguments(run_export, as_positional=False)
-        args = parser.parse_args(argv[1:])
+    if argv[:1] and argv[0] in FUNCTION_SUBCOMMANDS:
+        function = FUNCTION_SUBCOMMANDS[argv[0]]
+        parser = ArgumentParser(prog=f"projq-train {argv[0]}", description=function.__doc__)
+        parser.add_argument("--config", action="config", help="YAML file with these options")
+        parser.add_function_arguments(function, as_positional=False)
+        args = parser.parse_args(argv[1:]).as_dict()
+        args.pop("config", None)
         try:
-            report = run_export(**args.as_dict())
+            result = function(**args)
         except (ValueError, FileNotFoundError) as err:
             sys.exit(f"error: {err}")
-        print(json.dumps(report, indent=2))
+        if argv[0] == "export":
+            print(json.dumps(result, indent=2))
         return
     if not argv or argv[0] not in SUBCOMMANDS:
         sys.exit(

@@ -54,9 +54,11 @@ class Trained:
     tokenizer: Any
     base: ModelConfig
     quant: QuantConfig
+    adapter: AdapterConfig
     calibration: CalibrationConfig
     artifact: Path
     data_path: str | None  # the training data, for held-out fidelity windows
+    template: str  # the prompt template of the training data
 
 
 def _typed(cls, value):
@@ -91,8 +93,10 @@ def load_trained(ckpt_path: str | Path, artifact_dir: str | Path | None = None) 
     if missing:
         raise ValueError(f"{ckpt_path} lacks adapter weights {missing[:3]} ({len(missing)} in all)")
     peft_model.load_state_dict(state, strict=False)
-    data_path = (ckpt.get("datamodule_hyper_parameters") or {}).get("path")
-    return Trained(peft_model.eval(), tokenizer, base, quant, calibration, artifact, data_path)
+    data = ckpt.get("datamodule_hyper_parameters") or {}
+    template = data.get("template", "alpaca")
+    args = (tokenizer, base, quant, adapter, calibration, artifact, data.get("path"), template)
+    return Trained(peft_model.eval(), *args)
 
 
 @torch.no_grad()

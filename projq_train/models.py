@@ -43,6 +43,13 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto``: the first CUDA device if there is one, else the CPU; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
     """The model's tokenizer (the byte tokenizer for a model built from ``cfg.config``), with a pad token."""
     if cfg.config is not None:

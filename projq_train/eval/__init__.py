@@ -1,0 +1,2 @@
+"""Evaluation: tasks and their data (``tasks``), batched scoring (``harness``), the ``eval`` and
+``report`` commands (``run``) and a Lightning callback for validate/test (``callback``)."""

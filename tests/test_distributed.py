@@ -8,12 +8,14 @@ import time
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 import projq_train.artifact as artifact
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.models import load_model_and_tokenizer
 from tests.conftest import TINY
+from tests.test_eval import write_task_files
 from tests.test_fit import TINY_FIT, fit_args
 
 ROOT = Path(__file__).parents[1]
@@ -34,6 +36,22 @@ class DumpAdapters(L.Callback):
         torch.save({"weights": weights, "losses": self.losses}, out)
 
 
+class DumpMetrics(L.Callback):
+    """Save rank 0's logged metrics after validation under the run's root dir."""
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            torch.save(metrics, Path(trainer.default_root_dir) / f"metrics-{trainer.world_size}.pt")
+
+
+def run_cli(subcommand: str, args: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "projq_train.cli", subcommand, "--config", str(TINY_FIT), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def fit_in_subprocess(root: Path, devices: int, batch_size: int, steps: int = 4, *extra: str) -> None:
     args = [
         *fit_args(root, steps),
@@ -50,10 +68,7 @@ def fit_in_subprocess(root: Path, devices: int, batch_size: int, steps: int = 4,
         "--model.optimizer=torch.optim.SGD",
         "--model.optimizer.init_args.lr=0.5",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "projq_train.cli", "fit", "--config", str(TINY_FIT), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_cli("fit", args)
 
 
 def test_ddp_two_processes_quantize_once_and_train_like_one_process(tmp_path):
@@ -101,3 +116,26 @@ def test_waiting_rank_loads_the_artifact_rank_0_writes(tmp_path, monkeypatch):
     made_path, _ = artifact.quantize_or_load(model, tok, mcfg, quant, calib, tmp_path, "cpu")
     thread.join(timeout=60)
     assert found["result"][0] == made_path
+
+
+def test_task_metrics_under_ddp_sum_every_ranks_share(tmp_path):
+    fit_in_subprocess(tmp_path, devices=1, batch_size=8, steps=2)
+    data_root = write_task_files(tmp_path / "tasks")
+    task_eval = "--trainer.callbacks.init_args."  # options of the callback added last
+    for devices in (1, 2):
+        args = [
+            *fit_args(tmp_path, 2),
+            "--ckpt_path=last",
+            f"--trainer.devices={devices}",
+            *(["--trainer.strategy=ddp"] if devices > 1 else []),
+            "--trainer.callbacks+=projq_train.eval.callback.TaskEval",
+            f"{task_eval}tasks=[boolq, wikitext2]",
+            f"{task_eval}data_root={data_root}",
+            f"{task_eval}seqlen=64",
+            "--trainer.callbacks+=tests.test_distributed.DumpMetrics",
+        ]
+        run_cli("validate", args)
+    one, two = (torch.load(tmp_path / f"metrics-{n}.pt") for n in (1, 2))
+    # the questions and text windows are split between the ranks; their sums make the same metrics
+    assert one["val/boolq/acc_loglik"] == two["val/boolq/acc_loglik"]
+    assert two["val/wikitext2/perplexity"] == pytest.approx(one["val/wikitext2/perplexity"], rel=1e-5)

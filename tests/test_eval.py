@@ -50,8 +50,7 @@ def tiny():
     return load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
 
 
-@pytest.fixture
-def data_root(tmp_path):
+def write_task_files(tmp_path):
     """Task files in the layout ``resolve_task`` expects under ``--data_root``."""
     for name in ("boolq", "ARC-Easy"):
         folder = tmp_path / "llm-adapters" / "dataset" / name
@@ -62,6 +61,11 @@ def data_root(tmp_path):
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "test.jsonl").write_text("\n".join(json.dumps(r) for r in MATH_ROWS))
     return tmp_path
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    return write_task_files(tmp_path)
 
 
 # --- reading answers -------------------------------------------------------------------------
@@ -214,6 +218,8 @@ def test_gap_closed_measures_the_way_back_to_the_float_model():
     assert closed["fine-tuned"] == pytest.approx({"t/perplexity": 80.0, "t/acc": 150.0})
     assert closed["quantized"] == {"t/perplexity": 0.0, "t/acc": 0.0}
     assert gap_closed({**stages, "quantized": stages["float"]})["fine-tuned"]["t/acc"] is None
+    better = {"t": {"perplexity": 9.0, "acc": 0.8}}  # quantization that happens to help: no gap
+    assert gap_closed({**stages, "quantized": better})["fine-tuned"] == {"t/perplexity": None, "t/acc": None}
 
 
 # --- commands on a fit checkpoint ------------------------------------------------------------

@@ -28,7 +28,7 @@ class TaskEval(Callback):
         data_root: Folder with the task data (default ``$PROJQ_DATA_ROOT`` or ``data``).
         limit: Score only the first rows of each choice/math task and windows of each text.
         choice_mode: Multiple choice by answer log-likelihood, by generation, or both.
-        seqlen: Perplexity window length in tokens.
+        seqlen: Perplexity window length (default: the model's context, at most 2048 tokens).
         stride: Perplexity window step (default ``seqlen // 2``).
         batch_size: Sequences per forward pass.
         on_validation: Also score at the end of each validation, not only at test.
@@ -40,7 +40,7 @@ class TaskEval(Callback):
         data_root: str = DATA_ROOT,
         limit: int | None = None,
         choice_mode: ChoiceMode = "loglik",
-        seqlen: int = 1024,
+        seqlen: int | None = None,
         stride: int | None = None,
         batch_size: int = 8,
         on_validation: bool = True,

@@ -259,7 +259,7 @@ def evaluate(
     template: Literal["alpaca", "chat"] = "alpaca",
     limit: int | None = None,
     choice_mode: ChoiceMode = "both",
-    seqlen: int = 2048,
+    seqlen: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
     choice_new_tokens: int = 32,
@@ -284,8 +284,9 @@ def evaluate(
             log.info("evaluating %s (%s, %s)", task.name, task.kind, task.source)
             if task.kind == "perplexity":
                 ids = torch.tensor(tokenizer(load_text(task), add_special_tokens=False)["input_ids"])
-                step = stride or max(1, seqlen // 2)
-                args = (seqlen, step, batch_size, limit, rank, world_size, show)
+                window = seqlen or min(2048, getattr(model.config, "max_position_embeddings", 2048))
+                step = stride or max(1, window // 2)
+                args = (window, step, batch_size, limit, rank, world_size, show)
                 results[task.name] = perplexity(model, ids, *args)
                 continue
             items = load_items(task, template, tokenizer, limit)

@@ -7,7 +7,8 @@
   base alone (step 0 without adapter), the base with the adapter as initialized (step 0), and the
   fine-tuned model; and says how much of the quantization gap each stage closed:
   ``(m_quantized − m_stage) / (m_quantized − m_float)`` (100 %: back at the float model; above
-  100 %: better than it, which fine-tuning on the task can do).
+  100 %: better than it, which fine-tuning on the task can do; none where quantization did not
+  make the metric worse).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def run_eval(
     template: Literal["auto", "alpaca", "chat"] = "auto",
     limit: int | None = None,
     choice_mode: ChoiceMode = "both",
-    seqlen: int = 2048,
+    seqlen: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
     device: str = "auto",
@@ -113,7 +114,7 @@ def run_eval(
         template: Prompt template; ``auto``: the checkpoint's training template, else alpaca.
         limit: Score only the first rows of each choice/math task and windows of each text.
         choice_mode: Multiple choice by answer log-likelihood, by generation, or both.
-        seqlen: Perplexity window length in tokens.
+        seqlen: Perplexity window length (default: the model's context, at most 2048 tokens).
         stride: Perplexity window step (default ``seqlen // 2``).
         batch_size: Sequences per forward pass.
         device: auto, cpu, cuda, cuda:1, ...
@@ -147,7 +148,7 @@ def run_eval(
 
 def gap_closed(stages: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float | None]]:
     """Per stage and ``task/metric``: ``(m_quantized − m_stage) / (m_quantized − m_float)`` in
-    percent; ``None`` where quantization changed nothing (no gap)."""
+    percent; ``None`` where quantization did not make the metric worse (no gap to close)."""
     fp, q = stages["float"], stages["quantized"]
     out = {}
     for stage, results in stages.items():
@@ -157,7 +158,8 @@ def gap_closed(stages: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict
                 if metric in COUNTS or metric == "unparsed" or metric not in fp.get(task, {}):
                     continue
                 gap = q[task][metric] - fp[task][metric]
-                out[stage][f"{task}/{metric}"] = None if gap == 0 else 100 * (q[task][metric] - value) / gap
+                worse = gap > 0 if metric == "perplexity" else gap < 0
+                out[stage][f"{task}/{metric}"] = 100 * (q[task][metric] - value) / gap if worse else None
     return out
 
 
@@ -214,7 +216,7 @@ def run_report(
     data_root: str = DATA_ROOT,
     limit: int | None = None,
     choice_mode: ChoiceMode = "loglik",
-    seqlen: int = 2048,
+    seqlen: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
     device: str = "auto",
@@ -230,7 +232,7 @@ def run_report(
         data_root: Folder with the task data (see ``projq-train eval``).
         limit: Score only the first rows of each choice/math task and windows of each text.
         choice_mode: Multiple choice by answer log-likelihood, by generation, or both.
-        seqlen: Perplexity window length in tokens.
+        seqlen: Perplexity window length (default: the model's context, at most 2048 tokens).
         stride: Perplexity window step (default ``seqlen // 2``).
         batch_size: Sequences per forward pass.
         device: auto, cpu, cuda, cuda:1, ...
@@ -261,7 +263,7 @@ def evaluate_loaded(
     dtype: str,
     limit: int | None,
     choice_mode: ChoiceMode,
-    seqlen: int,
+    seqlen: int | None,
     stride: int | None,
     batch_size: int,
 ) -> dict[str, dict[str, float]]:

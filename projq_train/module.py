@@ -18,6 +18,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
 from peft import PeftModel
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -36,6 +37,7 @@ from projq_train.data.instruct import IGNORE_INDEX
 from projq_train.lora import attach_adapters, init_from_compensation
 from projq_train.models import load_model_and_tokenizer, load_tokenizer
 from projq_train.quant.linear import swap_in_quant_linears
+from projq_train.strategies import shard_model  # importing it registers trainer.strategy: projq_fsdp
 
 
 def swap_in_nf4(model: nn.Module, target_modules: list[str], compute_dtype: torch.dtype, device) -> None:
@@ -157,6 +159,8 @@ class ProjQModule(L.LightningModule):
         cfgs = (self.base_cfg, self.quant, self.adapter, self.calibration, self.artifact_dir)
         self.model, self.base_id = prepare_model(*cfgs, strategy.root_device, wait=not rank0)
         strategy.barrier("projq-artifact")
+        if isinstance(strategy, ModelParallelStrategy):  # projq_fsdp: shard the float tensors, adapters
+            shard_model(self.model, strategy.device_mesh["data_parallel"])
         # the packed bases are loaded identically on every rank: DDP need not broadcast them
         frozen = [n for n, _ in self.named_buffers()] + [
             n for n, p in self.named_parameters() if not p.requires_grad
@@ -201,8 +205,11 @@ class ProjQModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        trainable = self._trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["projq"] = {"base_id": self.base_id}
 
@@ -213,7 +220,8 @@ class ProjQModule(L.LightningModule):
                 f"this checkpoint was trained on quantized base {saved}, but the recipe gives "
                 f"{self.base_id}; resume with the recipe (model, quant, calibration) it was made with"
             )
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        missing = sorted(trainable - set(checkpoint["state_dict"]))
+        # projq_fsdp loads the weights (and drops them from `checkpoint`) before this hook; the base
+        # id fixes the adapter names (rank and target modules are part of it)
+        missing = sorted(self._trainable_names() - set(checkpoint.get("state_dict", self._trainable_names())))
         if missing:
             raise ValueError(f"checkpoint lacks adapter weights {missing[:3]} ({len(missing)} in all)")

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 import projq_train.artifact as artifact
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
@@ -31,9 +32,13 @@ class DumpAdapters(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
     def on_train_end(self, trainer, pl_module):
-        weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        trainable = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        sharded = {n: isinstance(p, DTensor) for n, p in trainable.items()}
+        weights = {n: (p.full_tensor() if sharded[n] else p).detach().clone() for n, p in trainable.items()}
+        local = sum((p.to_local() if sharded[n] else p).numel() for n, p in trainable.items())
+        buffers = {n: b.dtype for n, b in pl_module.named_buffers()}
         out = Path(trainer.default_root_dir) / f"adapters-rank{trainer.global_rank}.pt"
-        torch.save({"weights": weights, "losses": self.losses}, out)
+        torch.save({"weights": weights, "losses": self.losses, "local_numel": local, "buffers": buffers}, out)
 
 
 class DumpMetrics(L.Callback):
@@ -52,30 +57,40 @@ def run_cli(subcommand: str, args: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def fit_in_subprocess(root: Path, devices: int, batch_size: int, steps: int = 4, *extra: str) -> None:
+def fit_in_subprocess(
+    root: Path, devices: int, batch_size: int, steps: int = 4, *extra: str, strategy: str = "ddp"
+) -> None:
     args = [
         *fit_args(root, steps),
         *extra,
         f"--trainer.devices={devices}",
-        *(["--trainer.strategy=ddp"] if devices > 1 else []),
+        *([f"--trainer.strategy={strategy}"] if devices > 1 else []),
         "--trainer.callbacks+=tests.test_distributed.DumpAdapters",
         "--data.init_args.limit=8",  # one global batch per step: 8 rows in both set-ups
         "--data.init_args.val_fraction=0.1",
         f"--data.init_args.batch_size={batch_size}",
         "--model.adapter.dropout=0.0",
-        # plain SGD: updates proportional to the gradients, so the comparison below is a real one
-        # (Adam's sign-like first steps would amplify rounding-level gradient differences)
+        # SGD: updates linear in the gradients, so the comparison below is a real one (Adam's
+        # sign-like first steps would amplify rounding-level gradient differences); momentum gives
+        # it a state to checkpoint (Lightning's FSDP2 resume cannot read an empty optimizer state)
         "--model.optimizer=torch.optim.SGD",
         "--model.optimizer.init_args.lr=0.5",
+        "--model.optimizer.init_args.momentum=0.5",
     ]
     run_cli("fit", args)
 
 
-def test_ddp_two_processes_quantize_once_and_train_like_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict:
+    """Adapters and losses of the reference run: one process, the same global batch of 8."""
+    root = tmp_path_factory.mktemp("single")
+    fit_in_subprocess(root, devices=1, batch_size=8)
+    return torch.load(root / "adapters-rank0.pt")
+
+
+def test_ddp_two_processes_quantize_once_and_train_like_one_process(tmp_path, single):
     fit_in_subprocess(tmp_path / "ddp", devices=2, batch_size=4)
-    fit_in_subprocess(tmp_path / "single", devices=1, batch_size=8)
     rank0, rank1 = (torch.load(tmp_path / "ddp" / f"adapters-rank{r}.pt") for r in (0, 1))
-    single = torch.load(tmp_path / "single" / "adapters-rank0.pt")
     assert len(list((tmp_path / "ddp" / "artifacts").iterdir())) == 1  # one artifact, no leftovers
     for name, w in rank0["weights"].items():
         torch.testing.assert_close(rank1["weights"][name], w, rtol=0, atol=0)  # in sync
@@ -87,6 +102,28 @@ def test_ddp_two_processes_quantize_once_and_train_like_one_process(tmp_path):
     # the adapter-only DDP checkpoint resumes in one process
     fit_in_subprocess(tmp_path / "ddp", 1, 8, 6, "--ckpt_path=last")
     assert torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_fsdp_two_processes_shard_the_adapters_and_train_like_one_process(tmp_path, single):
+    fit_in_subprocess(tmp_path, 2, 4, strategy="projq_fsdp")
+    rank0, rank1 = (torch.load(tmp_path / f"adapters-rank{r}.pt") for r in (0, 1))
+    full = sum(w.numel() for w in rank0["weights"].values())
+    assert rank0["local_numel"] < full and rank0["local_numel"] + rank1["local_numel"] == full  # sharded
+    assert len(list((tmp_path / "artifacts").iterdir())) == 1
+    for name, w in rank0["weights"].items():
+        torch.testing.assert_close(single["weights"][name], w, rtol=0.05, atol=1e-4)
+    fsdp_loss = [(a + b) / 2 for a, b in zip(rank0["losses"], rank1["losses"], strict=True)]
+    torch.testing.assert_close(torch.tensor(fsdp_loss), torch.tensor(single["losses"]), rtol=1e-4, atol=0)
+    packed = {n: d for n, d in rank0["buffers"].items() if n.endswith((".qweight", ".scales"))}
+    assert packed and all(
+        d == (torch.int32 if n.endswith("qweight") else torch.float16) for n, d in packed.items()
+    )
+
+    # the adapter-only checkpoint resumes on one process, sharded or not
+    fit_in_subprocess(tmp_path, 1, 8, 6, "--ckpt_path=last", "--trainer.strategy=projq_fsdp")
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    fit_in_subprocess(tmp_path, 1, 8, 8, "--ckpt_path=last")
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
 
 
 def test_waiting_rank_loads_the_artifact_rank_0_writes(tmp_path, monkeypatch):

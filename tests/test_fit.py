@@ -201,10 +201,9 @@ def test_every_recipe_parses(recipe):
         assert isinstance(cfg.quant, QuantConfig)
         return
     configs = ["--config", str(recipe)]
-    if "model" not in yaml.safe_load(recipe.read_text()):  # an overlay: its usage line names the base
-        base = re.search(
-            rf"--config recipes/(\S+) --config recipes/{re.escape(recipe.name)}", recipe.read_text()
-        )
+    # an overlay's usage line applies it after a base recipe: parse the two together
+    base = re.search(rf"--config recipes/(\S+) --config recipes/{re.escape(recipe.name)}", recipe.read_text())
+    if base:
         configs = ["--config", str(RECIPES / base.group(1)), *configs]
     parsed = ParseOnly(
         ProjQModule, L.LightningDataModule, subclass_mode_data=True, run=False, args=configs

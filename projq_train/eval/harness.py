@@ -130,10 +130,16 @@ def perplexity(
 
 def choice_requests(item: ChoiceItem, q: int, tokenizer, template: str) -> list[Request]:
     """The scoring requests of question ``q``: the context is the prompt plus the answer prefix
-    without its trailing space, each continuation is ``" " + label`` (tokenized on its own)."""
-    ctx = _encode(tokenizer, item.prompt + item.answer_prefix.rstrip(), template)
+    without its trailing space, each continuation is ``" " + label``: the tokens the whole text
+    has after the context's (tokenized on its own where the whole text splits differently)."""
+    context = item.prompt + item.answer_prefix.rstrip()
+    ctx = _encode(tokenizer, context, template)
     sep = " " if item.answer_prefix != item.answer_prefix.rstrip() else ""
-    conts = [tokenizer(sep + label, add_special_tokens=False)["input_ids"] for label in item.labels]
+    conts = []
+    for label in item.labels:
+        whole = _encode(tokenizer, context + sep + label, template)
+        alone = whole[len(ctx) :] if whole[: len(ctx)] == ctx and len(whole) > len(ctx) else None
+        conts.append(alone or tokenizer(sep + label, add_special_tokens=False)["input_ids"])
     common = 0
     while all(len(c) > common + 1 for c in conts) and len({c[common] for c in conts}) == 1:
         common += 1

@@ -4,7 +4,6 @@ eval/report commands on a fit checkpoint, and the validate/test callback."""
 import json
 import math
 
-import lightning as L
 import pytest
 import torch
 
@@ -266,10 +265,10 @@ def test_recovery_report_follows_the_checkpoint_through_its_stages(checkpoint, d
 def test_task_eval_callback_logs_task_metrics_in_validate(checkpoint, data_root):
     from projq_train.export import load_trained
 
-    callback = TaskEval(["boolq", "wikitext2"], data_root=str(data_root), seqlen=64)
+    tasks = [resolve_task(t, data_root) for t in ("boolq", "wikitext2")]
     trained = load_trained(checkpoint)
     expected = harness.evaluate(
-        trained.model, trained.tokenizer, callback.tasks, seqlen=64, choice_mode="loglik", progress=False
+        trained.model, trained.tokenizer, tasks, seqlen=64, choice_mode="loglik", progress=False
     )
     task_eval = "--trainer.callbacks.init_args."  # options of the callback added last
     args = [
@@ -291,7 +290,10 @@ def test_task_eval_callback_logs_task_metrics_in_validate(checkpoint, data_root)
     )
 
 
-def test_task_eval_refuses_unknown_tasks_when_the_recipe_is_built(data_root):
+def test_task_eval_refuses_unknown_tasks_when_built_and_missing_data_before_work(data_root, tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
         TaskEval(["boolqq"], data_root=str(data_root))
-    assert isinstance(TaskEval(["boolq"], data_root=str(data_root)), L.Callback)
+    callback = TaskEval(["boolq", "piqa"], data_root=str(tmp_path / "nowhere"), on_validation=False)
+    callback.setup(None, None, "fit")  # scores at test only: fit needs no task data
+    with pytest.raises(FileNotFoundError, match="set --data_root"):
+        callback.setup(None, None, "test")

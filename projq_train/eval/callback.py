@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 from projq_train.eval.harness import ChoiceMode, evaluate
 from projq_train.eval.run import COUNTS, DATA_ROOT
-from projq_train.eval.tasks import resolve_task
+from projq_train.eval.tasks import Task, check_task_name, resolve_task
 
 
 class TaskEval(Callback):
@@ -45,9 +45,17 @@ class TaskEval(Callback):
         batch_size: int = 8,
         on_validation: bool = True,
     ) -> None:
-        self.tasks = [resolve_task(spec, data_root) for spec in tasks]  # bad names fail at parse time
+        for spec in tasks:  # a misspelled task fails when the recipe is read
+            check_task_name(spec)
+        self.specs, self.data_root = tasks, data_root
+        self.tasks: list[Task] = []
         self.limit, self.choice_mode, self.seqlen, self.stride = limit, choice_mode, seqlen, stride
         self.batch_size, self.on_validation = batch_size, on_validation
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Find the task data before any work of a stage that scores (before training, for fit)."""
+        if stage == "test" or (self.on_validation and stage in ("fit", "validate")):
+            self.tasks = [resolve_task(spec, self.data_root) for spec in self.specs]
 
     def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> None:
         template = getattr(trainer.datamodule, "template", "alpaca")

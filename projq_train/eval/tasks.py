@@ -68,16 +68,22 @@ class MathItem:
     answer: float
 
 
+def check_task_name(spec: str) -> None:
+    """Refuse a bare task name that is not a known task (``name=path`` is always accepted)."""
+    name, _, source = spec.partition("=")
+    if not source and name.lower() not in {k.lower() for k in DEFAULT_FILES}:
+        raise ValueError(
+            f"unknown task {name!r}: known tasks are {sorted(DEFAULT_FILES)}; "
+            "give any other data as name=path"
+        )
+
+
 def resolve_task(spec: str, data_root: str | Path) -> Task:
     """A task from ``name`` (a known task, found under ``data_root``) or ``name=path``."""
+    check_task_name(spec)
     name, _, source = spec.partition("=")
     known = {k.lower(): k for k in DEFAULT_FILES}
     if not source:
-        if name.lower() not in known:
-            raise ValueError(
-                f"unknown task {name!r}: known tasks are {sorted(DEFAULT_FILES)}; "
-                "give any other data as name=path"
-            )
         name = known[name.lower()]
         kind, rel = DEFAULT_FILES[name]
         path = Path(data_root) / rel

@@ -200,21 +200,19 @@ def table(results: dict) -> str:
     keys = sorted((k for k in results if k not in ("float", "settings")), key=lambda k: (k.split("-w")[1], k))
     for key in keys:
         method, bits = key.split("-w")
+        entry = results[key]
         for init in INITS:
-            entry = results[key]
-            after = entry.get(f"fine-tuned/{init}")
-            if after is None:
-                continue
             before = entry["quantized" if init == "standard" else "initialized"]
+            after = entry.get(f"fine-tuned/{init}")
             cells = [
                 bits,
                 method,
                 init,
                 f"{before['wikitext2']['perplexity']:.2f}",
-                f"{after['wikitext2']['perplexity']:.2f}",
+                f"{after['wikitext2']['perplexity']:.2f}" if after else "not run",
                 f"{before['commonsense_mean']['acc_loglik']:.3f}",
-                f"{after['commonsense_mean']['acc_loglik']:.3f}",
-                *(f"{after[t]['acc_loglik']:.3f}" for t in COMMONSENSE),
+                f"{after['commonsense_mean']['acc_loglik']:.3f}" if after else "not run",
+                *(f"{after[t]['acc_loglik']:.3f}" if after else "" for t in COMMONSENSE),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -269,7 +267,13 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["rtn", "gptq", "projq"], choices=["rtn", "gptq", "projq"]
     )
-    parser.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS))
+    parser.add_argument(
+        "--inits",
+        nargs="*",
+        default=list(INITS),
+        choices=list(INITS),
+        help="none: score before fine-tuning only",
+    )
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch 8)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--rows-per-set", type=int, default=500, help="training rows from each training set")

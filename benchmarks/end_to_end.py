@@ -219,43 +219,48 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> None:
-    """WikiText-2 perplexity after fine-tuning against bits, one line per quantizer and init."""
+    """WikiText-2 perplexity before and after fine-tuning, and accuracy after, against bits; one
+    line per quantizer and adapter init."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.9))
     keys = [k for k in results if k not in ("float", "settings")]
+    panels = [("before", "perplexity"), ("after", "perplexity"), ("after", "acc_loglik")]
     for method in dict.fromkeys(k.split("-w")[0] for k in keys):
         for init, style in (("standard", "--"), ("compensation", "-")):
-            points = sorted(
-                (int(k.split("-w")[1]), results[k][f"fine-tuned/{init}"])
-                for k in keys
-                if k.startswith(f"{method}-w") and f"fine-tuned/{init}" in results[k]
-            )
-            if not points:
-                continue
-            bits = [b for b, _ in points]
-            label = f"{method}, {init} init"
-            ppl = [r["wikitext2"]["perplexity"] for _, r in points]
-            acc = [r["commonsense_mean"]["acc_loglik"] for _, r in points]
-            axes[0].plot(bits, ppl, style, marker="o", label=label)
-            axes[1].plot(bits, acc, style, marker="o", label=label)
+            stage = {
+                "before": "quantized" if init == "standard" else "initialized",
+                "after": f"fine-tuned/{init}",
+            }
+            for ax, (when, metric) in zip(axes, panels, strict=True):
+                task = "wikitext2" if metric == "perplexity" else "commonsense_mean"
+                points = sorted(
+                    (int(k.split("-w")[1]), results[k][stage[when]][task][metric])
+                    for k in keys
+                    if k.startswith(f"{method}-w") and stage[when] in results[k]
+                )
+                if points:
+                    color = {"rtn": "tab:gray", "gptq": "tab:blue", "projq": "tab:red"}[method]
+                    label = f"{method}, {init} init"
+                    ax.plot(*zip(*points, strict=True), style, color=color, marker="o", label=label)
     fp = results["float"]
-    for ax, value in zip(
-        axes, (fp["wikitext2"]["perplexity"], fp["commonsense_mean"]["acc_loglik"]), strict=True
-    ):
-        ax.axhline(value, color="black", lw=0.8, label="float (no fine-tune)")
-    axes[0].set(xlabel="bits", ylabel="WikiText-2 perplexity (after)", yscale="log", xticks=[2, 3, 4])
-    axes[1].set(xlabel="bits", ylabel="commonsense accuracy (after)", xticks=[2, 3, 4])
+    for ax, (when, metric) in zip(axes, panels, strict=True):
+        task = "wikitext2" if metric == "perplexity" else "commonsense_mean"
+        ax.axhline(fp[task][metric], color="black", lw=0.8, label="float (no fine-tune)")
+        name = "WikiText-2 perplexity" if metric == "perplexity" else "commonsense accuracy"
+        ax.set(xlabel="bits", ylabel=f"{name} ({when} fine-tuning)", xticks=[2, 3, 4])
+        if metric == "perplexity":
+            ax.set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.suptitle(
-        "SmolLM2-135M: after a short LoRA fine-tune on LLM-Adapters commonsense training sets", fontsize=9
+        "SmolLM2-135M: before and after a short LoRA fine-tune on LLM-Adapters commonsense sets", fontsize=9
     )
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

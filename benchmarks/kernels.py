@@ -8,9 +8,10 @@ plus the backward pass to the input (what a frozen base layer costs during LoRA 
 - ``torch-wN``: QuantLinear, torch backend (dequantize, then matmul);
 - ``triton-wN``: QuantLinear, fused Triton kernels (CUDA only).
 
-and reports the stored weight bytes of each. On CUDA the 1-token rows also give the
-effective bandwidth of reading the packed weight as a share of the device's measured copy
-bandwidth (the roofline a memory-bound product can reach).
+and reports the stored weight bytes of each. On CUDA, times are GPU times with the L2 cache
+flushed before each call, and the 1-token rows also give the effective bandwidth of reading
+the packed weight as a share of the device's measured copy bandwidth (the roofline a
+memory-bound product can reach).
 
     python benchmarks/kernels.py                      # CUDA: 7B shapes, tokens 1 16 512 4096
     python benchmarks/kernels.py --device cpu         # CPU: half-size shapes, tokens 1 16 512
@@ -50,18 +51,20 @@ def weight_bytes(layer: nn.Module) -> int:
     return total
 
 
-def timer(device: torch.device, fn, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` after two warm-up calls."""
+def timer(device: torch.device, fn, repeats: int, grad_to_none: list[torch.Tensor] | None = None) -> float:
+    """Median milliseconds of ``fn()``. On CUDA: GPU time from CUDA events with the L2 cache
+    flushed before each call (``triton.testing.do_bench``), so a layer's weight is read from HBM
+    and host-side launch time overlaps the flush. On CPU: wall time after two warm-up calls."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
     for _ in range(2):
         fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -106,7 +109,7 @@ def measure(layer: nn.Module, tokens: int, in_f: int, dtype, device, repeats: in
     grad = torch.randn(tokens, layer.out_features, device=device, dtype=dtype)
     with torch.no_grad():
         fwd = timer(device, lambda: layer(x), repeats)
-    fwd_bwd = timer(device, lambda: layer(xg).backward(grad), repeats)
+    fwd_bwd = timer(device, lambda: layer(xg).backward(grad), repeats, grad_to_none=[xg])
     return fwd, fwd_bwd
 
 
@@ -134,7 +137,7 @@ def main() -> None:
     ap.add_argument("--tokens", nargs="+", type=int, help="token counts (default: by device)")
     ap.add_argument("--bits", nargs="+", type=int, default=[3, 4])
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--repeats", type=int, help="timed calls per measurement (default: 20 CUDA, 5 CPU)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement on CPU")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -142,7 +145,6 @@ def main() -> None:
     shapes = args.shapes or (SHAPES_7B if cuda else SHAPES_CPU)
     tokens = args.tokens or ([1, 16, 512, 4096] if cuda else [1, 16, 512])
     dtype = torch.bfloat16 if cuda else torch.float32
-    repeats = args.repeats or (20 if cuda else 5)
     bandwidth = copy_bandwidth(device) if cuda else None
     rows = []
     for shape in shapes:
@@ -150,7 +152,7 @@ def main() -> None:
         layers = build_layers(out_f, in_f, args.bits, args.group_size, dtype, device)
         for n in tokens:
             measured = {
-                name: measure(layer, n, in_f, dtype, device, repeats) for name, layer in layers.items()
+                name: measure(layer, n, in_f, dtype, device, args.repeats) for name, layer in layers.items()
             }
             for name, (fwd, fwd_bwd) in measured.items():
                 nbytes = weight_bytes(layers[name])

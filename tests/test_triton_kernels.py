@@ -36,7 +36,7 @@ def check_kernels(device: str, dtypes: tuple[torch.dtype, ...]) -> None:
         w_t = dequantize_packed(*tensors, bits, torch.float32)  # (in, out)
         for dtype in dtypes:
             tol = 1e-4 if dtype == torch.float32 else 1e-2
-            for m in (1, 19):
+            for m in (1, 5, 19):
                 x = torch.randn(m, in_f, generator=gen).to(device, dtype)
                 dy = torch.randn(m, out_f, generator=gen).to(device, dtype)
                 y, dx = tk.matmul(x, *tensors, bits), tk.matmul_grad_input(dy, *tensors, bits)

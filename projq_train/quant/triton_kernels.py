@@ -9,12 +9,13 @@ at 3 bits a code may straddle two words, so the next word is read where the shif
 - :func:`matmul`: ``y (M, out) = x (M, in) · Ŵᵀ``
 - :func:`matmul_grad_input`: ``dx (M, in) = dy (M, out) · Ŵ``
 
-With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (with fixed tile sizes
-instead of autotuning), which is how the tests check them on machines without a GPU.
+With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (with one fixed tile size
+per kernel instead of autotuning), which is how the tests check them on machines without a GPU.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -98,16 +99,23 @@ def _matmul_kernel(
     stride_ym,
     BITS: tl.constexpr,
     IEEE: tl.constexpr,
+    ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
+    """One ``(BLOCK_M, BLOCK_N)`` tile of ``y`` over the ``program_id(1)``-th of ``SPLIT_K`` slices
+    of ``K``. ``ATOMIC``: add into a zeroed float32 ``y`` (split-K); else store in ``y``'s dtype.
+    ``BLOCK_M == 1`` (one token) reduces on the CUDA cores instead of a padded ``tl.dot``."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = tl.program_id(1) * per_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, tl.minimum(k_lo + per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -116,13 +124,19 @@ def _matmul_kernel(
         )  # (BLOCK_M, BLOCK_K)
         w = _dequant_tile(
             qw_ptr, qz_ptr, sc_ptr, gi_ptr, offs_k, offs_n, K, N, stride_qw, stride_qz, stride_sc, BITS
-        ).to(x.dtype)  # (BLOCK_K, BLOCK_N)
-        if IEEE:
-            acc += tl.dot(x, w, input_precision="ieee")
+        )  # (BLOCK_K, BLOCK_N), float32
+        if BLOCK_M == 1:
+            acc += tl.sum(tl.trans(x.to(tl.float32)) * w, axis=0, keep_dims=True)
+        elif IEEE:
+            acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
         else:
-            acc += tl.dot(x, w)
+            acc += tl.dot(x, w.to(x.dtype))
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -173,30 +187,60 @@ def _grad_input_kernel(
     )
 
 
-def _configs() -> list[triton.Config]:
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
-        (16, 64, 64, 4, 4),
-        (16, 128, 64, 4, 4),
-        (32, 64, 64, 4, 4),
-        (64, 64, 64, 4, 3),
-        (64, 128, 32, 4, 4),
-        (128, 64, 32, 4, 4),
-        (128, 128, 32, 8, 3),
-    ]
+def _configs(shapes: list[tuple[int, ...]], split: bool = True) -> list[triton.Config]:
+    """Autotuning candidates from ``(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages)``
+    (``split=False``: without ``SPLIT_K``, for the grad-input kernel)."""
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in shapes
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}
+            | ({"SPLIT_K": split_k} if split else {}),
+            num_warps=warps,
+            num_stages=stages,
+        )
+        for m, n, k, split_k, warps, stages in shapes
     ]
 
 
-if INTERPRET:
-    _FIXED = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
-    _matmul, _grad_input = _matmul_kernel, _grad_input_kernel
-else:
-    _FIXED = {}
-    _KEY = ["M_BUCKET", "N", "K", "BITS", "IEEE"]  # M in power-of-two buckets: no re-tuning per batch shape
-    _matmul = triton.autotune(_configs(), key=_KEY)(_matmul_kernel)
-    _grad_input = triton.autotune(_configs(), key=_KEY)(_grad_input_kernel)
+# Many tokens: enough output tiles to fill the GPU; each program walks all of K.
+_LARGE = [
+    (16, 64, 64, 1, 4, 4),
+    (16, 128, 64, 1, 4, 4),
+    (32, 64, 64, 1, 4, 4),
+    (64, 64, 64, 1, 4, 3),
+    (64, 128, 32, 1, 4, 4),
+    (128, 64, 32, 1, 4, 4),
+    (128, 128, 32, 1, 8, 3),
+]
+# Up to 16 tokens: one row of tiles, so K is split across programs to keep every SM reading.
+_SMALL = [
+    (16, 64, 64, 4, 4, 3),
+    (16, 64, 128, 8, 4, 3),
+    (16, 128, 64, 4, 4, 3),
+    (16, 128, 64, 8, 4, 3),
+    (16, 64, 64, 16, 4, 3),
+    (16, 128, 128, 16, 8, 3),
+]
+# One token (decoding): a matrix-vector product, reduced on the CUDA cores.
+_GEMV = [
+    (1, 32, 128, 8, 4, 3),
+    (1, 64, 64, 8, 4, 3),
+    (1, 64, 128, 4, 4, 3),
+    (1, 64, 128, 8, 4, 3),
+    (1, 128, 64, 4, 4, 3),
+    (1, 128, 64, 16, 4, 2),
+    (1, 128, 128, 8, 8, 3),
+    (1, 256, 64, 8, 8, 3),
+]
+if INTERPRET:  # one small config each instead of autotuning; SPLIT_K = 3 leaves slices of a short K empty
+    _GEMV, _SMALL, _LARGE = [(1, 32, 32, 3, 4, 1)], [(16, 32, 32, 3, 4, 1)], [(16, 32, 32, 1, 4, 1)]
+
+_KEY = ["M_BUCKET", "N", "K", "BITS", "IEEE"]  # M in power-of-two buckets: no re-tuning per batch shape
+_matmul = {  # split-K paths add into a zeroed float32 output, which autotuning must re-zero per trial
+    "gemv": triton.autotune(_configs(_GEMV), key=_KEY, reset_to_zero=["y_ptr"])(_matmul_kernel),
+    "small": triton.autotune(_configs(_SMALL), key=_KEY, reset_to_zero=["y_ptr"])(_matmul_kernel),
+    "large": triton.autotune(_configs(_LARGE), key=_KEY)(_matmul_kernel),
+}
+_grad_input = triton.autotune(_configs(_LARGE, split=False), key=_KEY)(_grad_input_kernel)
 
 
 def _bucket(m: int) -> int:
@@ -204,15 +248,18 @@ def _bucket(m: int) -> int:
 
 
 def matmul(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int) -> Tensor:
-    """``x (M, in) · Ŵᵀ → (M, out)`` in ``x``'s dtype."""
+    """``x (M, in) · Ŵᵀ → (M, out)`` in ``x``'s dtype. Up to 16 rows split ``K`` across programs
+    and accumulate in float32 (one token as a matrix-vector product); more rows tile ``M × N``."""
     x = x.contiguous()
     (M, K), N = x.shape, scales.shape[1]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    path = "gemv" if M == 1 else "small" if M <= 16 else "large"
+    split = path != "large"
+    y = torch.zeros(M, N, dtype=torch.float32, device=x.device) if split else x.new_empty(M, N)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    _matmul[grid](
+    _matmul[path][grid](
         x,
         qweight,
         qzeros,
@@ -230,9 +277,9 @@ def matmul(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Te
         y.stride(0),
         BITS=bits,
         IEEE=x.dtype == torch.float32,
-        **_FIXED,
+        ATOMIC=split,
     )
-    return y
+    return y.to(x.dtype)
 
 
 def matmul_grad_input(
@@ -264,14 +311,14 @@ def matmul_grad_input(
         dx.stride(0),
         BITS=bits,
         IEEE=grad_y.dtype == torch.float32,
-        **_FIXED,
     )
     return dx
 
 
 def self_test(device: torch.device) -> str | None:
     """Run both kernels at every bit width and dtype on ``device`` against the torch reference
-    (act-order groups, ragged sizes); ``None`` when they agree, else what went wrong."""
+    (act-order groups, ragged sizes, M = 1, 5 and 37 rows to reach each matmul path); ``None``
+    when they agree, else what went wrong."""
     from projq_train.quant.pack import PackedWeight, dequantize_packed
     from projq_train.quant.rtn import rtn_quantize
 
@@ -284,10 +331,10 @@ def self_test(device: torch.device) -> str | None:
             q = rtn_quantize(torch.randn(72, 160, generator=gen), bits, 32)
             q.g_idx = q.g_idx[torch.randperm(160, generator=gen)]  # act-order style group map
             tensors = tuple(PackedWeight.from_quantized(q).to(device).tensors().values())
-            for dtype in dtypes:
-                x = torch.randn(37, 160, generator=gen).to(device, dtype)
-                dy = torch.randn(37, 72, generator=gen).to(device, dtype)
-                w_t = dequantize_packed(*tensors, bits, torch.float32)  # (in, out)
+            w_t = dequantize_packed(*tensors, bits, torch.float32)  # (in, out)
+            for dtype, m in itertools.product(dtypes, (1, 5, 37)):
+                x = torch.randn(m, 160, generator=gen).to(device, dtype)
+                dy = torch.randn(m, 72, generator=gen).to(device, dtype)
                 for name, got, ref in (
                     ("forward", matmul(x, *tensors, bits), x.float() @ w_t),
                     ("grad_input", matmul_grad_input(dy, *tensors, bits), dy.float() @ w_t.T),
@@ -296,7 +343,8 @@ def self_test(device: torch.device) -> str | None:
                     tol = 1e-3 if dtype == torch.float32 else 2e-2
                     if not err <= tol * ref.abs().max().item():
                         return (
-                            f"{name} at {bits} bits in {dtype} differs from the torch reference by {err:.3g}"
+                            f"{name} at {bits} bits in {dtype} with M={m} differs from the torch "
+                            f"reference by {err:.3g}"
                         )
     except Exception as err:  # any compile or launch failure means: do not use the kernels
         return f"{type(err).__name__}: {err}"

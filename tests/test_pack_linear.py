@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import projq_train.quant.linear as linear
-from projq_train.quant.linear import QuantLinear, swap_in_quant_linears, triton_ready
+from projq_train.quant.linear import QuantLinear, dequantize_once, swap_in_quant_linears, triton_ready
 from projq_train.quant.pack import PACKING, PackedWeight, dequantize_packed, pack, packed_length, unpack
 from projq_train.quant.rtn import rtn_quantize
 
@@ -113,6 +113,24 @@ def test_dequantized_weight_is_kept_between_forward_and_backward_only_when_confi
     assert max(saved_numels(make_layer(out_f=256, in_f=512, gs=128, bias=False)[0], x), default=0) < weight
     kept = make_layer(out_f=256, in_f=512, gs=128, bias=False, save_dequantized=True)[0]
     assert max(saved_numels(kept, x)) == weight
+
+
+def test_dequantize_once_unpacks_each_weight_once_per_dtype_inside_the_block(monkeypatch):
+    layer, _ = make_layer()
+    model = nn.Sequential(layer, nn.ReLU(), make_layer(out_f=16, in_f=24, gs=-1)[0])
+    x = torch.randn(4, 64)
+    expected, expected_half = model(x), model(x.half())
+    calls = []
+    monkeypatch.setattr(
+        linear, "dequantize_packed", lambda *args: calls.append(args[-1]) or dequantize_packed(*args)
+    )
+    with dequantize_once(model):
+        for _ in range(3):
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model(x.half()), expected_half, rtol=0, atol=0)
+    assert calls == [torch.float32] * 2 + [torch.float16] * 2
+    model(x)  # outside the block: unpacked again on every call, nothing kept
+    assert len(calls) == 6 and layer._dense is None
 
 
 def test_three_bit_group_128_stores_at_most_3_3_bits_per_weight():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -35,6 +36,7 @@ from projq_train.eval.tasks import (
     read_choice,
     read_number,
 )
+from projq_train.quant.linear import dequantize_once
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -285,24 +287,28 @@ def evaluate(
     model.eval()
     show = progress and rank == 0
     results: dict[str, dict[str, float]] = {}
+    # on CPU the packed layers have no fused kernel: unpack each weight once, not on every batch
+    on_cpu = next(model.parameters()).device.type == "cpu"
     try:
-        for task in tasks:
-            log.info("evaluating %s (%s, %s)", task.name, task.kind, task.source)
-            if task.kind == "perplexity":
-                ids = torch.tensor(tokenizer(load_text(task), add_special_tokens=False)["input_ids"])
-                window = seqlen or min(2048, getattr(model.config, "max_position_embeddings", 2048))
-                step = stride or max(1, window // 2)
-                args = (window, step, batch_size, limit, rank, world_size, show)
-                results[task.name] = perplexity(model, ids, *args)
-                continue
-            items = load_items(task, template, tokenizer, limit)
-            mine, name = items[rank::world_size], f"{task.name} (generate)"
-            if task.kind == "choice":
-                args = (choice_mode, choice_new_tokens, batch_size, show, name)
-                out = _choice_metrics(model, tokenizer, mine, template, *args)
-            else:
-                out = _math_metrics(model, tokenizer, mine, template, math_new_tokens, batch_size, show, name)
-            results[task.name] = out | {"n": len(items)}
+        with dequantize_once(model) if on_cpu else nullcontext():
+            for task in tasks:
+                log.info("evaluating %s (%s, %s)", task.name, task.kind, task.source)
+                if task.kind == "perplexity":
+                    ids = torch.tensor(tokenizer(load_text(task), add_special_tokens=False)["input_ids"])
+                    window = seqlen or min(2048, getattr(model.config, "max_position_embeddings", 2048))
+                    step = stride or max(1, window // 2)
+                    args = (window, step, batch_size, limit, rank, world_size, show)
+                    results[task.name] = perplexity(model, ids, *args)
+                    continue
+                items = load_items(task, template, tokenizer, limit)
+                mine, name = items[rank::world_size], f"{task.name} (generate)"
+                if task.kind == "choice":
+                    args = (choice_mode, choice_new_tokens, batch_size, show, name)
+                    out = _choice_metrics(model, tokenizer, mine, template, *args)
+                else:
+                    args = (math_new_tokens, batch_size, show, name)
+                    out = _math_metrics(model, tokenizer, mine, template, *args)
+                results[task.name] = out | {"n": len(items)}
     finally:
         model.train(was_training)
     return results

@@ -7,7 +7,9 @@ only. Two backends compute the products:
 
 - ``torch``: dequantize to the input's dtype, then a dense matmul. Works everywhere; it is
   the reference the fused kernel is tested against. The dequantized weight is rebuilt in the
-  backward pass instead of being kept alive, unless ``save_dequantized`` is set.
+  backward pass instead of being kept alive, unless ``save_dequantized`` is set. Inside
+  :func:`dequantize_once`, each layer dequantizes once per dtype and reuses the result: the
+  float weights' memory, for repeated inference (evaluation, generation) without a kernel.
 - ``triton``: fused dequantize + matmul on CUDA (:mod:`projq_train.quant.triton_kernels`).
   ``auto`` uses it on CUDA once a self-test against the torch backend has passed on that
   device, and falls back to torch with a warning if the test fails.
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -103,6 +107,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, gs
         self.backend, self.save_dequantized = backend, save_dequantized
+        self._dense: dict[torch.dtype, Tensor] | None = None  # Ŵᵀ by dtype inside dequantize_once
         n_groups = in_features // gs
         self.register_buffer(
             "qweight",
@@ -146,7 +151,11 @@ class QuantLinear(nn.Module):
 
     def dequantize_t(self, dtype: torch.dtype) -> Tensor:
         """``Ŵᵀ (in, out)`` in ``dtype`` (torch reference)."""
-        return dequantize_packed(*self.packed_tensors(), self.bits, dtype)
+        if self._dense is None:
+            return dequantize_packed(*self.packed_tensors(), self.bits, dtype)
+        if dtype not in self._dense:
+            self._dense[dtype] = dequantize_packed(*self.packed_tensors(), self.bits, dtype)
+        return self._dense[dtype]
 
     def _fused(self, x: Tensor) -> bool:
         if self.backend == "torch":
@@ -183,6 +192,22 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend}"
         )
+
+
+@contextmanager
+def dequantize_once(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every torch-backend :class:`QuantLinear` of ``model`` keeps its
+    dequantized weight after first use, so repeated forward passes skip the unpacking; the
+    copies are dropped on exit. Costs the float weights' memory; the packed buffers must not
+    change inside the block."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer._dense = {}
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer._dense = None
 
 
 def swap_in_quant_linears(model: nn.Module, weights: dict[str, PackedWeight], **kwargs) -> nn.Module:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,11 +47,11 @@ GPTQ_FILE = "model.safetensors"
 
 
 @dataclass
-class Trained:
-    """A fine-tuned model rebuilt from a checkpoint, with the settings it was made with."""
+class FitCheckpoint:
+    """What a fit checkpoint holds, read without building a model: the settings it was trained
+    with, its (checked) artifact and its adapter weights."""
 
-    model: PeftModel
-    tokenizer: Any
+    path: Path
     base: ModelConfig
     quant: QuantConfig
     adapter: AdapterConfig
@@ -59,15 +59,24 @@ class Trained:
     artifact: Path
     data_path: str | None  # the training data, for held-out fidelity windows
     template: str  # the prompt template of the training data
+    adapter_state: dict[str, Tensor]  # trained adapter tensors by their key in the peft model
+
+
+@dataclass
+class Trained(FitCheckpoint):
+    """A fine-tuned model rebuilt from a checkpoint, with the settings it was made with."""
+
+    model: PeftModel
+    tokenizer: Any
 
 
 def _typed(cls, value):
     return value if isinstance(value, cls) else cls(**value)
 
 
-def load_trained(ckpt_path: str | Path, artifact_dir: str | Path | None = None) -> Trained:
-    """The packed base of the checkpoint's artifact plus its trained adapters. Refuses a checkpoint
-    whose artifact is missing or is not the one it was trained on (no silent re-quantization)."""
+def read_fit_checkpoint(ckpt_path: str | Path, artifact_dir: str | Path | None = None) -> FitCheckpoint:
+    """The settings and adapter weights of a fit checkpoint. Refuses a checkpoint whose artifact
+    is missing or is not the one it was trained on (no silent re-quantization)."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     hp, base_id = ckpt.get("hyper_parameters", {}), ckpt.get("projq", {}).get("base_id")
     if base_id is None or "base" not in hp:
@@ -76,8 +85,6 @@ def load_trained(ckpt_path: str | Path, artifact_dir: str | Path | None = None) 
         raise ValueError(
             f"{ckpt_path} was trained on an NF4 (bitsandbytes) base; export supports rtn/gptq/projq"
         )
-    base, quant = _typed(ModelConfig, hp["base"]), _typed(QuantConfig, hp["quant"])
-    adapter, calibration = _typed(AdapterConfig, hp["adapter"]), _typed(CalibrationConfig, hp["calibration"])
     artifact = Path(artifact_dir or hp.get("artifact_dir", "artifacts")) / base_id
     if not (artifact / "metadata.json").is_file():
         raise FileNotFoundError(
@@ -86,17 +93,36 @@ def load_trained(ckpt_path: str | Path, artifact_dir: str | Path | None = None) 
         )
     if not json.loads((artifact / "metadata.json").read_text()).get("hash", "").startswith(base_id):
         raise ValueError(f"{artifact} is not the artifact {base_id} that {ckpt_path} was trained on")
-    model, tokenizer, _, _ = load_quantized_model(artifact)
-    peft_model = attach_adapters(model, quant.target_modules, quant.rank, adapter.alpha, adapter.dropout)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    missing = [k for k in peft_model.state_dict() if ".lora_" in k and k not in state]
-    if missing:
-        raise ValueError(f"{ckpt_path} lacks adapter weights {missing[:3]} ({len(missing)} in all)")
-    peft_model.load_state_dict(state, strict=False)
     data = ckpt.get("datamodule_hyper_parameters") or {}
-    template = data.get("template", "alpaca")
-    args = (tokenizer, base, quant, adapter, calibration, artifact, data.get("path"), template)
-    return Trained(peft_model.eval(), *args)
+    return FitCheckpoint(
+        path=Path(ckpt_path),
+        base=_typed(ModelConfig, hp["base"]),
+        quant=_typed(QuantConfig, hp["quant"]),
+        adapter=_typed(AdapterConfig, hp["adapter"]),
+        calibration=_typed(CalibrationConfig, hp["calibration"]),
+        artifact=artifact,
+        data_path=data.get("path"),
+        template=data.get("template", "alpaca"),
+        adapter_state={k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()},
+    )
+
+
+def build_trained(ckpt: FitCheckpoint) -> Trained:
+    """The packed base of the checkpoint's artifact plus its trained adapters."""
+    model, tokenizer, _, _ = load_quantized_model(ckpt.artifact)
+    q = ckpt.quant
+    peft_model = attach_adapters(model, q.target_modules, q.rank, ckpt.adapter.alpha, ckpt.adapter.dropout)
+    missing = [k for k in peft_model.state_dict() if ".lora_" in k and k not in ckpt.adapter_state]
+    if missing:
+        raise ValueError(f"{ckpt.path} lacks adapter weights {missing[:3]} ({len(missing)} in all)")
+    peft_model.load_state_dict(ckpt.adapter_state, strict=False)
+    settings = {f.name: getattr(ckpt, f.name) for f in fields(ckpt)}
+    return Trained(**settings, model=peft_model.eval(), tokenizer=tokenizer)
+
+
+def load_trained(ckpt_path: str | Path, artifact_dir: str | Path | None = None) -> Trained:
+    """:func:`build_trained` of :func:`read_fit_checkpoint`."""
+    return build_trained(read_fit_checkpoint(ckpt_path, artifact_dir))
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import projq_train.cli as cli
+from projq_train.artifact import load_quantized_model
 from projq_train.config import ModelConfig
 from projq_train.eval import harness
 from projq_train.eval.callback import TaskEval
@@ -248,11 +249,22 @@ def test_eval_command_scores_a_checkpoint_an_artifact_or_a_model(checkpoint, dat
         cli.main(["eval", "--tasks", "[boolq]", "--data_root", str(data_root)])
 
 
-def test_recovery_report_follows_the_checkpoint_through_its_stages(checkpoint, data_root, tmp_path):
+def test_recovery_report_follows_the_checkpoint_through_its_stages(
+    checkpoint, data_root, tmp_path, monkeypatch
+):
+    loads = []
+
+    def counted_load(path):
+        loads.append(path)
+        return load_quantized_model(path)
+
+    for module in ("projq_train.eval.run", "projq_train.export"):
+        monkeypatch.setattr(f"{module}.load_quantized_model", counted_load)
     report = run_report(
         str(checkpoint), ["wikitext2", "boolq"], str(tmp_path / "rep"), data_root=str(data_root), seqlen=64
     )
     assert list(report["stages"]) == ["float", "quantized", "initialized", "fine-tuned"]
+    assert len(loads) == 3  # quantized, initialized, fine-tuned: each packed model built once
     ppl = {s: r["wikitext2"]["perplexity"] for s, r in report["stages"].items()}
     # the compensation init (Q + BA ≈ W) closes most of the quantization gap before any training
     assert report["gap_closed"]["initialized"]["wikitext2/perplexity"] > 50

@@ -28,7 +28,7 @@ from projq_train.artifact import load_quantized_model
 from projq_train.config import ModelConfig
 from projq_train.eval.harness import ChoiceMode, evaluate
 from projq_train.eval.tasks import Task, resolve_task
-from projq_train.export import load_quantized_export, load_trained
+from projq_train.export import build_trained, load_quantized_export, load_trained, read_fit_checkpoint
 from projq_train.lora import attach_adapters, init_from_compensation
 from projq_train.models import load_model_and_tokenizer, resolve_device
 
@@ -192,16 +192,15 @@ def plot_recovery(report: dict[str, Any], path: str | Path) -> None:
 def stage_models(ckpt_path: str, artifact_dir: str | None) -> dict[str, Callable[[], Loaded] | None]:
     """A loader per stage of a checkpoint, each building its model afresh; ``initialized`` is None
     when the adapter started at ``B = 0`` (the standard init), where step 0 is the quantized model."""
-    trained = load_trained(ckpt_path, artifact_dir)
-    base, artifact, template, init = trained.base, trained.artifact, trained.template, trained.adapter.init
-    del trained
+    ckpt = read_fit_checkpoint(ckpt_path, artifact_dir)
+    template, artifact, init = ckpt.template, ckpt.artifact, ckpt.adapter.init
 
     def fine_tuned() -> Loaded:
-        trained = load_trained(ckpt_path, artifact_dir)
+        trained = build_trained(ckpt)
         return trained.model, trained.tokenizer, template
 
     return {
-        "float": lambda: (*load_model_and_tokenizer(base), template),
+        "float": lambda: (*load_model_and_tokenizer(ckpt.base), template),
         "quantized": lambda: (*artifact_model(artifact, False), template),
         "initialized": (lambda: (*artifact_model(artifact, True), template)) if init == "projq" else None,
         "fine-tuned": fine_tuned,

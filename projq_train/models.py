@@ -50,17 +50,19 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
-    """The model's tokenizer (the byte tokenizer for a model built from ``cfg.config``), with a pad token."""
+def load_tokenizer(cfg: ModelConfig, config: PretrainedConfig | None = None) -> PreTrainedTokenizerFast:
+    """The model's tokenizer (the byte tokenizer for a model built from ``cfg.config``), with a pad
+    token. ``config``: the model's config when already read (a GGUF file is slow to parse)."""
     if cfg.config is not None:
         tokenizer = byte_tokenizer()
     else:
         extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **extra)
-        if tokenizer.eos_token is None:  # e.g. a tokenizer rebuilt from GGUF: the model config knows it
-            eos = AutoConfig.from_pretrained(cfg.name_or_path, **extra).eos_token_id
-            if eos is not None:
-                tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos if isinstance(eos, int) else eos[0])
+        config = config or AutoConfig.from_pretrained(cfg.name_or_path, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, config=config, **extra)
+        if tokenizer.eos_token is None and config.eos_token_id is not None:
+            # e.g. a tokenizer rebuilt from GGUF: the model config knows it
+            eos = config.eos_token_id
+            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos if isinstance(eos, int) else eos[0])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -83,7 +85,8 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTok
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        check_architecture(AutoConfig.from_pretrained(cfg.name_or_path, **extra))
-        tokenizer = load_tokenizer(cfg)
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **extra)
+        config = AutoConfig.from_pretrained(cfg.name_or_path, **extra)
+        check_architecture(config)
+        tokenizer = load_tokenizer(cfg, config)
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=config, dtype=dtype, **extra)
     return model.eval(), tokenizer

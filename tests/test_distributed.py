@@ -62,7 +62,6 @@ def fit_in_subprocess(
 ) -> None:
     args = [
         *fit_args(root, steps),
-        *extra,
         f"--trainer.devices={devices}",
         *([f"--trainer.strategy={strategy}"] if devices > 1 else []),
         "--trainer.callbacks+=tests.test_distributed.DumpAdapters",
@@ -72,10 +71,11 @@ def fit_in_subprocess(
         "--model.adapter.dropout=0.0",
         # SGD: updates linear in the gradients, so the comparison below is a real one (Adam's
         # sign-like first steps would amplify rounding-level gradient differences); momentum gives
-        # it a state to checkpoint (Lightning's FSDP2 resume cannot read an empty optimizer state)
+        # it a state to shard and checkpoint
         "--model.optimizer=torch.optim.SGD",
         "--model.optimizer.init_args.lr=0.5",
         "--model.optimizer.init_args.momentum=0.5",
+        *extra,
     ]
     run_cli("fit", args)
 
@@ -124,6 +124,23 @@ def test_fsdp_two_processes_shard_the_adapters_and_train_like_one_process(tmp_pa
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
     fit_in_subprocess(tmp_path, 1, 8, 8, "--ckpt_path=last")
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+
+
+def test_fsdp_resumes_an_optimizer_without_state_exactly(tmp_path):
+    """Plain SGD keeps no state, which Lightning's and torch's FSDP2 loaders cannot read; resuming
+    must also restore the scheduled learning rate of the first resumed step."""
+    plain_sgd = ("--model.optimizer.init_args.momentum=0", "--trainer.strategy=projq_fsdp")
+    fit_in_subprocess(tmp_path / "straight", 1, 8, 4, *plain_sgd)
+    fit_in_subprocess(tmp_path / "resumed", 1, 8, 2, *plain_sgd)
+    fit_in_subprocess(tmp_path / "resumed", 1, 8, 4, *plain_sgd, "--ckpt_path=last")
+    straight, resumed = (
+        torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False)
+        for run in ("straight", "resumed")
+    )
+    assert straight["global_step"] == resumed["global_step"] == 4
+    assert straight["optimizer_states"][0]["state"] == {}
+    for name, w in straight["state_dict"].items():  # warmup: steps 3 and 4 use different rates
+        torch.testing.assert_close(resumed["state_dict"][name], w, rtol=0, atol=0)
 
 
 def test_waiting_rank_loads_the_artifact_rank_0_writes(tmp_path, monkeypatch):

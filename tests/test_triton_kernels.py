@@ -23,7 +23,8 @@ ROOT = Path(__file__).parents[1]
 
 
 def check_kernels(device: str, dtypes: tuple[torch.dtype, ...]) -> None:
-    """Both kernels equal ``x Ŵᵀ`` / ``dy Ŵ`` over bit widths, ragged and act-order shapes, M = 1."""
+    """Every path of both products equals ``x Ŵᵀ`` / ``dy Ŵ`` over bit widths, ragged and
+    act-order shapes, and the row counts each path serves (and others)."""
     from projq_train.quant import triton_kernels as tk
 
     gen = torch.Generator().manual_seed(0)
@@ -36,12 +37,25 @@ def check_kernels(device: str, dtypes: tuple[torch.dtype, ...]) -> None:
         w_t = dequantize_packed(*tensors, bits, torch.float32)  # (in, out)
         for dtype in dtypes:
             tol = 1e-4 if dtype == torch.float32 else 1e-2
-            for m in (1, 5, 19):
+            torch.testing.assert_close(tk.dequantize(*tensors, bits, dtype), w_t.to(dtype), rtol=0, atol=0)
+            # by token count (None), and each path also on row counts it is not picked for
+            for m, path in [
+                (1, None),
+                (5, None),
+                (19, None),
+                (5, "gemv"),
+                (19, "split"),
+                (1, "tiled"),
+                (19, "dense"),
+            ]:
                 x = torch.randn(m, in_f, generator=gen).to(device, dtype)
-                dy = torch.randn(m, out_f, generator=gen).to(device, dtype)
-                y, dx = tk.matmul(x, *tensors, bits), tk.matmul_grad_input(dy, *tensors, bits)
-                assert y.dtype == dx.dtype == dtype
+                y = tk.matmul(x, *tensors, bits, path)
+                assert y.dtype == dtype
                 torch.testing.assert_close(y.float(), x.float() @ w_t, atol=tol * 10, rtol=tol)
+            for m, path in [(1, None), (19, None), (19, "dense")]:
+                dy = torch.randn(m, out_f, generator=gen).to(device, dtype)
+                dx = tk.matmul_grad_input(dy, *tensors, bits, path)
+                assert dx.dtype == dtype
                 torch.testing.assert_close(dx.float(), dy.float() @ w_t.T, atol=tol * 10, rtol=tol)
     assert tk.self_test(torch.device(device)) is None
 
@@ -51,7 +65,10 @@ def check_self_test_catches_a_wrong_kernel(device: str) -> None:
 
     right = tk.matmul_grad_input
     tk.matmul_grad_input = lambda *args: right(*args) * 1.01
-    assert "grad_input at 2 bits" in tk.self_test(torch.device(device))
+    assert "grad_input (tiled) at 2 bits" in tk.self_test(torch.device(device))
+    tk.matmul_grad_input, right = right, tk.dequantize
+    tk.dequantize = lambda *args: right(*args) * 1.01  # only the dense path uses it
+    assert "forward (dense) at 2 bits" in tk.self_test(torch.device(device))
 
 
 def run_interpreted(check: str) -> None:

@@ -8,6 +8,9 @@ at 3 bits a code may straddle two words, so the next word is read where the shif
 
 - :func:`matmul`: ``y (M, out) = x (M, in) · Ŵᵀ``
 - :func:`matmul_grad_input`: ``dx (M, in) = dy (M, out) · Ŵ``
+- :func:`dequantize`: the dense ``Ŵᵀ``, for the ``dense`` path of both (dequantize, then
+  cuBLAS), which many tokens can favour: the fused kernels rebuild each weight tile once per
+  block of rows, a dense weight is built once. Which is faster is measured per shape on first use.
 
 With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (with one fixed tile size
 per kernel instead of autotuning), which is how the tests check them on machines without a GPU.
@@ -17,6 +20,9 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
+from functools import partial
+from typing import Literal
 
 import torch
 import triton
@@ -187,6 +193,33 @@ def _grad_input_kernel(
     )
 
 
+@triton.jit
+def _dequant_kernel(
+    qw_ptr,
+    qz_ptr,
+    sc_ptr,
+    gi_ptr,
+    w_ptr,
+    N,
+    K,
+    stride_qw,
+    stride_qz,
+    stride_sc,
+    stride_w,
+    BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One ``(BLOCK_K, BLOCK_N)`` tile of the dense ``Ŵᵀ`` in ``w``'s dtype."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w = _dequant_tile(
+        qw_ptr, qz_ptr, sc_ptr, gi_ptr, offs_k, offs_n, K, N, stride_qw, stride_qz, stride_sc, BITS
+    )
+    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    tl.store(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
 def _configs(shapes: list[tuple[int, ...]], split: bool = True) -> list[triton.Config]:
     """Autotuning candidates from ``(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages)``
     (``split=False``: without ``SPLIT_K``, for the grad-input kernel)."""
@@ -237,34 +270,93 @@ if INTERPRET:  # one small config each instead of autotuning; SPLIT_K = 3 leaves
 _KEY = ["M_BUCKET", "N", "K", "BITS", "IEEE"]  # M in power-of-two buckets: no re-tuning per batch shape
 _matmul = {  # split-K paths add into a zeroed float32 output, which autotuning must re-zero per trial
     "gemv": triton.autotune(_configs(_GEMV), key=_KEY, reset_to_zero=["y_ptr"])(_matmul_kernel),
-    "small": triton.autotune(_configs(_SMALL), key=_KEY, reset_to_zero=["y_ptr"])(_matmul_kernel),
-    "large": triton.autotune(_configs(_LARGE), key=_KEY)(_matmul_kernel),
+    "split": triton.autotune(_configs(_SMALL), key=_KEY, reset_to_zero=["y_ptr"])(_matmul_kernel),
+    "tiled": triton.autotune(_configs(_LARGE), key=_KEY)(_matmul_kernel),
 }
 _grad_input = triton.autotune(_configs(_LARGE, split=False), key=_KEY)(_grad_input_kernel)
+_FASTER: dict[tuple, str] = {}
+
+MatmulPath = Literal["gemv", "split", "tiled", "dense"]
 
 
 def _bucket(m: int) -> int:
     return min(triton.next_power_of_2(m), 4096)
 
 
-def matmul(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int) -> Tensor:
-    """``x (M, in) · Ŵᵀ → (M, out)`` in ``x``'s dtype. Up to 16 rows split ``K`` across programs
-    and accumulate in float32 (one token as a matrix-vector product); more rows tile ``M × N``."""
+def _faster(key: tuple, candidates: dict[str, Callable[[], Tensor]]) -> str:
+    """The candidate with the least GPU time, measured on the first call with ``key``."""
+    if key not in _FASTER:
+        if INTERPRET:  # no GPU clock: the first candidate
+            _FASTER[key] = next(iter(candidates))
+        else:
+            from triton.testing import do_bench
+
+            _FASTER[key] = min(candidates, key=lambda name: do_bench(candidates[name], warmup=5, rep=20))
+    return _FASTER[key]
+
+
+def dequantize(
+    qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, dtype: torch.dtype
+) -> Tensor:
+    """The dense ``Ŵᵀ (in, out)`` in ``dtype``, in one pass over the packed weight."""
+    (K,), N = g_idx.shape, scales.shape[1]
+    w = torch.empty(K, N, dtype=dtype, device=qweight.device)
+    grid = (triton.cdiv(K, 32), triton.cdiv(N, 128))
+    _dequant_kernel[grid](
+        qweight,
+        qzeros,
+        scales,
+        g_idx,
+        w,
+        N,
+        K,
+        qweight.stride(0),
+        qzeros.stride(0),
+        scales.stride(0),
+        w.stride(0),
+        BITS=bits,
+        BLOCK_N=128,
+        BLOCK_K=32,
+    )
+    return w
+
+
+def matmul(
+    x: Tensor,
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    g_idx: Tensor,
+    bits: int,
+    path: MatmulPath | None = None,
+) -> Tensor:
+    """``x (M, in) · Ŵᵀ → (M, out)`` in ``x``'s dtype.
+
+    Paths: ``gemv`` (one token: a matrix-vector product on the CUDA cores), ``split`` (up to 16
+    tokens: ``K`` split across programs, float32 atomic adds), ``tiled`` (``M × N`` tiles with
+    ``tl.dot``), ``dense`` (:func:`dequantize`, then a cuBLAS matmul; the weight exists densely
+    only during the call). ``None``: by token count, and beyond 16 tokens the faster of ``tiled``
+    and ``dense``, timed once per shape."""
     x = x.contiguous()
     (M, K), N = x.shape, scales.shape[1]
-    path = "gemv" if M == 1 else "small" if M <= 16 else "large"
-    split = path != "large"
-    y = torch.zeros(M, N, dtype=torch.float32, device=x.device) if split else x.new_empty(M, N)
+    packed = (qweight, qzeros, scales, g_idx)
+    if path is None:
+        if M <= 16:
+            path = "gemv" if M == 1 else "split"
+        else:
+            run = {name: partial(matmul, x, *packed, bits, name) for name in ("tiled", "dense")}
+            path = _faster(("matmul", _bucket(M), N, K, bits, x.dtype, x.device), run)
+    if path == "dense":
+        return x @ dequantize(*packed, bits, x.dtype)
+    atomic = path != "tiled"
+    y = torch.zeros(M, N, dtype=torch.float32, device=x.device) if atomic else x.new_empty(M, N)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     _matmul[path][grid](
         x,
-        qweight,
-        qzeros,
-        scales,
-        g_idx,
+        *packed,
         y,
         M,
         N,
@@ -277,17 +369,35 @@ def matmul(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Te
         y.stride(0),
         BITS=bits,
         IEEE=x.dtype == torch.float32,
-        ATOMIC=split,
+        ATOMIC=atomic,
     )
     return y.to(x.dtype)
 
 
 def matmul_grad_input(
-    grad_y: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int
+    grad_y: Tensor,
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    g_idx: Tensor,
+    bits: int,
+    path: Literal["tiled", "dense"] | None = None,
 ) -> Tensor:
-    """``dy (M, out) · Ŵ → (M, in)`` in ``dy``'s dtype."""
+    """``dy (M, out) · Ŵ → (M, in)`` in ``dy``'s dtype. Paths as for :func:`matmul`; ``None``:
+    ``tiled`` up to 16 tokens, beyond that the faster of ``tiled`` and ``dense``."""
     grad_y = grad_y.contiguous()
     (M, N), K = grad_y.shape, g_idx.shape[0]
+    packed = (qweight, qzeros, scales, g_idx)
+    if path is None:
+        if M <= 16:
+            path = "tiled"
+        else:
+            run = {
+                name: partial(matmul_grad_input, grad_y, *packed, bits, name) for name in ("tiled", "dense")
+            }
+            path = _faster(("grad_input", _bucket(M), N, K, bits, grad_y.dtype, grad_y.device), run)
+    if path == "dense":
+        return grad_y @ dequantize(*packed, bits, grad_y.dtype).T
     dx = torch.empty(M, K, dtype=grad_y.dtype, device=grad_y.device)
 
     def grid(meta):
@@ -295,10 +405,7 @@ def matmul_grad_input(
 
     _grad_input[grid](
         grad_y,
-        qweight,
-        qzeros,
-        scales,
-        g_idx,
+        *packed,
         dx,
         M,
         N,
@@ -316,9 +423,9 @@ def matmul_grad_input(
 
 
 def self_test(device: torch.device) -> str | None:
-    """Run both kernels at every bit width and dtype on ``device`` against the torch reference
-    (act-order groups, ragged sizes, M = 1, 5 and 37 rows to reach each matmul path); ``None``
-    when they agree, else what went wrong."""
+    """Run every path of both products at every bit width and dtype on ``device`` against the
+    torch reference (act-order groups, ragged sizes); ``None`` when they agree, else what went
+    wrong."""
     from projq_train.quant.pack import PackedWeight, dequantize_packed
     from projq_train.quant.rtn import rtn_quantize
 
@@ -326,26 +433,30 @@ def self_test(device: torch.device) -> str | None:
     # bf16 on CUDA only: the interpreter's tl.dot mishandles bf16 operands
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if bf16 else [])
+    cases = [  # (product, path, rows)
+        *(("forward", path, m) for path, m in (("gemv", 1), ("split", 5), ("tiled", 37), ("dense", 37))),
+        *(("grad_input", path, m) for path, m in (("tiled", 5), ("tiled", 37), ("dense", 37))),
+    ]
     try:
         for bits in (2, 3, 4):
             q = rtn_quantize(torch.randn(72, 160, generator=gen), bits, 32)
             q.g_idx = q.g_idx[torch.randperm(160, generator=gen)]  # act-order style group map
             tensors = tuple(PackedWeight.from_quantized(q).to(device).tensors().values())
             w_t = dequantize_packed(*tensors, bits, torch.float32)  # (in, out)
-            for dtype, m in itertools.product(dtypes, (1, 5, 37)):
-                x = torch.randn(m, 160, generator=gen).to(device, dtype)
-                dy = torch.randn(m, 72, generator=gen).to(device, dtype)
-                for name, got, ref in (
-                    ("forward", matmul(x, *tensors, bits), x.float() @ w_t),
-                    ("grad_input", matmul_grad_input(dy, *tensors, bits), dy.float() @ w_t.T),
-                ):
-                    err = (got.float() - ref).abs().max().item()
-                    tol = 1e-3 if dtype == torch.float32 else 2e-2
-                    if not err <= tol * ref.abs().max().item():
-                        return (
-                            f"{name} at {bits} bits in {dtype} with M={m} differs from the torch "
-                            f"reference by {err:.3g}"
-                        )
+            for dtype, (product, path, m) in itertools.product(dtypes, cases):
+                if product == "forward":
+                    x = torch.randn(m, 160, generator=gen).to(device, dtype)
+                    got, ref = matmul(x, *tensors, bits, path), x.float() @ w_t
+                else:
+                    dy = torch.randn(m, 72, generator=gen).to(device, dtype)
+                    got, ref = matmul_grad_input(dy, *tensors, bits, path), dy.float() @ w_t.T
+                err = (got.float() - ref).abs().max().item()
+                tol = 1e-3 if dtype == torch.float32 else 2e-2
+                if not err <= tol * ref.abs().max().item():
+                    return (
+                        f"{product} ({path}) at {bits} bits in {dtype} with M={m} differs from the "
+                        f"torch reference by {err:.3g}"
+                    )
     except Exception as err:  # any compile or launch failure means: do not use the kernels
         return f"{type(err).__name__}: {err}"
     return None

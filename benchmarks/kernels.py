@@ -98,7 +98,7 @@ def build_layers(
             device
         )
         layers[f"torch-w{b}"] = QuantLinear.from_packed(pw, backend="torch")
-        if triton_ready(device):
+        if triton_ready(device, dtype):
             layers[f"triton-w{b}"] = QuantLinear.from_packed(pw, backend="triton")
     return layers
 

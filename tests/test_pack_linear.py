@@ -169,16 +169,24 @@ def test_swap_in_quant_linears_replaces_named_layers_and_checks_shapes():
 
 
 def test_triton_backend_falls_back_with_a_warning_when_the_self_test_fails(monkeypatch):
+    tested = []
+
     class BrokenKernels:
         @staticmethod
-        def self_test(device):
+        def self_test(device, dtypes):
+            tested.append(dtypes)
             return "forward at 3 bits differs"
 
     monkeypatch.setitem(__import__("sys").modules, "projq_train.quant.triton_kernels", BrokenKernels)
     monkeypatch.setattr(linear, "_TRITON_READY", {})
+    cuda0 = torch.device("cuda", 0)
     with pytest.warns(UserWarning, match="torch backend on cuda:0: forward at 3 bits differs"):
-        assert triton_ready(torch.device("cuda", 0)) is False
+        assert triton_ready(cuda0, torch.bfloat16) is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert triton_ready(torch.device("cuda", 0)) is False  # tested once, warned once
-    assert triton_ready(torch.device("cpu")) is False
+        assert triton_ready(cuda0, torch.bfloat16) is False  # tested once, warned once
+        assert triton_ready(cuda0, torch.float64) is False  # no kernels for it: not tested, no warning
+        assert triton_ready(torch.device("cpu"), torch.float32) is False
+    assert tested == [(torch.bfloat16,)]  # only the dtype in use is compiled and tested
+    with pytest.raises(RuntimeError, match="got torch.float32 on cpu"):
+        make_layer(backend="triton")[0](torch.randn(2, 64))

@@ -98,7 +98,7 @@ def test_quant_linear_picks_triton_on_cuda_and_agrees_with_torch(bits):
     torch.manual_seed(0)
     pw = PackedWeight.from_quantized(rtn_quantize(torch.randn(384, 512), bits, 128)).to("cuda")
     fused, ref = QuantLinear.from_packed(pw), QuantLinear.from_packed(pw, backend="torch")
-    assert fused._fused(torch.empty(1, device="cuda"))
+    assert fused._fused(torch.empty(1, device="cuda", dtype=torch.bfloat16))
     x = torch.randn(4, 33, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     fused(x).float().square().sum().backward()

@@ -32,27 +32,29 @@ from projq_train.quant.rtn import check_grid
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "torch", "triton"]
-_TRITON_READY: dict[torch.device, bool] = {}
+_TRITON_READY: dict[tuple[torch.device, torch.dtype], bool] = {}
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def triton_ready(device: torch.device) -> bool:
-    """Whether the fused kernels run and agree with the torch backend on ``device`` (tested once)."""
-    if device.type != "cuda":
+def triton_ready(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused kernels run and agree with the torch backend on ``device`` for ``dtype``
+    inputs (tested once per device and dtype, so a run compiles only the kernels it uses)."""
+    if device.type != "cuda" or dtype not in TRITON_DTYPES:
         return False
     device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-    if device not in _TRITON_READY:
+    if (device, dtype) not in _TRITON_READY:
         try:
             from projq_train.quant import triton_kernels
         except ImportError as err:
             problem = f"triton is not importable ({err})"
         else:
-            problem = triton_kernels.self_test(device)
+            problem = triton_kernels.self_test(device, (dtype,))
         if problem:
             warnings.warn(f"QuantLinear uses the torch backend on {device}: {problem}", stacklevel=2)
         else:
-            log.info("QuantLinear: Triton kernels passed their self-test on %s", device)
-        _TRITON_READY[device] = not problem
-    return _TRITON_READY[device]
+            log.info("QuantLinear: Triton kernels passed their self-test on %s in %s", device, dtype)
+        _TRITON_READY[device, dtype] = not problem
+    return _TRITON_READY[device, dtype]
 
 
 class _QuantMatmul(torch.autograd.Function):
@@ -161,12 +163,13 @@ class QuantLinear(nn.Module):
         if self.backend == "torch":
             return False
         if self.backend == "triton":
-            if not triton_ready(x.device):
+            if not triton_ready(x.device, x.dtype):
                 raise RuntimeError(
-                    f"backend='triton' needs CUDA and a working Triton install (input on {x.device})"
+                    "backend='triton' needs CUDA, a working Triton install and float32/float16/bfloat16 "
+                    f"inputs (got {x.dtype} on {x.device})"
                 )
             return True
-        return triton_ready(x.device)
+        return triton_ready(x.device, x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_autocast_enabled(x.device.type):

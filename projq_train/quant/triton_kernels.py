@@ -422,17 +422,17 @@ def matmul_grad_input(
     return dx
 
 
-def self_test(device: torch.device) -> str | None:
-    """Run every path of both products at every bit width and dtype on ``device`` against the
-    torch reference (act-order groups, ragged sizes); ``None`` when they agree, else what went
-    wrong."""
+def self_test(device: torch.device, dtypes: tuple[torch.dtype, ...] | None = None) -> str | None:
+    """Run every path of both products at every bit width on ``device`` against the torch
+    reference (act-order groups, ragged sizes) for inputs of ``dtypes`` (default: float32,
+    float16, and bfloat16 on CUDA); ``None`` when they agree, else what went wrong."""
     from projq_train.quant.pack import PackedWeight, dequantize_packed
     from projq_train.quant.rtn import rtn_quantize
 
     gen = torch.Generator().manual_seed(0)
-    # bf16 on CUDA only: the interpreter's tl.dot mishandles bf16 operands
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if bf16 else [])
+    if dtypes is None:  # bf16 on CUDA only: the interpreter's tl.dot mishandles bf16 operands
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if bf16 else ())
     cases = [  # (product, path, rows)
         *(("forward", path, m) for path, m in (("gemv", 1), ("split", 5), ("tiled", 37), ("dense", 37))),
         *(("grad_input", path, m) for path, m in (("tiled", 5), ("tiled", 37), ("dense", 37))),

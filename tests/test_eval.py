@@ -217,6 +217,7 @@ def test_gap_closed_measures_the_way_back_to_the_float_model():
     closed = gap_closed(stages)
     assert closed["fine-tuned"] == pytest.approx({"t/perplexity": 80.0, "t/acc": 150.0})
     assert closed["quantized"] == {"t/perplexity": 0.0, "t/acc": 0.0}
+    assert all(math.copysign(1, v) == 1 for v in closed["quantized"].values())  # 0, not -0, on plots
     assert gap_closed({**stages, "quantized": stages["float"]})["fine-tuned"]["t/acc"] is None
     better = {"t": {"perplexity": 9.0, "acc": 0.8}}  # quantization that happens to help: no gap
     assert gap_closed({**stages, "quantized": better})["fine-tuned"] == {"t/perplexity": None, "t/acc": None}

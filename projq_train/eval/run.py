@@ -159,7 +159,10 @@ def gap_closed(stages: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict
                     continue
                 gap = q[task][metric] - fp[task][metric]
                 worse = gap > 0 if metric == "perplexity" else gap < 0
-                out[stage][f"{task}/{metric}"] = 100 * (q[task][metric] - value) / gap if worse else None
+                # + 0.0 turns -0.0 into 0.0 (no "-0 %" on the plot)
+                out[stage][f"{task}/{metric}"] = (
+                    100 * (q[task][metric] - value) / gap + 0.0 if worse else None
+                )
     return out
 
 

@@ -37,6 +37,7 @@ VARIANTS = {
     "projq-clip": {"method": "projq", "clip": True},
     "projq-refresh": {"method": "projq", "mode": "refresh", "clip": True},  # our variant
 }
+SETTINGS = ("group_size", "nsamples", "seqlen", "ppl_windows")  # stored with the rows, shown in the table
 
 
 @torch.no_grad()
@@ -74,7 +75,7 @@ def main() -> None:
             (r for r in rows if r["variant"] != "fp"),
             key=lambda r: (r["bits"], r["rank"], order[r["variant"]]),
         )
-        print_table(fp + rest, args)
+        print_table(fp + rest, fp[0].get("settings") or {k: vars(args)[k] for k in SETTINGS})
         return
     torch.manual_seed(0)
 
@@ -93,7 +94,10 @@ def main() -> None:
     wiki = (args.data / "datasets" / "wikitext-2-raw" / "wiki.test.raw").read_text()
     wiki_ids = tok(wiki, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     windows = wiki_ids[: args.ppl_windows * 512].view(args.ppl_windows, 512)
-    rows = [{"bits": 16, "rank": 0, "variant": "fp", "ppl_q": perplexity(model, windows)}]
+    settings = {k: vars(args)[k] for k in SETTINGS}
+    rows = [
+        {"bits": 16, "rank": 0, "variant": "fp", "ppl_q": perplexity(model, windows), "settings": settings}
+    ]
     print(f"float reference perplexity {rows[0]['ppl_q']:.2f}", flush=True)
 
     for bits in args.bits:
@@ -129,7 +133,7 @@ def main() -> None:
                 if args.json:
                     args.json.write_text(json.dumps(rows, indent=1))
 
-    print_table(rows, args)
+    print_table(rows, settings)
 
 
 def error_ratio(base: dict | None, row: dict) -> str:
@@ -145,11 +149,14 @@ def fmt_ppl(x: float) -> str:
     return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"
 
 
-def print_table(rows: list[dict], args) -> None:
+def print_table(rows: list[dict], settings: dict) -> None:
+    """The README table; ``settings``: those of the run that made the rows (stored with the float
+    row; the command line's for files written before they were)."""
     by = {(r["bits"], r["rank"], r["variant"]): r for r in rows}
     print(
-        f"\nSmolLM2-135M-Instruct, group size {args.group_size}, calibration {args.nsamples}x{args.seqlen} "
-        f"Alpaca tokens, WikiText-2 perplexity over {args.ppl_windows}x512 tokens "
+        f"\nSmolLM2-135M-Instruct, group size {settings['group_size']}, calibration "
+        f"{settings['nsamples']}x{settings['seqlen']} Alpaca tokens, WikiText-2 perplexity over "
+        f"{settings['ppl_windows']}x512 tokens "
         f"(fp: {rows[0]['ppl_q']:.2f})\n"
     )
     print(

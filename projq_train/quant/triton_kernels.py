@@ -283,15 +283,21 @@ def _bucket(m: int) -> int:
     return min(triton.next_power_of_2(m), 4096)
 
 
-def _faster(key: tuple, candidates: dict[str, Callable[[], Tensor]]) -> str:
-    """The candidate with the least GPU time, measured on the first call with ``key``."""
+def _faster(product: Callable[..., Tensor], a: Tensor, packed: tuple[Tensor, ...], bits: int) -> str:
+    """``tiled`` or ``dense``: whichever computes ``product(a, *packed, bits, path)`` in less GPU
+    time, measured on the first call for this product, token bucket, layer shape and dtype."""
+    (K,), N = packed[3].shape, packed[2].shape[1]
+    key = (product.__name__, _bucket(a.shape[0]), N, K, bits, a.dtype, a.device)
     if key not in _FASTER:
-        if INTERPRET:  # no GPU clock: the first candidate
-            _FASTER[key] = next(iter(candidates))
+        if INTERPRET:  # no GPU clock
+            _FASTER[key] = "tiled"
         else:
             from triton.testing import do_bench
 
-            _FASTER[key] = min(candidates, key=lambda name: do_bench(candidates[name], warmup=5, rep=20))
+            def gpu_ms(path: str) -> float:
+                return do_bench(partial(product, a, *packed, bits, path), warmup=5, rep=20)
+
+            _FASTER[key] = min(("tiled", "dense"), key=gpu_ms)
     return _FASTER[key]
 
 
@@ -341,11 +347,7 @@ def matmul(
     (M, K), N = x.shape, scales.shape[1]
     packed = (qweight, qzeros, scales, g_idx)
     if path is None:
-        if M <= 16:
-            path = "gemv" if M == 1 else "split"
-        else:
-            run = {name: partial(matmul, x, *packed, bits, name) for name in ("tiled", "dense")}
-            path = _faster(("matmul", _bucket(M), N, K, bits, x.dtype, x.device), run)
+        path = ("gemv" if M == 1 else "split") if M <= 16 else _faster(matmul, x, packed, bits)
     if path == "dense":
         return x @ dequantize(*packed, bits, x.dtype)
     atomic = path != "tiled"
@@ -389,13 +391,7 @@ def matmul_grad_input(
     (M, N), K = grad_y.shape, g_idx.shape[0]
     packed = (qweight, qzeros, scales, g_idx)
     if path is None:
-        if M <= 16:
-            path = "tiled"
-        else:
-            run = {
-                name: partial(matmul_grad_input, grad_y, *packed, bits, name) for name in ("tiled", "dense")
-            }
-            path = _faster(("grad_input", _bucket(M), N, K, bits, grad_y.dtype, grad_y.device), run)
+        path = "tiled" if M <= 16 else _faster(matmul_grad_input, grad_y, packed, bits)
     if path == "dense":
         return grad_y @ dequantize(*packed, bits, grad_y.dtype).T
     dx = torch.empty(M, K, dtype=grad_y.dtype, device=grad_y.device)

@@ -222,6 +222,7 @@ class ProjQModule(L.LightningModule):
             )
         # projq_fsdp loads the weights (and drops them from `checkpoint`) before this hook; the base
         # id fixes the adapter names (rank and target modules are part of it)
-        missing = sorted(self._trainable_names() - set(checkpoint.get("state_dict", self._trainable_names())))
+        trainable = self._trainable_names()
+        missing = sorted(trainable - set(checkpoint.get("state_dict", trainable)))
         if missing:
             raise ValueError(f"checkpoint lacks adapter weights {missing[:3]} ({len(missing)} in all)")

@@ -1,17 +1,23 @@
-"""Content-addressed quantization artifacts.
+"""Content-addressed, self-contained quantization artifacts.
 
-An artifact is a directory ``<root>/<hash[:16]>/`` holding
+An artifact is a directory ``<root>/<hash[:16]>/`` holding everything the quantized model
+needs, so it loads without the base model:
 
 - ``quantized.safetensors``: per quantized module the packed weight in the GPTQ layout
   (:mod:`projq_train.quant.pack`): ``<name>.qweight`` / ``.qzeros`` (int32), ``.scales``
   (fp16), ``.g_idx`` (int32), and the compensation ``.lora_A`` / ``.lora_B`` (fp32);
-- ``metadata.json``: format version, the full hash and the base model's hash, the complete
-  recipe, library versions, per-module bits/group size/shape and the quantization report.
+- ``float.safetensors``: every other tensor of the base (embeddings, norms, an untied
+  ``lm_head``, biases) in the dtype the model computes in (a tied weight is stored once);
+- ``config.json`` (the model's ``transformers`` config) and ``tokenizer/``;
+- ``metadata.json``: format version, the full hash and the base's identity
+  (:func:`projq_train.weights.base_identity`), the complete recipe, library versions,
+  per-module bits/group size/shape and the quantization report.
 
-The hash covers the base model's tensors, the calibration token ids and the quantization
-settings, so a recipe that would produce the same result finds the existing artifact.
-Writes go to a temporary sibling directory renamed into place, so a crash never leaves a
-directory that looks complete.
+The hash covers the base's identity, the calibration token ids and the quantization settings,
+so a recipe that would produce the same result finds the existing artifact without reading
+the base's weights. :func:`load_quantized_model` builds the model on the meta device and fills
+it from these files: no float copy of a quantized weight ever exists. Writes go to a temporary
+sibling directory renamed into place, so a crash never leaves a directory that looks complete.
 """
 
 from __future__ import annotations
@@ -31,33 +37,29 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers import PretrainedConfig
 
 import projq_train
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
+from projq_train.models import build_skeleton, load_tokenizer, model_config, tie_and_check
 from projq_train.quant.calibrate import QuantizedModule, check_model_settings, format_report, quantize_model
 from projq_train.quant.linear import swap_in_quant_linears
 from projq_train.quant.pack import PackedWeight
+from projq_train.weights import WeightSource, base_identity, weight_source
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # 1: unpacked uint8 codes; 2: packed GPTQ layout
+FORMAT_VERSION = 3  # 1: unpacked uint8 codes; 2: packed GPTQ layout; 3: self-contained
 TENSORS = "quantized.safetensors"
+FLOAT_TENSORS = "float.safetensors"
+TOKENIZER = "tokenizer"
 METADATA = "metadata.json"
 
 
-def model_hash(model: nn.Module) -> str:
-    """sha256 over every tensor of the model's state dict (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def artifact_hash(base_model_hash: str, calibration_ids: Tensor, settings: dict[str, Any]) -> str:
-    """sha256 of the format version, the base model hash, the calibration token ids and the
+def artifact_hash(base_identity: str, calibration_ids: Tensor, settings: dict[str, Any]) -> str:
+    """sha256 of the format version, the base's identity, the calibration token ids and the
     quantization settings."""
-    h = hashlib.sha256(f"projq-artifact-v{FORMAT_VERSION}|{base_model_hash}".encode())
+    h = hashlib.sha256(f"projq-artifact-v{FORMAT_VERSION}|{base_identity}".encode())
     h.update(calibration_ids.to(torch.int64).contiguous().numpy().tobytes())
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
@@ -88,7 +90,13 @@ def library_versions() -> dict[str, str]:
 
 
 def save_artifact(
-    root: str | Path, full_hash: str, modules: dict[str, QuantizedModule], metadata: dict[str, Any]
+    root: str | Path,
+    full_hash: str,
+    modules: dict[str, QuantizedModule],
+    metadata: dict[str, Any],
+    float_tensors: dict[str, Tensor],
+    config: PretrainedConfig,
+    tokenizer: Any,
 ) -> Path:
     """Write the artifact atomically; if another process finished the same one first, keep theirs."""
     final = artifact_path(root, full_hash)
@@ -116,10 +124,14 @@ def save_artifact(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
+        save_file({k: v.contiguous() for k, v in float_tensors.items()}, str(tmp / FLOAT_TENSORS))
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp / TOKENIZER)
         (tmp / METADATA).write_text(json.dumps(meta, indent=2))
-        for f in (TENSORS, METADATA):
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         try:
             os.rename(tmp, final)
         except OSError:
@@ -131,12 +143,13 @@ def save_artifact(
     return final
 
 
-def load_artifact(path: str | Path) -> tuple[dict[str, QuantizedModule], dict[str, Any]]:
-    """Read an artifact directory back into quantized modules (on CPU) and its metadata."""
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """An artifact's metadata, after checking the directory is complete and of this format."""
     path = Path(path)
-    if not (path / METADATA).is_file() or not (path / TENSORS).is_file():
+    needed = (METADATA, TENSORS, FLOAT_TENSORS, "config.json", TOKENIZER)
+    if not all((path / f).exists() for f in needed):
         raise FileNotFoundError(
-            f"{path} is not a complete projq-train artifact (missing {METADATA} or {TENSORS})"
+            f"{path} is not a complete projq-train artifact (it needs {', '.join(needed)})"
         )
     meta = json.loads((path / METADATA).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
@@ -144,7 +157,13 @@ def load_artifact(path: str | Path) -> tuple[dict[str, QuantizedModule], dict[st
             f"{path}: artifact format {meta.get('format_version')} is not {FORMAT_VERSION}, which this "
             f"version of projq-train reads; delete the directory and quantize again"
         )
-    t = load_file(str(path / TENSORS))
+    return meta
+
+
+def load_artifact(path: str | Path) -> tuple[dict[str, QuantizedModule], dict[str, Any]]:
+    """Read an artifact directory back into quantized modules (on CPU) and its metadata."""
+    meta = read_metadata(path)
+    t = load_file(str(Path(path) / TENSORS))
     modules = {}
     for name, info in meta["modules"].items():
         packed = {key: t[f"{name}.{key}"] for key in ("qweight", "qzeros", "scales", "g_idx")}
@@ -156,64 +175,90 @@ def load_artifact(path: str | Path) -> tuple[dict[str, QuantizedModule], dict[st
 def load_quantized_model(
     path: str | Path,
 ) -> tuple[nn.Module, Any, dict[str, QuantizedModule], dict[str, Any]]:
-    """The base model with its quantized linears replaced by packed :class:`QuantLinear` layers,
-    its tokenizer, the artifact's modules (whose ``lora_A``/``lora_B`` initialize adapters) and
-    the metadata.
+    """The quantized model of an artifact, without the base: the model is built on the meta
+    device, its quantized linears become packed :class:`QuantLinear` layers and every other
+    tensor is read from ``float.safetensors``, in the dtype it was quantized in. Returns it (eval
+    mode), its tokenizer, the artifact's modules (whose ``lora_A``/``lora_B`` initialize
+    adapters) and the metadata."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    The base model named in the artifact's recipe is loaded and must hash to the model the
-    artifact was made from.
-    """
-    from projq_train.models import load_model_and_tokenizer
-
+    path = Path(path)
     modules, meta = load_artifact(path)
-    model, tokenizer = load_model_and_tokenizer(ModelConfig(**meta["recipe"]["model"]))
-    if model_hash(model) != meta["base_model_hash"]:
-        raise ValueError(
-            f"{path}: the base model {meta['recipe']['model']} is not the one this artifact was made from"
-        )
+    dtype = getattr(torch, meta["recipe"]["model"]["dtype"])
+    model = build_skeleton(AutoConfig.from_pretrained(path), dtype)
+    floats = load_file(str(path / FLOAT_TENSORS))
+    model.load_state_dict({k: v.to(dtype) for k, v in floats.items()}, strict=False, assign=True)
     swap_in_quant_linears(model, {name: qm.weight for name, qm in modules.items()})
-    return model, tokenizer, modules, meta
+    tie_and_check(model)
+    return model, AutoTokenizer.from_pretrained(path / TOKENIZER), modules, meta
 
 
-def quantize_or_load(
-    model: nn.Module,
-    tokenizer: Any,
+def check_base(path: str | Path, base: ModelConfig) -> None:
+    """Refuse ``base`` if it is not the model the artifact at ``path`` was quantized from."""
+    if base_identity(base) != read_metadata(path)["base_identity"]:
+        raise ValueError(
+            f"{path}: the base model {base.name_or_path or 'config'} is not the one this "
+            f"artifact was made from"
+        )
+
+
+def float_tensors(model: nn.Module, source: WeightSource, quantized: set[str]) -> dict[str, Tensor]:
+    """Every tensor of ``model`` but the weights of the ``quantized`` modules, each stored once:
+    those the model holds already, the others read from ``source`` in the model's dtype."""
+    out, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name.removesuffix(".weight") in quantized or id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[name] = source.get(name).to(t.dtype) if t.is_meta else t.detach()
+    return out
+
+
+def find_or_quantize(
     model_cfg: ModelConfig,
     quant: QuantConfig,
     calibration: CalibrationConfig,
     artifact_dir: str | Path,
     device: torch.device,
+    tokenizer: Any = None,
     wait: bool = False,
     poll_seconds: float = 5.0,
-) -> tuple[Path, dict[str, QuantizedModule]]:
-    """The artifact for this model, calibration and settings: found under ``artifact_dir``, or made
-    by calibrating and quantizing ``model`` on ``device`` (which rewrites its linear weights to the
-    step-0 weights ``Q + BA``) and saved. With ``wait``, never quantize: wait until another
-    process (rank 0) has written it. Returns its directory and its modules."""
-    check_model_settings(model, quant)
+) -> Path:
+    """The artifact for this base, calibration and settings: found under ``artifact_dir``, or made
+    by streaming the base one decoder layer at a time through the quantizer on ``device``, and
+    saved. Finding it reads only the tokenizer (pass ``tokenizer`` if it is loaded already), the
+    calibration text and the base's identity; the config is read and the settings checked before
+    any quantization. With ``wait``, never quantize: wait until another process (rank 0) has
+    written it."""
+    tokenizer = tokenizer or load_tokenizer(model_cfg)
     ids = calibration_tokens(calibration, tokenizer)
-    base_hash = model_hash(model)
-    full_hash = artifact_hash(base_hash, ids, asdict(quant))
-    existing = find_artifact(artifact_dir, full_hash)
+    identity = base_identity(model_cfg)
+    full_hash = artifact_hash(identity, ids, asdict(quant))
+    if (existing := find_artifact(artifact_dir, full_hash)) is not None:
+        log.info("artifact %s already exists for this model, calibration and settings; reusing it", existing)
+        return existing
+    config = model_config(model_cfg)
+    skeleton = build_skeleton(config, getattr(torch, model_cfg.dtype))
+    check_model_settings(skeleton, quant)
     waited = 0.0
-    while existing is None and wait:
+    while wait:
         if waited % 60 < poll_seconds:
             log.info("waiting for rank 0 to write artifact %s", artifact_path(artifact_dir, full_hash))
         time.sleep(poll_seconds)
         waited += poll_seconds
-        existing = find_artifact(artifact_dir, full_hash)
-    if existing is not None:
-        log.info("artifact %s already exists for this model, calibration and settings; reusing it", existing)
-        return existing, load_artifact(existing)[0]
-    modules, reports = quantize_model(model, ids, quant, device, calibration.batch_size)
+        if (existing := find_artifact(artifact_dir, full_hash)) is not None:
+            return existing
+    source = weight_source(model_cfg, skeleton)
+    modules, reports = quantize_model(skeleton, ids, quant, device, calibration.batch_size, source=source)
     log.info("quantization report\n%s", format_report(reports))
     meta = {
-        "base_model_hash": base_hash,
+        "base_identity": identity,
         "recipe": {"model": asdict(model_cfg), "quant": asdict(quant), "calibration": asdict(calibration)},
         "calibration_tokens": list(ids.shape),
         "device": str(device),
         "report": [asdict(r) for r in reports],
     }
-    path = save_artifact(artifact_dir, full_hash, modules, meta)
+    floats = float_tensors(skeleton, source, set(modules))
+    path = save_artifact(artifact_dir, full_hash, modules, meta, floats, config, tokenizer)
     log.info("wrote artifact %s", path)
-    return path, modules
+    return path

@@ -9,6 +9,9 @@
 - ``projq-train eval --tasks wikitext2 boolq ... (--ckpt_path C | --artifact A | --model M)``
   scores one model; ``projq-train report --ckpt_path C --tasks ... --output DIR`` writes the
   recovery report (float → quantized → initialized → fine-tuned).
+- ``projq-train estimate --config recipe.yaml [--json] [--device_memory 24GB]`` predicts the peak
+  memory of ``fit`` and ``quantize`` per process from the model config alone
+  (:mod:`projq_train.estimate`).
 """
 
 from __future__ import annotations
@@ -22,16 +25,16 @@ import lightning as L
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from projq_train.artifact import quantize_or_load
+from projq_train.artifact import find_or_quantize
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.eval.run import run_eval, run_report
 from projq_train.export import run_export
-from projq_train.models import load_model_and_tokenizer, resolve_device
+from projq_train.models import resolve_device
 from projq_train.module import ProjQModule
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
 FUNCTION_SUBCOMMANDS = {"export": run_export, "eval": run_eval, "report": run_report}
-SUBCOMMANDS = (*TRAINER_SUBCOMMANDS, "quantize", *FUNCTION_SUBCOMMANDS)
+SUBCOMMANDS = (*TRAINER_SUBCOMMANDS, "quantize", "estimate", *FUNCTION_SUBCOMMANDS)
 
 
 class ProjQCLI(LightningCLI):
@@ -83,16 +86,13 @@ def parse_recipe(parser: ArgumentParser, argv: list[str]) -> tuple[Namespace, Na
 
 
 def run_quantize(cfg: Namespace) -> Path:
-    """Load, calibrate and quantize per the recipe (or find the artifact); return its directory."""
+    """Stream, calibrate and quantize per the recipe (or find the artifact); return its directory."""
     if cfg.quant.method == "nf4":
         raise ValueError(
             "quant.method nf4 is quantized by bitsandbytes when `fit` loads the model; nothing to do"
         )
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
-    path, _ = quantize_or_load(
-        model, tokenizer, cfg.model, cfg.quant, cfg.calibration, cfg.artifact_dir, resolve_device(cfg.device)
-    )
-    return path
+    device = resolve_device(cfg.device)
+    return find_or_quantize(cfg.model, cfg.quant, cfg.calibration, cfg.artifact_dir, device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,6 +102,11 @@ def main(argv: list[str] | None = None) -> None:
         trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
         return
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["estimate"]:
+        from projq_train.estimate import main as estimate
+
+        estimate(argv[1:])
+        return
     if argv[:1] and argv[0] in FUNCTION_SUBCOMMANDS:
         function = FUNCTION_SUBCOMMANDS[argv[0]]
         parser = ArgumentParser(prog=f"projq-train {argv[0]}", description=function.__doc__)

@@ -56,7 +56,9 @@ class QuantLoraLinear(nn.Module, LoraLayer):
             if name not in self.lora_A:
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            h = lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))  # (..., r)
+            if not torch.is_autocast_enabled(x.device.type):  # autocast casts in the matmul: no copy
+                x = x.to(lora_A.weight.dtype)
+            h = lora_A(self.lora_dropout[name](x))  # (..., r)
             result = result + (lora_B(h) * self.scaling[name]).to(result.dtype)
         return result
 

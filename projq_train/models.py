@@ -68,25 +68,59 @@ def load_tokenizer(cfg: ModelConfig, config: PretrainedConfig | None = None) -> 
     return tokenizer
 
 
-def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast]:
-    """Load (or build, for ``cfg.config``) a supported causal LM in eval mode, and its tokenizer.
-
-    The architecture is checked from the config before any weights are read.
-    """
-    dtype = getattr(torch, cfg.dtype)
+def model_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The base model's ``transformers`` config, read without any weights (a random model's
+    vocabulary defaults to the byte tokenizer's); the architecture is checked."""
     if cfg.config is not None:
-        tokenizer = load_tokenizer(cfg)
         fields = dict(cfg.config)
         model_type = fields.pop("model_type")
-        fields.setdefault("vocab_size", len(tokenizer))
+        fields.setdefault("vocab_size", len(BYTE_SPECIAL_TOKENS) + 256)
         config = AutoConfig.for_model(model_type, **fields)
-        check_architecture(config)
-        torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         config = AutoConfig.from_pretrained(cfg.name_or_path, **extra)
-        check_architecture(config)
-        tokenizer = load_tokenizer(cfg, config)
+    check_architecture(config)
+    if hasattr(config, "quantization_config"):  # e.g. GGUF: our models hold plain tensors
+        del config.quantization_config
+    return config
+
+
+def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of ``config`` in eval mode with every tensor on the meta device (no memory),
+    except the rotary embedding, whose few non-persistent buffers are computed from the config."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=config)
+    return model.eval()
+
+
+def tie_and_check(model: nn.Module) -> nn.Module:
+    """Re-tie shared weights after tensors were assigned, and check nothing is left on meta."""
+    model.tie_weights()
+    missing = [n for n, t in model.state_dict().items() if t.is_meta]
+    if missing:
+        raise ValueError(f"tensors {missing[:3]} ({len(missing)} in all) were never loaded")
+    return model
+
+
+def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast]:
+    """Load (or build, for ``cfg.config``) the float causal LM in eval mode, and its tokenizer.
+
+    The architecture is checked from the config before any weights are read. A random model
+    is filled tensor by tensor from :class:`~projq_train.weights.RandomInitSource`, the same
+    tensors a streamed quantization reads.
+    """
+    from projq_train.weights import RandomInitSource, materialize
+
+    dtype = getattr(torch, cfg.dtype)
+    config = model_config(cfg)
+    tokenizer = load_tokenizer(cfg, config)
+    if cfg.config is not None:
+        model = build_skeleton(config, dtype)
+        materialize(model, "", RandomInitSource(model, cfg.seed), dtype)
+        tie_and_check(model)
+    else:
+        extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=config, dtype=dtype, **extra)
     return model.eval(), tokenizer

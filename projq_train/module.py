@@ -1,30 +1,34 @@
 """The LightningModule: a frozen packed base with trainable LoRA adapters (thin glue).
 
-:func:`prepare_model` does the work and is usable without a Trainer: load the base model,
-find or make the quantization artifact (ProjQ/GPTQ/RTN on the training device) or quantize to
-NF4 with bitsandbytes, swap the linear layers for packed :class:`QuantLinear` layers, attach
-peft LoRA adapters and initialize them. :class:`ProjQModule` calls it in ``configure_model``,
-computes the loss with :func:`causal_lm_loss`, and keeps checkpoints adapter-only.
+:func:`prepare_model` does the work and is usable without a Trainer: find or make the
+quantization artifact (ProjQ/GPTQ/RTN on the training device, streaming the base one decoder
+layer at a time) and build the packed model from it alone, or load the float model and quantize
+it to NF4 with bitsandbytes; then attach peft LoRA adapters and initialize them.
+:class:`ProjQModule` calls it in ``configure_model``, computes the loss from the final hidden
+states in chunks (:func:`projq_train.loss.causal_lm_loss_from_hidden`), and keeps checkpoints
+adapter-only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from peft import PeftModel
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torchmetrics.text import Perplexity
+from torchmetrics.aggregation import MeanMetric
 
-from projq_train.artifact import model_hash, quantize_or_load
+from projq_train.artifact import find_or_quantize, load_quantized_model
 from projq_train.config import (
     AdapterConfig,
     CalibrationConfig,
@@ -35,9 +39,10 @@ from projq_train.config import (
 )
 from projq_train.data.instruct import IGNORE_INDEX
 from projq_train.lora import attach_adapters, init_from_compensation
+from projq_train.loss import causal_lm_loss_from_hidden
 from projq_train.models import load_model_and_tokenizer, load_tokenizer
-from projq_train.quant.linear import swap_in_quant_linears
 from projq_train.strategies import shard_model  # importing it registers trainer.strategy: projq_fsdp
+from projq_train.weights import base_identity
 
 
 def swap_in_nf4(model: nn.Module, target_modules: list[str], compute_dtype: torch.dtype, device) -> None:
@@ -69,36 +74,39 @@ def prepare_model(
     artifact_dir: str | Path,
     device: torch.device,
     wait: bool = False,
+    tokenizer: Any = None,
 ) -> tuple[PeftModel, str]:
-    """The trainable model and the id of its frozen base (artifact hash, or ``nf4-<model hash>``).
-    With ``wait``, the artifact is awaited from another process instead of made."""
+    """The trainable model and the id of its frozen base (artifact hash, or ``nf4-<base id>``).
+    The packed base is built from its artifact alone (found, or made by streaming the base through
+    the quantizer); no float copy of a quantized weight is made. With ``wait``, the artifact is
+    awaited from another process instead of made; ``tokenizer``: the base's, if loaded already."""
     check_adapter_settings(quant, adapter)
-    model, tokenizer = load_model_and_tokenizer(model_cfg)
     if quant.method == "nf4":
-        base_id = f"nf4-{model_hash(model)}"
+        model, _ = load_model_and_tokenizer(model_cfg)
+        base_id = "nf4-" + hashlib.sha256(base_identity(model_cfg).encode()).hexdigest()[:16]
         swap_in_nf4(model, quant.target_modules, getattr(torch, model_cfg.dtype), device)
         modules = {}
     else:
-        path, modules = quantize_or_load(
-            model, tokenizer, model_cfg, quant, calibration, artifact_dir, device, wait=wait
-        )
+        path = find_or_quantize(model_cfg, quant, calibration, artifact_dir, device, tokenizer, wait=wait)
+        model, _, modules, _ = load_quantized_model(path)
         base_id = path.name
-        swap_in_quant_linears(model, {name: qm.weight for name, qm in modules.items()})
     peft_model = attach_adapters(model, quant.target_modules, quant.rank, adapter.alpha, adapter.dropout)
     if adapter.init == "projq":
         init_from_compensation(peft_model, modules)
     return peft_model, base_id
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor, num_tokens: Tensor | float | None = None) -> Tensor:
-    """Next-token cross-entropy: ``logits (B, T, V)`` predict ``labels (B, T)`` shifted by one;
-    positions labelled ``-100`` (prompt, padding) are ignored. Summed and divided by
-    ``num_tokens`` (default: the labelled tokens of this batch, i.e. the mean)."""
-    targets = labels[:, 1:].flatten()
-    total = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return total / (num_tokens if num_tokens is not None else (targets != IGNORE_INDEX).sum())
+@contextmanager
+def head_bypassed(model: PeftModel) -> Iterator[nn.Linear]:
+    """Within the block the causal LM's ``lm_head`` is an identity, so its output ``logits`` are the
+    final hidden states ``(B, T, H)``; yields the head, whose weight the chunked loss uses."""
+    base = model.get_base_model()
+    head = base.lm_head
+    base.lm_head = nn.Identity()
+    try:
+        yield head
+    finally:
+        base.lm_head = head
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -146,7 +154,7 @@ class ProjQModule(L.LightningModule):
         self.model: PeftModel | None = None
         self.base_id: str | None = None
         self.strict_loading = False  # checkpoints hold the adapters only
-        self.ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.nll = MeanMetric()  # token-weighted mean loss of an evaluation epoch
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -157,7 +165,9 @@ class ProjQModule(L.LightningModule):
         strategy = self.trainer.strategy
         rank0 = self.trainer.is_global_zero
         cfgs = (self.base_cfg, self.quant, self.adapter, self.calibration, self.artifact_dir)
-        self.model, self.base_id = prepare_model(*cfgs, strategy.root_device, wait=not rank0)
+        self.model, self.base_id = prepare_model(
+            *cfgs, strategy.root_device, wait=not rank0, tokenizer=self.tokenizer
+        )
         strategy.barrier("projq-artifact")
         if isinstance(strategy, ModelParallelStrategy):  # projq_fsdp: shard the float tensors, adapters
             shard_model(self.model, strategy.device_mesh["data_parallel"])
@@ -173,26 +183,43 @@ class ProjQModule(L.LightningModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
 
+    def loss(self, batch: dict[str, Tensor], num_tokens: Tensor | None = None) -> Tensor:
+        """Next-token loss of ``batch`` from the final hidden states, in chunks of tokens: no
+        (B, T, V) logits tensor is ever made (:func:`causal_lm_loss_from_hidden`)."""
+        with head_bypassed(self.model) as head:
+            hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # hidden (B, T, H)
+        return causal_lm_loss_from_hidden(hidden, head.weight, batch["labels"], num_tokens)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         # normalize by the labelled tokens of the whole step across ranks (DDP then averages the
         # gradients), so N processes compute the gradient one process would on the same batch
         local = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
         per_rank = self.trainer.strategy.reduce(local, reduce_op="sum") / self.trainer.world_size
-        loss = causal_lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"], per_rank)
+        loss = self.loss(batch, per_rank)
         self.log("train_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        self.ppl(logits[:, :-1].float(), batch["labels"][:, 1:])
-        self.log(f"{prefix}_loss", causal_lm_loss(logits, batch["labels"]), prog_bar=True, sync_dist=True)
-        self.log(f"{prefix}_ppl", self.ppl, prog_bar=True)
+        loss = self.loss(batch)
+        self.nll.update(loss, weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self.log(f"{prefix}_loss", loss, prog_bar=True, sync_dist=True)
+
+    def _log_perplexity(self, prefix: str) -> None:
+        self.log(f"{prefix}_ppl", self.nll.compute().exp(), prog_bar=True)  # over the whole epoch
+        self.nll.reset()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexity("val")
+
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexity("test")
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])

@@ -1,7 +1,7 @@
 """Artifacts (round trip, reuse, atomic writes) and the quantize command."""
 
 import json
-from dataclasses import asdict
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,20 +9,25 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import projq_train.artifact as artifact
 import projq_train.cli as cli
+import projq_train.models as models
+import projq_train.quant.calibrate as calibrate
+import projq_train.weights as weights
 from projq_train.artifact import (
-    artifact_hash,
+    check_base,
     find_artifact,
+    find_or_quantize,
     load_artifact,
     load_quantized_model,
-    model_hash,
     save_artifact,
 )
-from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
+from projq_train.config import AdapterConfig, CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
-from projq_train.models import load_model_and_tokenizer
+from projq_train.models import decoder_layers, load_model_and_tokenizer
+from projq_train.module import prepare_model
 from projq_train.quant.calibrate import apply_quantized, quantize_model
 from projq_train.quant.linear import QuantLinear
 from tests.conftest import TINY
@@ -30,80 +35,131 @@ from tests.conftest import TINY
 TINY_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny-quantize.yaml"
 
 
+MODEL = ModelConfig(config=TINY["llama"])
+CALIB = CalibrationConfig(nsamples=4, seqlen=64)
+QUANT = QuantConfig(method="projq", bits=3, group_size=32, rank=8, iters=2)
+
+
 @pytest.fixture(scope="module")
-def quantized_tiny():
-    """A tiny model quantized in memory, with what an artifact needs."""
-    mcfg = ModelConfig(config=TINY["llama"])
-    model, tok = load_model_and_tokenizer(mcfg)
-    base = model_hash(model)
-    ids = calibration_tokens(CalibrationConfig(nsamples=4, seqlen=64), tok)
-    qcfg = QuantConfig(method="projq", bits=3, group_size=32, rank=8, iters=2)
-    modules, reports = quantize_model(model, ids, qcfg, progress=False)
-    meta = {"base_model_hash": base, "recipe": {"model": asdict(mcfg)}}
-    return model, modules, artifact_hash(base, ids, asdict(qcfg)), meta, ids
+def streamed(tmp_path_factory):
+    """An artifact made by streaming the tiny model, recording how many decoder layers held float
+    weights whenever a layer was read."""
+    held = []
+    real = calibrate.materialize
+
+    def counting(module, prefix, source, dtype):
+        real(module, prefix, source, dtype)
+        layers = decoder_layers(root[0])
+        held.append(sum(any(not p.is_meta for p in layer.parameters()) for layer in layers))
+
+    root = []
+    real_quantize = calibrate.quantize_model
+
+    def spy(model, *args, **kwargs):
+        root.append(model)
+        return real_quantize(model, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(calibrate, "materialize", counting)
+        mp.setattr(artifact, "quantize_model", spy)
+        path = find_or_quantize(MODEL, QUANT, CALIB, tmp_path_factory.mktemp("a"), torch.device("cpu"))
+    return path, held
 
 
-def test_artifact_round_trip_reproduces_quantized_model(tmp_path, quantized_tiny):
-    model, modules, full_hash, meta, ids = quantized_tiny
-    path = save_artifact(tmp_path, full_hash, modules, meta)
-    assert path.name == full_hash[:16] and find_artifact(tmp_path, full_hash) == path
-    loaded, meta_back = load_artifact(path)
-    assert meta_back["codes_layout"] == "gptq-int32-packed" and set(meta_back["versions"]) >= {
-        "torch",
-        "transformers",
-    }
+def test_streamed_quantization_holds_one_layer_and_equals_the_in_memory_one(streamed):
+    path, held = streamed
+    assert held and max(held) == 1  # never two decoder layers' float weights at once
+    model, tok = load_model_and_tokenizer(MODEL)
+    ids = calibration_tokens(CALIB, tok)
+    in_memory, _ = quantize_model(model, ids, QUANT, progress=False)
+    loaded, meta = load_artifact(path)
+    assert meta["codes_layout"] == "gptq-int32-packed" and set(meta["versions"]) >= {"torch", "transformers"}
+    assert meta["base_identity"].startswith("random:") and len(loaded) == len(in_memory) == 14
     stored = load_file(str(path / "quantized.safetensors"))
     assert stored["model.layers.0.mlp.down_proj.qweight"].dtype == torch.int32
-    for name, qm in modules.items():
+    for name, qm in in_memory.items():
         for key, t in qm.weight.tensors().items():
             assert torch.equal(loaded[name].weight.tensors()[key], t), (name, key)
-        assert torch.equal(loaded[name].lora_B @ loaded[name].lora_A, qm.lora_B @ qm.lora_A)
-    rebuilt, _, rebuilt_modules, _ = load_quantized_model(path)
-    quant_linears = [m for m in rebuilt.modules() if isinstance(m, QuantLinear)]
-    assert len(quant_linears) == len(modules) == 14
+        torch.testing.assert_close(loaded[name].lora_B @ loaded[name].lora_A, qm.lora_B @ qm.lora_A)
+
+
+def test_artifact_loads_without_the_base_and_reproduces_the_quantized_model(streamed, monkeypatch):
+    path, _ = streamed
+
+    def no_base(*args, **kwargs):
+        raise AssertionError("the base model was read")
+
+    monkeypatch.setattr(weights, "weight_source", no_base)
+    monkeypatch.setattr(models, "load_model_and_tokenizer", no_base)
+    rebuilt, tok, modules, meta = load_quantized_model(path)
+    assert len([m for m in rebuilt.modules() if isinstance(m, QuantLinear)]) == 14
     assert not any(isinstance(m, nn.Linear) for m in rebuilt.model.layers.modules())
-    fake_quantized = apply_quantized(
-        load_model_and_tokenizer(ModelConfig(**meta["recipe"]["model"]))[0],
-        rebuilt_modules,
-        with_adapter=False,
-    )
+    assert tok("hello").input_ids == models.byte_tokenizer()("hello").input_ids
+    monkeypatch.undo()
+    fake_quantized = apply_quantized(load_model_and_tokenizer(MODEL)[0], modules, with_adapter=False)
+    ids = torch.randint(0, 259, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(ids).logits, fake_quantized(ids).logits)
 
 
-def test_artifact_of_an_older_format_is_refused_with_a_clear_message(tmp_path, quantized_tiny):
-    _, modules, full_hash, meta, _ = quantized_tiny
-    path = save_artifact(tmp_path, full_hash, modules, meta)
+class FloatAllocations(TorchDispatchMode):
+    """Records the shapes of the floating-point tensors ops create off the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.is_meta:
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+def test_fit_from_an_artifact_never_allocates_a_quantized_linears_float_weight(streamed):
+    path, _ = streamed
+    with FloatAllocations() as seen:
+        model, base_id = prepare_model(MODEL, QUANT, AdapterConfig(), CALIB, path.parent, torch.device("cpu"))
+    assert base_id == path.name
+    quantized = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, QuantLinear)}
+    assert quantized and not quantized & {s for shape in seen.shapes for s in (shape, shape[::-1])}
+    with FloatAllocations() as reference:  # the check can fail: a float model has those tensors
+        load_model_and_tokenizer(MODEL)
+    assert quantized <= reference.shapes
+
+
+def test_artifact_of_an_older_format_is_refused_with_a_clear_message(streamed, tmp_path):
+    path = tmp_path / "old"
+    shutil.copytree(streamed[0], path)
     recorded = json.loads((path / "metadata.json").read_text())
-    recorded["format_version"] = 1
+    recorded["format_version"] = 2
     (path / "metadata.json").write_text(json.dumps(recorded))
-    with pytest.raises(ValueError, match="artifact format 1 is not 2.*quantize again"):
+    with pytest.raises(ValueError, match="artifact format 2 is not 3.*quantize again"):
         load_artifact(path)
 
 
-def test_artifact_refuses_a_different_base_model(tmp_path, quantized_tiny):
-    _, modules, full_hash, meta, _ = quantized_tiny
-    path = save_artifact(tmp_path, full_hash, modules, meta)
-    recorded = json.loads((path / "metadata.json").read_text())
-    recorded["recipe"]["model"]["seed"] = 1  # a different random model
-    (path / "metadata.json").write_text(json.dumps(recorded))
+def test_a_base_that_is_not_the_artifacts_is_refused(streamed):
+    path, _ = streamed
+    check_base(path, MODEL)
     with pytest.raises(ValueError, match="is not the one this artifact was made from"):
-        load_quantized_model(path)
+        check_base(path, ModelConfig(config=TINY["llama"], seed=1))  # a different random model
 
 
-def test_crashed_write_leaves_nothing_trusted(tmp_path, quantized_tiny, monkeypatch):
-    _, modules, full_hash, meta, _ = quantized_tiny
+def test_crashed_write_leaves_nothing_trusted(tmp_path, streamed, monkeypatch):
+    modules, meta = load_artifact(streamed[0])
+    model, tok, _, _ = load_quantized_model(streamed[0])
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(artifact, "save_file", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        save_artifact(tmp_path, full_hash, modules, meta)
-    assert find_artifact(tmp_path, full_hash) is None
+        save_artifact(tmp_path, meta["hash"], modules, meta, {}, model.config, tok)
+    assert find_artifact(tmp_path, meta["hash"]) is None
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(FileNotFoundError, match="not a complete projq-train artifact"):
-        load_artifact(tmp_path / full_hash[:16])
+        load_artifact(tmp_path / meta["hash"][:16])
 
 
 def test_quantize_command_writes_then_reuses(tmp_path, monkeypatch, capsys):

@@ -107,7 +107,7 @@ def test_collate_pads_right_and_masks_padding():
 
 def test_train_loader_batches_are_padded_and_seeded(tmp_path):
     path = write(tmp_path, [{"instruction": "i" * (i + 1), "output": "o"} for i in range(6)])
-    data = fitted(path, batch_size=4)
+    data = fitted(path, batch_size=4, pad_to_multiple_of=1)
     batches = list(data.train_dataloader())
     assert [b["input_ids"].shape[0] for b in batches] == [4, 2]
     for b in batches:
@@ -115,8 +115,54 @@ def test_train_loader_batches_are_padded_and_seeded(tmp_path):
         assert b["input_ids"].shape[1] == lengths.max()
         assert (b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX).all()
         assert (b["input_ids"][b["attention_mask"] == 0] == byte_tokenizer().pad_token_id).all()
-    again = [b["input_ids"].tolist() for b in fitted(path, batch_size=4).train_dataloader()]
+    again = [
+        b["input_ids"].tolist() for b in fitted(path, batch_size=4, pad_to_multiple_of=1).train_dataloader()
+    ]
     assert again == [b["input_ids"].tolist() for b in batches]
+
+
+def test_collate_pads_to_a_multiple_capped_at_the_max_length():
+    def length(lengths, **kw) -> int:
+        examples = [{"input_ids": [1] * n, "labels": [1] * n} for n in lengths]
+        return collate(examples, pad_id=0, **kw)["input_ids"].shape[1]
+
+    assert length([5, 3]) == 5  # the default pads to the longest example only
+    assert length([5, 3], pad_to_multiple_of=4) == length([5, 3], pad_to_multiple_of=4, max_length=8) == 8
+    assert length([3, 2], pad_to_multiple_of=4, max_length=6) == 4
+    assert length([5, 3], pad_to_multiple_of=4, max_length=6) == 6  # 8 would exceed max_length
+    assert length([6], pad_to_multiple_of=4, max_length=6) == 6
+
+
+@pytest.mark.parametrize("multiple, max_seq_length", [(64, 512), (64, 240), (7, 512)])
+def test_batches_are_padded_to_a_multiple_without_changing_what_the_loss_sees(
+    tmp_path, multiple, max_seq_length
+):
+    rows = [{"instruction": "i" * (12 * i + 1), "output": "o" * 3 * i} for i in range(10)]  # 142..277 tokens
+    path = write(tmp_path, rows)
+    kw = {"batch_size": 3, "val_fraction": 0.2, "max_seq_length": max_seq_length}
+    plain, padded = fitted(path, pad_to_multiple_of=1, **kw), fitted(path, pad_to_multiple_of=multiple, **kw)
+    pairs = [*zip(plain.train_dataloader(), padded.train_dataloader(), strict=True)]
+    pairs += [*zip(plain.val_dataloader(), padded.val_dataloader(), strict=True)]
+    lengths = []
+    for p, q in pairs:
+        T, padded_T = p["input_ids"].shape[1], q["input_ids"].shape[1]
+        lengths.append(padded_T)
+        assert padded_T % multiple == 0 or padded_T == max_seq_length, (T, padded_T)
+        assert T <= padded_T < T + multiple and padded_T <= max_seq_length
+        for key in p:  # the padding is appended: labels -100, attention mask 0, the pad token
+            assert torch.equal(q[key][:, :T], p[key])
+        assert (q["labels"][:, T:] == IGNORE_INDEX).all() and (q["attention_mask"][:, T:] == 0).all()
+        assert (q["input_ids"][:, T:] == byte_tokenizer().pad_token_id).all()
+    if max_seq_length == 240:  # 277 tokens are cut to 240, not padded to 256
+        assert 240 in lengths
+
+
+def test_packed_batches_keep_max_seq_length_when_it_is_not_a_multiple(tmp_path):
+    packed = fitted(write(tmp_path, tasks(20)), max_seq_length=200, packing=True, pad_to_multiple_of=64)
+    batch = next(iter(packed.train_dataloader()))
+    assert batch["input_ids"].shape == (4, 200) and batch["attention_mask"].all()
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be at least 1 .* got 0"):
+        InstructionData("x.json", pad_to_multiple_of=0)
 
 
 def test_missing_field_names_file_and_row_before_tokenizing(tmp_path, monkeypatch):
@@ -243,7 +289,7 @@ def test_test_stage_and_setup_errors(tmp_path):
 def test_every_init_argument_is_typed_and_documented():
     doc = inspect.getdoc(InstructionData.__init__)
     params = list(inspect.signature(InstructionData.__init__).parameters.values())[1:]
-    assert len(params) == 15
+    assert len(params) == 16
     for p in params:
         assert p.annotation is not inspect.Parameter.empty, p.name
         assert f"\n    {p.name}: " in doc, p.name

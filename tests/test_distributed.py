@@ -14,7 +14,6 @@ from torch.distributed.tensor import DTensor
 
 import projq_train.artifact as artifact
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
-from projq_train.models import load_model_and_tokenizer
 from tests.conftest import TINY
 from tests.test_eval import write_task_files
 from tests.test_fit import TINY_FIT, fit_args
@@ -147,29 +146,20 @@ def test_waiting_rank_loads_the_artifact_rank_0_writes(tmp_path, monkeypatch):
     mcfg = ModelConfig(config=TINY["llama"])
     quant = QuantConfig(method="rtn", bits=4, group_size=32, rank=4)
     calib = CalibrationConfig(nsamples=2, seqlen=32)
-    model, tok = load_model_and_tokenizer(mcfg)
     found = {}
 
     def waiter():
-        found["result"] = artifact.quantize_or_load(
-            load_model_and_tokenizer(mcfg)[0],
-            tok,
-            mcfg,
-            quant,
-            calib,
-            tmp_path,
-            "cpu",
-            wait=True,
-            poll_seconds=0.1,
+        found["path"] = artifact.find_or_quantize(
+            mcfg, quant, calib, tmp_path, torch.device("cpu"), wait=True, poll_seconds=0.1
         )
 
     thread = threading.Thread(target=waiter)
     thread.start()
     time.sleep(0.5)
     assert thread.is_alive() and not list(tmp_path.iterdir())  # waiting, not quantizing
-    made_path, _ = artifact.quantize_or_load(model, tok, mcfg, quant, calib, tmp_path, "cpu")
+    made_path = artifact.find_or_quantize(mcfg, quant, calib, tmp_path, torch.device("cpu"))
     thread.join(timeout=60)
-    assert found["result"][0] == made_path
+    assert found["path"] == made_path
 
 
 def test_task_metrics_under_ddp_sum_every_ranks_share(tmp_path):

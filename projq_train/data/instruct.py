@@ -8,7 +8,8 @@ A row is a dict in one of three formats (``input`` is optional and may be empty)
 - ``gsm8k``: ``{"question", "answer"}``; the question is the instruction, the target is ``answer``.
 
 An example is ``prompt + response + EOS``. A batch is a dict of LongTensors, padded on the right to
-the longest example: ``input_ids (B, T)``, ``attention_mask (B, T)`` (1 on tokens, 0 on padding) and
+the longest example rounded up to a multiple of ``pad_to_multiple_of`` (at most ``max_seq_length``):
+``input_ids (B, T)``, ``attention_mask (B, T)`` (1 on tokens, 0 on padding) and
 ``labels (B, T)``, equal to ``input_ids`` but -100 on padding and, with ``mask_prompt``, on the prompt.
 Labels are not shifted: the causal LM predicts ``labels[:, t + 1]`` from position ``t``.
 """
@@ -98,9 +99,16 @@ def pack(examples: list[Example], max_seq_length: int, seed: int) -> list[Exampl
     ]
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: ``input_ids``, ``attention_mask``, ``labels``, each ``(B, T)``."""
-    B, T = len(examples), max(len(e["input_ids"]) for e in examples)
+def collate(
+    examples: list[Example], pad_id: int, pad_to_multiple_of: int = 1, max_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example, rounded up to a multiple of ``pad_to_multiple_of`` but not
+    beyond ``max_length`` (nor below the longest example): ``input_ids``, ``attention_mask``,
+    ``labels``, each ``(B, T)``. Padding has ``pad_id``, mask 0 and label -100."""
+    B, longest = len(examples), max(len(e["input_ids"]) for e in examples)
+    T = -(-longest // pad_to_multiple_of) * pad_to_multiple_of  # rounded up to the multiple
+    if max_length is not None:
+        T = max(longest, min(T, max_length))
     batch = {
         "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
         "attention_mask": torch.zeros(B, T, dtype=torch.long),
@@ -131,6 +139,7 @@ class InstructionData(L.LightningDataModule):
         limit: int | None = None,
         mask_prompt: bool = True,
         packing: bool = False,
+        pad_to_multiple_of: int = 64,
         num_workers: int = 0,
         seed: int = 0,
         split: str = "train",
@@ -151,6 +160,11 @@ class InstructionData(L.LightningDataModule):
             mask_prompt: Take the loss only on the response tokens (and EOS).
             packing: Concatenate training examples into chunks of exactly ``max_seq_length`` tokens.
                 Packed examples attend across their boundaries. Validation and test are never packed.
+            pad_to_multiple_of: Batches are padded to a multiple of this many tokens so that the
+                allocator reuses blocks of the same size; 1 disables it (pad to the longest example).
+                Capped at ``max_seq_length``: when that is not a multiple, the longest batches are
+                ``max_seq_length`` long instead of the next multiple, so no batch is longer than
+                the data allows (packed batches stay exactly ``max_seq_length``).
             num_workers: DataLoader worker processes.
             seed: Seed of the validation split, the row shuffle, packing and the training order.
             split: Split name for hub datasets.
@@ -162,10 +176,15 @@ class InstructionData(L.LightningDataModule):
             raise ValueError("max_seq_length, batch_size and limit must be positive")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if pad_to_multiple_of < 1:
+            raise ValueError(
+                f"pad_to_multiple_of must be at least 1 (1 disables it), got {pad_to_multiple_of}"
+            )
         self.path, self.val_path, self.test_path, self.split = path, val_path, test_path, split
         self.format, self.template, self.max_seq_length = format, template, max_seq_length
         self.batch_size, self.val_fraction, self.limit, self.seed = batch_size, val_fraction, limit, seed
         self.mask_prompt, self.packing, self.num_workers = mask_prompt, packing, num_workers
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.tokenizer = tokenizer
         self.train_data: list[Example] | None = None
         self.val_data: list[Example] = []
@@ -230,7 +249,12 @@ class InstructionData(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            collate_fn=functools.partial(collate, pad_id=pad_id),
+            collate_fn=functools.partial(
+                collate,
+                pad_id=pad_id,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+                max_length=self.max_seq_length,
+            ),
             num_workers=self.num_workers,
         )
 

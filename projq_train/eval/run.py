@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from projq_train.artifact import load_quantized_model
+from projq_train.artifact import check_base, load_quantized_model
 from projq_train.config import ModelConfig
 from projq_train.eval.harness import ChoiceMode, evaluate
 from projq_train.eval.tasks import Task, resolve_task
@@ -197,6 +197,7 @@ def stage_models(ckpt_path: str, artifact_dir: str | None) -> dict[str, Callable
     when the adapter started at ``B = 0`` (the standard init), where step 0 is the quantized model."""
     ckpt = read_fit_checkpoint(ckpt_path, artifact_dir)
     template, artifact, init = ckpt.template, ckpt.artifact, ckpt.adapter.init
+    check_base(artifact, ckpt.base)  # the float stage must be the model the artifact was made from
 
     def fine_tuned() -> Loaded:
         trained = build_trained(ckpt)

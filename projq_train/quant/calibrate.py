@@ -1,10 +1,12 @@
 """Layer-by-layer quantization of a Hugging Face decoder model.
 
 The driver captures the inputs of the first decoder layer, then for each layer in turn:
-moves it to the compute device, accumulates ``H = XᵀX / N`` for its linear modules with
-forward hooks, quantizes them (and computes the low-rank compensation), writes the
-step-0 weights ``Q + BA`` back, runs the layer to produce the next layer's inputs, and
-moves it back. Only one decoder layer is on the device at a time.
+reads its weights from a :class:`~projq_train.weights.WeightSource` when the model is a
+skeleton on the meta device (and drops them when done, so at most one decoder layer's float
+weights exist at a time), moves it to the compute device, accumulates ``H = XᵀX / N`` for
+its linear modules with forward hooks, quantizes them (and computes the low-rank
+compensation), writes the step-0 weights ``Q + BA`` back, runs the layer to produce the next
+layer's inputs, and moves it back. Only one decoder layer is on the device at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from projq_train.quant import lowrank_compensation, quantize_weight
 from projq_train.quant.pack import PackedWeight
 from projq_train.quant.projq import check_rank, hessian_sqrt
 from projq_train.quant.rtn import check_grid
+from projq_train.weights import WeightSource, materialize
 
 log = logging.getLogger(__name__)
 
@@ -184,24 +187,34 @@ def quantize_model(
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     progress: bool = True,
+    source: WeightSource | None = None,
 ) -> tuple[dict[str, QuantizedModule], list[ModuleReport]]:
     """Quantize every target linear of ``model`` (on CPU) in place, calibrating on ``ids (n, seqlen)``.
 
     After this the model's target weights hold ``Q + BA`` (the adapted model at step 0), and
-    the next layer was calibrated on those outputs. Returns the quantized modules, on CPU and
-    keyed by their full module name, and one report row per module.
+    the next layer was calibrated on those outputs. With ``source``, ``model`` may be a skeleton
+    on the meta device: the embeddings and final norm are read first, each decoder layer when
+    its turn comes, and the layer goes back to meta once its outputs are computed. Returns the
+    quantized modules, on CPU and keyed by their full module name, and one report row per module.
     """
     check_model_settings(model, cfg)
     if ids.numel() == 0:
         raise ValueError("the calibration set is empty: no token windows to calibrate on")
     device = torch.device(device)
     layer_names = {id(m): n for n, m in model.named_modules()}
+    dtype = model.model.embed_tokens.weight.dtype
+    if source is not None:
+        for name, m in model.model.named_children():
+            if name != "layers":
+                materialize(m, f"{layer_names[id(m)]}.", source, dtype)
     inputs, kwargs = capture_layer_inputs(model, ids, device, batch_size)
     groups = SEQUENTIAL_GROUPS if cfg.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
     result: dict[str, QuantizedModule] = {}
     reports: list[ModuleReport] = []
     bar = tqdm(decoder_layers(model), desc=f"{cfg.method} w{cfg.bits}", disable=not progress)
     for layer in bar:
+        if source is not None:
+            materialize(layer, f"{layer_names[id(layer)]}.", source, dtype)
         layer.to(device)
         linears = target_linears(layer, cfg.target_modules)
         for group in groups:
@@ -230,7 +243,7 @@ def quantize_model(
                 mod.weight.copy_(step0.to(mod.weight.dtype))
                 result[name] = QuantizedModule(qm.weight.to("cpu"), qm.lora_B.cpu(), qm.lora_A.cpu())
         inputs = _run_layer(layer, inputs, kwargs)
-        layer.to("cpu")
+        layer.to("meta" if source is not None else "cpu")
         bar.set_postfix(err=f"{sum(r.err_compensated for r in reports[-len(linears) :]) / len(linears):.4f}")
     log.info("quantized %d modules with %s at %d bits", len(result), cfg.method, cfg.bits)
     return result, reports

@@ -224,6 +224,7 @@ def swap_in_quant_linears(model: nn.Module, weights: dict[str, PackedWeight], **
                 f"{name}: packed weight is ({pw.out_features}, {pw.in_features}), "
                 f"the model's layer is ({old.out_features}, {old.in_features})"
             )
-        pw = pw.to(old.weight.device)
+        if not old.weight.is_meta:  # a skeleton's layer (meta) leaves the packed weight where it is
+            pw = pw.to(old.weight.device)
         setattr(parent, child, QuantLinear.from_packed(pw, old.bias, **kwargs))
     return model

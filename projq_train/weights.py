@@ -1,0 +1,196 @@
+"""A base model's tensors, read one at a time, and the base's identity.
+
+A :class:`WeightSource` hands out the tensors of a checkpoint by their name in the Hugging Face
+model (``model.layers.3.mlp.up_proj.weight``), each read when asked for, so a caller can hold
+one decoder layer at a time:
+
+- :class:`SafetensorsSource`: ``*.safetensors`` files (one or sharded), memory-mapped;
+- :class:`GGUFSource`: a GGUF file, memory-mapped; each tensor is dequantized when read (and
+  q/k rows un-permuted as ``transformers`` does when it loads the whole file);
+- :class:`RandomInitSource`: a model built from a config (tests, demos, scale measurements):
+  every tensor is drawn from a generator seeded by the model seed and the tensor's name, so it
+  is the same whichever order or subset is read.
+
+:func:`base_identity` names the base without materializing it: a sha256 streamed over the
+weight files of a local checkpoint, the commit of a hub repository, or the config and seed of
+a random model; plus the dtype the model computes in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from projq_train.config import ModelConfig
+
+HASH_CHUNK = 1 << 24  # bytes read per step when hashing a file
+
+
+class WeightSource(Protocol):
+    def get(self, name: str) -> Tensor:
+        """The tensor ``name`` (on CPU, in the checkpoint's own dtype)."""
+
+
+class SafetensorsSource:
+    """Tensors of one or several ``.safetensors`` files, read lazily through mmap."""
+
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {name: h for h in self._handles for name in h.keys()}
+
+    def get(self, name: str) -> Tensor:
+        if name not in self._where:
+            raise KeyError(f"tensor {name} is not in the checkpoint")
+        return self._where[name].get_tensor(name)
+
+
+class GGUFSource:
+    """Tensors of a GGUF file by their Hugging Face names, dequantized to float32 when read."""
+
+    def __init__(self, path: Path, skeleton: nn.Module) -> None:
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+        )
+
+        self._reader = GGUFReader(str(path))
+        arch = self._reader.fields["general.architecture"]
+        arch = bytes(arch.parts[arch.data[0]]).decode()
+        heads = {k: getattr(skeleton.config, k) for k in ("num_attention_heads", "num_key_value_heads")}
+        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=heads)
+        self._mapping = get_gguf_hf_weights_map(skeleton, self._processor)
+        self._tensors = {self._mapping[t.name]: t for t in self._reader.tensors if t.name in self._mapping}
+
+    def get(self, name: str) -> Tensor:
+        from gguf import dequantize
+
+        if name not in self._tensors:
+            raise KeyError(f"tensor {name} is not in the GGUF file")
+        t = self._tensors[name]
+        weights = self._processor.process(
+            weights=dequantize(t.data, t.tensor_type), name=t.name, tensor_key_mapping=self._mapping
+        ).weights
+        return torch.from_numpy(weights.copy())
+
+
+class RandomInitSource:
+    """The random model of a config: linear and embedding weights ~ N(0, initializer_range²)
+    (the embedding's padding row zero), norm weights 1, biases 0; each tensor from its own
+    generator seeded by ``seed`` and the tensor's name."""
+
+    def __init__(self, skeleton: nn.Module, seed: int) -> None:
+        self._shapes = {n: t.shape for n, t in skeleton.state_dict().items()}
+        self._config = skeleton.config
+        self._seed = seed
+
+    def get(self, name: str) -> Tensor:
+        if name not in self._shapes:
+            raise KeyError(f"tensor {name} is not in the model")
+        shape = self._shapes[name]
+        if name.endswith("bias"):
+            return torch.zeros(shape)
+        if "norm" in name.rpartition(".")[0].rpartition(".")[2]:
+            return torch.ones(shape)
+        gen = torch.Generator().manual_seed(self._seed * 1_000_003 + zlib.crc32(name.encode()))
+        t = torch.empty(shape).normal_(0.0, self._config.initializer_range, generator=gen)
+        pad = getattr(self._config, "pad_token_id", None)
+        if name.endswith("embed_tokens.weight") and pad is not None and 0 <= pad < shape[0]:
+            t[pad] = 0
+        return t
+
+
+def local_weight_files(cfg: ModelConfig) -> list[Path] | None:
+    """The weight files of a local checkpoint (``None`` for a hub name or a random model)."""
+    if cfg.config is not None or not Path(cfg.name_or_path).is_dir():
+        return None
+    root = Path(cfg.name_or_path)
+    if cfg.gguf_file:
+        path = root / cfg.gguf_file
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        return [path]
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [root / s for s in shards]
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"{root} holds no .safetensors weights (projq-train streams safetensors or GGUF; save a "
+            f"PyTorch .bin checkpoint again with `save_pretrained(dir, safe_serialization=True)`)"
+        )
+    return files
+
+
+def hub_snapshot(repo: str, patterns: list[str]) -> Path:
+    """The local snapshot directory of a hub repository holding the files matching ``patterns``
+    (downloaded if they are not cached); its name is the repository commit."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as err:  # offline, unknown repo, no access: one line for the user
+        raise FileNotFoundError(
+            f"model {repo!r} is neither a local directory nor a reachable Hugging Face hub repository "
+            f"({type(err).__name__})"
+        ) from None
+
+
+def file_digest(paths: list[Path]) -> str:
+    """sha256 over the names, sizes and bytes of ``paths``, streamed in chunks."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(f"{path.name}|{path.stat().st_size}|".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def base_identity(cfg: ModelConfig) -> str:
+    """What the base model is, without loading it: ``random:<sha256 of config and seed>``,
+    ``files:<sha256 of the weight files>`` or ``hub:<repo>@<commit>``; then ``|<dtype>``."""
+    if cfg.config is not None:
+        spec = json.dumps({"config": cfg.config, "seed": cfg.seed}, sort_keys=True)
+        ident = "random:" + hashlib.sha256(spec.encode()).hexdigest()
+    elif (files := local_weight_files(cfg)) is not None:
+        ident = "files:" + file_digest(files)
+    else:
+        ident = f"hub:{cfg.name_or_path}@{hub_snapshot(cfg.name_or_path, ['config.json']).name}"
+    return f"{ident}|{cfg.dtype}"
+
+
+def weight_source(cfg: ModelConfig, skeleton: nn.Module) -> WeightSource:
+    """Where the tensors of ``cfg``'s base come from (``skeleton``: the model on the meta device)."""
+    if cfg.config is not None:
+        return RandomInitSource(skeleton, cfg.seed)
+    files = local_weight_files(cfg)
+    if files is None:
+        patterns = [cfg.gguf_file] if cfg.gguf_file else ["*.safetensors", "*.json"]
+        root = hub_snapshot(cfg.name_or_path, patterns)
+        files = local_weight_files(ModelConfig(name_or_path=str(root), gguf_file=cfg.gguf_file))
+    if cfg.gguf_file:
+        return GGUFSource(files[0], skeleton)
+    return SafetensorsSource(files)
+
+
+def materialize(module: nn.Module, prefix: str, source: WeightSource, dtype: torch.dtype) -> None:
+    """Fill every tensor of ``module`` still on the meta device from ``source`` (names under
+    ``prefix``), in ``dtype``. Tensors already materialized are left alone; a tensor shared under
+    two names (tied embeddings) is read once, under its first name (re-tie the others after)."""
+    state, seen = {}, set()
+    for name, t in module.state_dict(keep_vars=True).items():
+        if t.is_meta and id(t) not in seen:
+            state[name] = source.get(prefix + name).to(dtype)
+        seen.add(id(t))
+    module.load_state_dict(state, strict=False, assign=True)

@@ -62,6 +62,8 @@ from projq_train.config import (
     QuantConfig,
     check_adapter_settings,
 )
+from projq_train.loss import LOGITS_PER_CHUNK
+from projq_train.quant.calibrate import SEQUENTIAL_GROUPS
 from projq_train.quant.pack import packed_length
 from projq_train.quant.rtn import check_grid
 
@@ -70,9 +72,7 @@ from projq_train.quant.rtn import check_grid
 # `/usr/bin/time -v`: 515,788 / 515,868 / 515,784 KiB in three runs.
 RUNTIME_BASELINE_BYTES = 515_800 * 1024
 
-LOGITS_PER_CHUNK = 2**24  # fp32 logits per chunk of the loss (projq_train.loss.LOGITS_PER_CHUNK)
 LOSS_CHUNK_BUFFERS = 3  # fp32 (chunk_rows, V) buffers alive at once in a chunk of the loss
-ATTENTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 HALF = 2  # bytes of a bf16/fp16 element
 FP32 = 4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -348,7 +348,7 @@ def _adapter_input_bytes(
     linears = shape.linears()
     seen = HALF if num.autocast else num.adapter  # dtype of the input the adapter's matmul keeps
     kept, n_targets = 0, 0
-    for group in ATTENTION_GROUPS:
+    for group in SEQUENTIAL_GROUPS:
         n = sum(name in quant.target_modules for name in group)
         if n == 0:
             continue
@@ -431,7 +431,7 @@ def activation_bytes(
     if gradient_checkpointing:  # the casts happen inside the checkpointed layers: recomputed
         return t * (shape.layers * h * num.stream + norm), t * per_layer + casts // shape.layers
     # the first layer's q/k/v input needs no gradient: no dropout mask, no copy of lora_A's weight
-    n_qkv = sum(name in quant.target_modules for name in ATTENTION_GROUPS[0])
+    n_qkv = sum(name in quant.target_modules for name in SEQUENTIAL_GROUPS[0])
     first = t * norm + (n_qkv * quant.rank * h * HALF if casts else 0)
     if adapter.dropout > 0:
         first += t * n_qkv * h * num.mask(num.stream if num.autocast else num.adapter)
@@ -512,7 +512,7 @@ def estimate_quantize(
     work_bytes = FP32 if on_gpu else 8
     n_work = HESSIAN_WORK_MATRICES[quant.method] if quant.rank > 0 else 1
     hessians, working = 0, 0
-    for group in ATTENTION_GROUPS if quant.true_sequential else (sum(ATTENTION_GROUPS, ()),):
+    for group in SEQUENTIAL_GROUPS if quant.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),):
         members = [n for n in group if n in quant.target_modules]
         for name in members:
             n_in, n_out, _ = linears[name]

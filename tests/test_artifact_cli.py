@@ -102,6 +102,21 @@ def test_artifact_loads_without_the_base_and_reproduces_the_quantized_model(stre
         torch.testing.assert_close(rebuilt(ids).logits, fake_quantized(ids).logits)
 
 
+def test_a_local_safetensors_checkpoint_streams_to_the_same_quantization(streamed, tmp_path):
+    model, tok = load_model_and_tokenizer(MODEL)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    local = ModelConfig(name_or_path=str(tmp_path / "base"))
+    path = find_or_quantize(local, QUANT, CALIB, tmp_path / "a", torch.device("cpu"))
+    modules, meta = load_artifact(path)
+    assert meta["base_identity"].startswith("files:")
+    for name, qm in load_artifact(streamed[0])[0].items():
+        assert torch.equal(modules[name].weight.tensors()["qweight"], qm.weight.tensors()["qweight"]), name
+    model.model.norm.weight.data += 1  # other weights: another identity, so another artifact
+    model.save_pretrained(tmp_path / "base")
+    assert weights.base_identity(local) != meta["base_identity"]
+
+
 class FloatAllocations(TorchDispatchMode):
     """Records the shapes of the floating-point tensors ops create off the meta device."""
 

@@ -61,7 +61,7 @@ log = logging.getLogger("finetune-bench")
 def build_cli(cli_args: list[str], parse_only: bool = False):
     """The fit job's CLI objects (``cli.model``, ``cli.datamodule``, ``cli.trainer``), not run.
     ``parse_only``: parse and type-check the recipe, build nothing (``cli.config`` only)."""
-    from projq_train.cli import ProjQCLI
+    from projq_train.lightning_cli import ProjQCLI
     from projq_train.module import ProjQModule
 
     warnings.filterwarnings("ignore", "LightningCLI's args parameter")  # sys.argv holds the benchmark's

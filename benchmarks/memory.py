@@ -28,9 +28,10 @@ which tokens are labelled changes no tensor's size). The peak is the maximum res
 size from ``/usr/bin/time -v`` on CPU; on CUDA each process runs through this script, which prints
 ``torch.cuda.max_memory_allocated()`` as JSON on its last line.
 
-Models (``--models``): ``smollm2`` (SmolLM2-135M-Instruct, GGUF in ../shared/data; GPTQ),
-``llama-0.5b`` and ``llama-1b`` (random-init Llama configs, RTN and a small calibration so that
-quantizing on CPU stays tractable; byte tokenizer, so token ids stay below 259 whatever the
+Models (``--models``): ``smollm2`` (SmolLM2-135M-Instruct, GGUF in ../shared/data; RTN with
+rank-32 compensation, calibrated on 32 x 512 Alpaca tokens), ``llama-0.5b`` and ``llama-1b``
+(random-init Llama configs with Llama 3's 128256-token vocabulary, RTN and a small calibration so
+that quantizing on CPU stays tractable; byte tokenizer, so token ids stay below 259 whatever the
 vocabulary), ``tiny`` (the config of recipes/tiny-cpu.yaml, for development).
 
     python benchmarks/memory.py --models tiny --shapes 1x128 --steps 2            # quick check
@@ -100,20 +101,20 @@ MODELS = {
     "smollm2": {
         "label": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32)",
         "base": {"name_or_path": SMOLLM2, "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
-        "method": "gptq",
+        "method": "rtn",
         "nsamples": 32,
         "seqlen": 512,
     },
     "llama-0.5b": {
-        "label": "random-init Llama, hidden 1536, MLP 4096, 16 layers, 16/8 heads, vocab 32000",
-        "base": {"config": llama(1536, 4096, 16, 16, 8, 32000)},
+        "label": "random-init Llama, hidden 1024, MLP 2816, 22 layers, 16/4 heads, vocab 128256",
+        "base": {"config": llama(1024, 2816, 22, 16, 4, 128256)},
         "method": "rtn",
         "nsamples": 8,
         "seqlen": 256,
     },
     "llama-1b": {
-        "label": "random-init Llama, hidden 2048, MLP 5632, 20 layers, 32/4 heads, vocab 32000",
-        "base": {"config": llama(2048, 5632, 20, 32, 4, 32000)},
+        "label": "random-init Llama, hidden 2048, MLP 4096, 14 layers, 32/8 heads, vocab 128256",
+        "base": {"config": llama(2048, 4096, 14, 32, 8, 128256)},
         "method": "rtn",
         "nsamples": 8,
         "seqlen": 256,
@@ -707,7 +708,7 @@ def main() -> None:
     ap.add_argument(
         "--only", nargs="+", default=list(METHODS), choices=METHODS, help="what to run (default: all)"
     )
-    ap.add_argument("--method", choices=["rtn", "gptq", "projq"], help="default: gptq for smollm2, else rtn")
+    ap.add_argument("--method", choices=["rtn", "gptq", "projq"], help="default: rtn")
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--rank", type=int, default=32, help="LoRA rank of every run (default: %(default)s)")

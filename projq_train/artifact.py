@@ -42,6 +42,7 @@ from transformers import PretrainedConfig
 import projq_train
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
+from projq_train.host_memory import release_freed_memory
 from projq_train.models import build_skeleton, load_tokenizer, model_config, tie_and_check
 from projq_train.quant.calibrate import QuantizedModule, check_model_settings, format_report, quantize_model
 from projq_train.quant.linear import swap_in_quant_linears
@@ -230,14 +231,18 @@ def find_or_quantize(
     calibration text and the base's identity; the config is read and the settings checked before
     any quantization. With ``wait``, never quantize: wait until another process (rank 0) has
     written it."""
-    tokenizer = tokenizer or load_tokenizer(model_cfg)
+    config = None
+    if tokenizer is None:
+        config = model_config(model_cfg)  # read once, for the tokenizer and the skeleton
+        tokenizer = load_tokenizer(model_cfg, config)
+        release_freed_memory()  # parsing a GGUF tokenizer leaves a lot of freed memory behind
     ids = calibration_tokens(calibration, tokenizer)
     identity = base_identity(model_cfg)
     full_hash = artifact_hash(identity, ids, asdict(quant))
     if (existing := find_artifact(artifact_dir, full_hash)) is not None:
         log.info("artifact %s already exists for this model, calibration and settings; reusing it", existing)
         return existing
-    config = model_config(model_cfg)
+    config = config or model_config(model_cfg)
     skeleton = build_skeleton(config, getattr(torch, model_cfg.dtype))
     check_model_settings(skeleton, quant)
     waited = 0.0
@@ -249,6 +254,7 @@ def find_or_quantize(
         if (existing := find_artifact(artifact_dir, full_hash)) is not None:
             return existing
     source = weight_source(model_cfg, skeleton)
+    release_freed_memory()
     modules, reports = quantize_model(skeleton, ids, quant, device, calibration.batch_size, source=source)
     log.info("quantization report\n%s", format_report(reports))
     meta = {
@@ -258,6 +264,7 @@ def find_or_quantize(
         "device": str(device),
         "report": [asdict(r) for r in reports],
     }
+    skeleton.tie_weights()  # a tied head is the embedding again, stored once
     floats = float_tensors(skeleton, source, set(modules))
     path = save_artifact(artifact_dir, full_hash, modules, meta, floats, config, tokenizer)
     log.info("wrote artifact %s", path)

@@ -19,46 +19,21 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from importlib import import_module
 from pathlib import Path
 
-import lightning as L
 from jsonargparse import ArgumentParser, Namespace
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from projq_train.artifact import find_or_quantize
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
-from projq_train.eval.run import run_eval, run_report
-from projq_train.export import run_export
-from projq_train.models import resolve_device
-from projq_train.module import ProjQModule
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
-FUNCTION_SUBCOMMANDS = {"export": run_export, "eval": run_eval, "report": run_report}
+# imported when the subcommand runs: a command loads only what it uses (quantize: no Lightning, no peft)
+FUNCTION_SUBCOMMANDS = {
+    "export": "projq_train.export:run_export",
+    "eval": "projq_train.eval.run:run_eval",
+    "report": "projq_train.eval.run:run_report",
+}
 SUBCOMMANDS = (*TRAINER_SUBCOMMANDS, "quantize", "estimate", *FUNCTION_SUBCOMMANDS)
-
-
-class ProjQCLI(LightningCLI):
-    """LightningCLI whose data module gets the model's tokenizer, and whose invalid settings
-    (checked when the classes are built, before any work) end in one parser error."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="instantiate")
-
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except (ValueError, FileNotFoundError) as err:
-            self.parser.error(str(err))
-
-
-def trainer_cli(argv: list[str] | None) -> ProjQCLI:
-    return ProjQCLI(
-        ProjQModule,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
 
 
 def quantize_parser() -> ArgumentParser:
@@ -87,6 +62,9 @@ def parse_recipe(parser: ArgumentParser, argv: list[str]) -> tuple[Namespace, Na
 
 def run_quantize(cfg: Namespace) -> Path:
     """Stream, calibrate and quantize per the recipe (or find the artifact); return its directory."""
+    from projq_train.artifact import find_or_quantize
+    from projq_train.models import resolve_device
+
     if cfg.quant.method == "nf4":
         raise ValueError(
             "quant.method nf4 is quantized by bitsandbytes when `fit` loads the model; nothing to do"
@@ -99,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point; ``argv`` defaults to the command line."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if (sys.argv[1:] if argv is None else argv)[:1] in ([s] for s in TRAINER_SUBCOMMANDS):
+        from projq_train.lightning_cli import trainer_cli
+
         trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
         return
     argv = sys.argv[1:] if argv is None else argv
@@ -108,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         estimate(argv[1:])
         return
     if argv[:1] and argv[0] in FUNCTION_SUBCOMMANDS:
-        function = FUNCTION_SUBCOMMANDS[argv[0]]
+        module, _, name = FUNCTION_SUBCOMMANDS[argv[0]].partition(":")
+        function = getattr(import_module(module), name)
         parser = ArgumentParser(prog=f"projq-train {argv[0]}", description=function.__doc__)
         parser.add_argument("--config", action="config", help="YAML file with these options")
         parser.add_function_arguments(function, as_positional=False)

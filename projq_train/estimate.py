@@ -71,6 +71,10 @@ from projq_train.quant.rtn import check_grid
 # transformers 5.24, lightning 2.6, peft 0.21; Python 3, Linux x86-64), measured with
 # `/usr/bin/time -v`: 515,788 / 515,868 / 515,784 KiB in three runs.
 RUNTIME_BASELINE_BYTES = 515_800 * 1024
+# The same for what `projq-train quantize` imports (no Lightning, no peft):
+# `python -c "import projq_train.cli, projq_train.artifact, gguf, safetensors"`: 260,228 / 260,328 /
+# 260,216 KiB.
+QUANTIZE_RUNTIME_BYTES = 260_250 * 1024
 
 LOSS_CHUNK_BUFFERS = 3  # fp32 (chunk_rows, V) buffers alive at once in a chunk of the loss
 HALF = 2  # bytes of a bf16/fp16 element
@@ -494,9 +498,16 @@ def estimate_fit(
 
 
 def estimate_quantize(
-    shape: ModelShape, quant: QuantConfig, calibration: CalibrationConfig, dtype: str, on_gpu: bool
+    shape: ModelShape,
+    quant: QuantConfig,
+    calibration: CalibrationConfig,
+    dtype: str,
+    on_gpu: bool,
+    runtime: int = RUNTIME_BASELINE_BYTES,
 ) -> MemoryEstimate:
-    """Peak of the streamed quantization (``dtype``: the recipe dtype the layers are read into).
+    """Peak of the streamed quantization (``dtype``: the recipe dtype the layers are read into;
+    ``runtime``: the process's baseline, :data:`QUANTIZE_RUNTIME_BYTES` for ``projq-train quantize``,
+    the default for quantizing at ``fit`` setup).
 
     One decoder layer's float weights; for the module whose quantization holds the most, fp32
     working copies of its weight, the Hessians of its group and the work matrices (fp64 on CPU,
@@ -507,7 +518,7 @@ def estimate_quantize(
     w = DTYPE_BYTES[dtype]
     linears = shape.linears()
     if quant.method == "nf4":  # bitsandbytes quantizes while `fit` loads the float model
-        host = {"runtime": RUNTIME_BASELINE_BYTES, "float_model": shape.parameters() * w}
+        host = {"runtime": runtime, "float_model": shape.parameters() * w}
         return MemoryEstimate("quantize", on_gpu, {}, host, {"note": "nf4: the float model is loaded whole"})
     work_bytes = FP32 if on_gpu else 8
     n_work = HESSIAN_WORK_MATRICES[quant.method] if quant.rank > 0 else 1
@@ -535,7 +546,7 @@ def estimate_quantize(
         for n in quant.target_modules
     )
     on_host = {
-        "runtime": RUNTIME_BASELINE_BYTES,
+        "runtime": runtime,
         "embeddings": (shape.vocab + 1) * shape.hidden * w,
         "packed_results": results,
     }
@@ -701,7 +712,7 @@ def parse_fit(argv: list[str]) -> tuple[dict[str, Any], Any]:
     """Parse a fit recipe and overrides as ``projq-train fit`` does, without building anything."""
     import lightning as L
 
-    from projq_train.cli import ProjQCLI
+    from projq_train.lightning_cli import ProjQCLI
     from projq_train.module import ProjQModule
 
     class ParseOnly(ProjQCLI):
@@ -775,7 +786,7 @@ def parse_quantize(argv: list[str]) -> tuple[dict[str, Any], Any]:
 # --- printing ------------------------------------------------------------------------------------
 
 LABELS = {
-    "runtime": "runtime (python, torch, transformers, lightning)",
+    "runtime": "runtime (python and the libraries the command imports)",
     "packed_weights": "packed weights",
     "float_tensors": "float tensors (embeddings, norms, lm_head)",
     "adapters": "adapters (LoRA A, B)",
@@ -898,7 +909,10 @@ def run(argv: list[str]) -> tuple[dict[str, Any], bool]:
             f"{recipe['adapter'].dropout}, optimizer {fit.optimizer}"
             + (f", sharded over {fit.shards}" if fit.shards > 1 else "")
         )
-    result["quantize"] = estimate_quantize(shape, quant, recipe["calibration"], base.dtype, on_gpu).as_dict()
+    runtime = QUANTIZE_RUNTIME_BYTES if quantize_only else RUNTIME_BASELINE_BYTES
+    result["quantize"] = estimate_quantize(
+        shape, quant, recipe["calibration"], base.dtype, on_gpu, runtime
+    ).as_dict()
     if cfg.device_memory is not None:
         budget = parse_memory(cfg.device_memory)
         result["device_memory"], result["device_memory_text"] = budget, cfg.device_memory

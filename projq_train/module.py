@@ -38,6 +38,7 @@ from projq_train.config import (
     check_adapter_settings,
 )
 from projq_train.data.instruct import IGNORE_INDEX
+from projq_train.host_memory import release_freed_memory
 from projq_train.lora import attach_adapters, init_from_compensation
 from projq_train.loss import causal_lm_loss_from_hidden
 from projq_train.models import load_model_and_tokenizer, load_tokenizer
@@ -151,6 +152,7 @@ class ProjQModule(L.LightningModule):
         self.artifact_dir, self.optimizer_factory = artifact_dir, optimizer
         self.schedule, self.gradient_checkpointing = schedule or ScheduleConfig(), gradient_checkpointing
         self.tokenizer = load_tokenizer(base)  # the data module tokenizes with it (linked by the CLI)
+        release_freed_memory()  # parsing a GGUF tokenizer leaves a lot of freed memory behind
         self.model: PeftModel | None = None
         self.base_id: str | None = None
         self.strict_loading = False  # checkpoints hold the adapters only
@@ -177,6 +179,7 @@ class ProjQModule(L.LightningModule):
         ]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
         self.model.train()  # loaded in eval mode; dropout in the adapters is wanted while training
+        release_freed_memory()
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

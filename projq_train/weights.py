@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zlib
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -53,7 +55,9 @@ class SafetensorsSource:
 
 
 class GGUFSource:
-    """Tensors of a GGUF file by their Hugging Face names, dequantized to float32 when read."""
+    """Tensors of a GGUF file by their Hugging Face names, dequantized to float32 when read. The
+    bytes of a tensor are read with ``pread`` rather than through the reader's memory map, so
+    pages already read do not stay resident in the process."""
 
     def __init__(self, path: Path, skeleton: nn.Module) -> None:
         from gguf import GGUFReader
@@ -63,24 +67,52 @@ class GGUFSource:
             get_gguf_hf_weights_map,
         )
 
-        self._reader = GGUFReader(str(path))
-        arch = self._reader.fields["general.architecture"]
+        reader = GGUFReader(str(path))  # its parsed metadata is large: only the tensor index is kept
+        arch = reader.fields["general.architecture"]
         arch = bytes(arch.parts[arch.data[0]]).decode()
         heads = {k: getattr(skeleton.config, k) for k in ("num_attention_heads", "num_key_value_heads")}
         self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=heads)
         self._mapping = get_gguf_hf_weights_map(skeleton, self._processor)
-        self._tensors = {self._mapping[t.name]: t for t in self._reader.tensors if t.name in self._mapping}
+        self._tensors = {
+            self._mapping[t.name]: (
+                t.name,
+                t.tensor_type,
+                t.data.dtype,
+                t.data.shape,
+                int(t.n_bytes),
+                int(t.data_offset),
+            )
+            for t in reader.tensors
+            if t.name in self._mapping
+        }
+        self._path = path
 
     def get(self, name: str) -> Tensor:
-        from gguf import dequantize
-
         if name not in self._tensors:
             raise KeyError(f"tensor {name} is not in the GGUF file")
-        t = self._tensors[name]
+        gguf_name, qtype, dtype, shape, n_bytes, offset = self._tensors[name]
+        with open(self._path, "rb") as f:
+            raw = bytearray(os.pread(f.fileno(), n_bytes, offset))  # writable: no copy below
+        data = np.frombuffer(raw, dtype=dtype).reshape(shape)  # as stored (quantized), rows first
         weights = self._processor.process(
-            weights=dequantize(t.data, t.tensor_type), name=t.name, tensor_key_mapping=self._mapping
+            weights=_dequantize_by_rows(data, qtype), name=gguf_name, tensor_key_mapping=self._mapping
         ).weights
-        return torch.from_numpy(weights.copy())
+        return torch.from_numpy(np.ascontiguousarray(weights))
+
+
+def _dequantize_by_rows(data: np.ndarray, qtype, rows: int = 4096) -> np.ndarray:
+    """``gguf.dequantize`` a block of rows at a time into one float32 array, so its temporaries
+    stay the size of a block (for an embedding they would be several times the result)."""
+    from gguf import dequantize
+
+    if data.ndim < 2 or data.shape[0] <= rows:
+        return dequantize(data, qtype)
+    first = dequantize(data[:rows], qtype)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=first.dtype)
+    out[:rows] = first
+    for start in range(rows, data.shape[0], rows):
+        out[start : start + rows] = dequantize(data[start : start + rows], qtype)
+    return out
 
 
 class RandomInitSource:

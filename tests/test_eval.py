@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import projq_train.cli as cli
+import projq_train.lightning_cli as lightning_cli
 from projq_train.artifact import load_quantized_model
 from projq_train.config import ModelConfig
 from projq_train.eval import harness
@@ -296,7 +297,7 @@ def test_task_eval_callback_logs_task_metrics_in_validate(checkpoint, data_root)
         f"{task_eval}data_root={data_root}",
         f"{task_eval}seqlen=64",
     ]
-    metrics = cli.trainer_cli(args).trainer.callback_metrics
+    metrics = lightning_cli.trainer_cli(args).trainer.callback_metrics
     assert metrics["val/boolq/acc_loglik"].item() == pytest.approx(expected["boolq"]["acc_loglik"])
     assert metrics["val/wikitext2/perplexity"].item() == pytest.approx(
         expected["wikitext2"]["perplexity"], rel=1e-4

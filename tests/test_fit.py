@@ -10,6 +10,7 @@ import torch
 import yaml
 
 import projq_train.cli as cli
+import projq_train.lightning_cli as lightning_cli
 from projq_train.config import AdapterConfig, CalibrationConfig, ModelConfig, QuantConfig, ScheduleConfig
 from projq_train.data.instruct import InstructionData
 from projq_train.loss import causal_lm_loss_from_hidden
@@ -188,7 +189,7 @@ def test_print_config_shows_the_full_recipe(capsys):
     assert printed["model"]["quant"]["bits"] == 3 and printed["model"]["adapter"]["init"] == "projq"
 
 
-class ParseOnly(cli.ProjQCLI):
+class ParseOnly(lightning_cli.ProjQCLI):
     """Parse and type-check a recipe without building anything (no model or tokenizer loads)."""
 
     def instantiate_classes(self) -> None:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from projq_train.config import QuantConfig
+from projq_train.host_memory import release_freed_memory
 from projq_train.models import decoder_layers
 from projq_train.quant import lowrank_compensation, quantize_weight
 from projq_train.quant.pack import PackedWeight
@@ -193,9 +194,10 @@ def quantize_model(
 
     After this the model's target weights hold ``Q + BA`` (the adapted model at step 0), and
     the next layer was calibrated on those outputs. With ``source``, ``model`` may be a skeleton
-    on the meta device: the embeddings and final norm are read first, each decoder layer when
-    its turn comes, and the layer goes back to meta once its outputs are computed. Returns the
-    quantized modules, on CPU and keyed by their full module name, and one report row per module.
+    on the meta device: the embeddings and final norm are read to compute the first layer's
+    inputs and dropped, each decoder layer is read when its turn comes and goes back to meta once
+    its outputs are computed; the model is left on the meta device. Returns the quantized modules,
+    on CPU and keyed by their full module name, and one report row per module.
     """
     check_model_settings(model, cfg)
     if ids.numel() == 0:
@@ -203,11 +205,14 @@ def quantize_model(
     device = torch.device(device)
     layer_names = {id(m): n for n, m in model.named_modules()}
     dtype = model.model.embed_tokens.weight.dtype
+    others = [m for name, m in model.model.named_children() if name != "layers"]
     if source is not None:
-        for name, m in model.model.named_children():
-            if name != "layers":
-                materialize(m, f"{layer_names[id(m)]}.", source, dtype)
+        for m in others:
+            materialize(m, f"{layer_names[id(m)]}.", source, dtype)
     inputs, kwargs = capture_layer_inputs(model, ids, device, batch_size)
+    if source is not None:  # the embeddings served their purpose: the layers run on `inputs`
+        for m in others:
+            m.to("meta")
     groups = SEQUENTIAL_GROUPS if cfg.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
     result: dict[str, QuantizedModule] = {}
     reports: list[ModuleReport] = []
@@ -242,8 +247,11 @@ def quantize_model(
                 )
                 mod.weight.copy_(step0.to(mod.weight.dtype))
                 result[name] = QuantizedModule(qm.weight.to("cpu"), qm.lora_B.cpu(), qm.lora_A.cpu())
+            del hessians
+            release_freed_memory()  # the group's forward and working matrices
         inputs = _run_layer(layer, inputs, kwargs)
         layer.to("meta" if source is not None else "cpu")
+        release_freed_memory()  # the layer's forward, before the next layer's weights arrive
         bar.set_postfix(err=f"{sum(r.err_compensated for r in reports[-len(linears) :]) / len(linears):.4f}")
     log.info("quantized %d modules with %s at %d bits", len(result), cfg.method, cfg.bits)
     return result, reports

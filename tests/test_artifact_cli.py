@@ -117,6 +117,18 @@ def test_a_local_safetensors_checkpoint_streams_to_the_same_quantization(streame
     assert weights.base_identity(local) != meta["base_identity"]
 
 
+def test_a_tied_head_is_stored_once_and_tied_again(tmp_path):
+    tied = ModelConfig(config={**TINY["llama"], "tie_word_embeddings": True})
+    path = find_or_quantize(tied, QUANT, CALIB, tmp_path, torch.device("cpu"))
+    assert "lm_head.weight" not in load_file(str(path / "float.safetensors"))
+    rebuilt, _, modules, _ = load_quantized_model(path)
+    assert rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight
+    fake_quantized = apply_quantized(load_model_and_tokenizer(tied)[0], modules, with_adapter=False)
+    ids = torch.randint(0, 259, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids).logits, fake_quantized(ids).logits)
+
+
 class FloatAllocations(TorchDispatchMode):
     """Records the shapes of the floating-point tensors ops create off the meta device."""
 

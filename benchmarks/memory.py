@@ -220,6 +220,26 @@ def worker_baseline(kind: str, recipe_path: Path) -> dict:
     return out
 
 
+def worker_zero_compensation_quantize(recipe_path: Path) -> dict:
+    """``projq-train quantize`` with each module rounded to nearest and a zero rank-r compensation:
+    an artifact of exactly the shapes and dtypes a real one has, made in minutes where the
+    compensation's fp64 eigendecompositions would take an hour on CPU. For measuring ``fit``
+    from a cached artifact only (the memory of a run does not depend on the values)."""
+    import projq_train.quant.calibrate as calibrate
+    from projq_train.cli import main
+    from projq_train.quant import quantize_weight
+    from projq_train.quant.pack import PackedWeight
+
+    def rtn_zero(W, H, cfg):
+        qw = quantize_weight(W.float(), H, "rtn", cfg.bits, cfg.group_size, 0, 0)
+        zeros = W.new_zeros(W.shape[0], cfg.rank), W.new_zeros(cfg.rank, W.shape[1])
+        return calibrate.QuantizedModule(PackedWeight.from_quantized(qw), *zeros)
+
+    calibrate.quantize_module = rtn_zero
+    main(["quantize", "--config", str(recipe_path)])
+    return {}
+
+
 def worker_projq_train(argv: list[str]) -> dict:
     """Run ``projq-train ARGV`` in this process (CUDA runs): its peak device memory."""
     import torch
@@ -486,6 +506,11 @@ def bench_model(args, runner: Runner, name: str, device: str, rows: list[dict], 
             log.info("%s %s %s: peak %s", name, shape or "", method, gib(result["peak_bytes"]))
 
     def quantize(measured: bool) -> dict:
+        if name in args.zero_compensation and not measured:
+            script = str(Path(__file__).relative_to(ROOT))
+            argv = ["--worker", "zero-compensation-quantize", "--recipe", str(quantize_recipe)]
+            quote = ["python", script, *argv]
+            return runner.run([sys.executable, script, *argv], mdir / "quantize.log", quote, False)
         argv = ["quantize", "--config", str(quantize_recipe)]
         return runner.projq_train(argv, mdir / "quantize.log", measured)
 
@@ -725,13 +750,26 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the raw rows here")
     ap.add_argument("--table-from", nargs="+", type=Path, help="only print tables of earlier --json files")
     ap.add_argument("--plot", type=Path, help="plot peak against parameter count, e.g. docs/memory.png")
-    ap.add_argument("--worker", choices=["float-lora", "nf4-qlora", "projq-train"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--zero-compensation",
+        nargs="*",
+        default=[],
+        help="models whose unmeasured artifact (--only fit ...) is made by RTN with a zero compensation "
+        "(same shapes and dtypes; fast where the compensation takes an hour on CPU)",
+    )
+    ap.add_argument(
+        "--worker",
+        choices=["float-lora", "nf4-qlora", "projq-train", "zero-compensation-quantize"],
+        help=argparse.SUPPRESS,
+    )
     ap.add_argument("--recipe", type=Path, help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.worker:  # one measured process; its result is the last line of stdout
         if args.worker == "projq-train":
             result = worker_projq_train(rest[1:] if rest[:1] == ["--"] else rest)
+        elif args.worker == "zero-compensation-quantize":
+            result = worker_zero_compensation_quantize(args.recipe)
         else:
             result = worker_baseline(args.worker, args.recipe)
         print(json.dumps(result))

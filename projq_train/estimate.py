@@ -545,15 +545,17 @@ def estimate_quantize(
         + quant.rank * (linears[n][0] + linears[n][1]) * FP32
         for n in quant.target_modules
     )
-    on_host = {
-        "runtime": runtime,
-        "embeddings": (shape.vocab + 1) * shape.hidden * w,
-        "packed_results": results,
-    }
+    # the embeddings are dropped once the first layer's inputs exist; at the end every float
+    # tensor (embeddings, an untied head, norms) is read again and written with the artifact
+    floats = float_tensor_bytes(shape, quant, w)
+    on_host = {"runtime": runtime, "packed_results": results}
     details = {"calibration_tokens": tokens, "hessian_work_dtype": "fp32" if on_gpu else "fp64"}
     if on_gpu:
         on_host["layer_read"] = on_device["layer_weights"]  # read on the host, then moved
+        on_host["float_tensors_at_save"] = max(0, floats - on_host["layer_read"])
         return MemoryEstimate("quantize", True, on_device, on_host, details)
+    layer_phase = sum(on_device.values())
+    on_host["float_tensors_at_save"] = max(0, floats - layer_phase)  # the later, larger phase
     return MemoryEstimate("quantize", False, {}, {**on_host, **on_device}, details)
 
 
@@ -787,6 +789,7 @@ def parse_quantize(argv: list[str]) -> tuple[dict[str, Any], Any]:
 
 LABELS = {
     "runtime": "runtime (python and the libraries the command imports)",
+    "float_tensors_at_save": "float tensors read again for the artifact (beyond the layer phase)",
     "packed_weights": "packed weights",
     "float_tensors": "float tensors (embeddings, norms, lm_head)",
     "adapters": "adapters (LoRA A, B)",
@@ -802,7 +805,6 @@ LABELS = {
     "hessians": "Hessians and GPTQ/ProjQ (in, in) matrices",
     "calibration_activations": "calibration inputs + outputs of a layer",
     "layer_forward": "one calibration batch through the layer",
-    "embeddings": "embeddings and final norm",
     "packed_results": "packed weights + compensation made so far",
     "layer_read": "the layer read before its move to the device",
     "float_model": "the whole float model (nf4 loads it)",

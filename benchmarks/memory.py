@@ -691,7 +691,9 @@ def plot(rows: list[dict], path: Path) -> None:
                 est = sorted(
                     (r["params"] / 1e9, estimated(r, section) / 2**30)
                     for r in rows
-                    if r["method"] == "estimate" and estimated(r, section) and r["shape"] in (shape, None)
+                    if r["method"] == "estimate"
+                    and estimated(r, section)
+                    and r["shape"] == (None if section == "quantize" else shape)  # its own recipe
                 )
                 if est:
                     ax.plot(

@@ -18,6 +18,11 @@ so a recipe that would produce the same result finds the existing artifact witho
 the base's weights. :func:`load_quantized_model` builds the model on the meta device and fills
 it from these files: no float copy of a quantized weight ever exists. Writes go to a temporary
 sibling directory renamed into place, so a crash never leaves a directory that looks complete.
+
+Finding an artifact needs the base's tokenizer (the calibration token ids are part of the
+hash). A GGUF file's tokenizer is slow to convert, so the converted one is kept under
+``<root>/tokenizers/`` (:func:`base_tokenizer`): a run whose artifact exists never parses the
+GGUF file, it only hashes it.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ TENSORS = "quantized.safetensors"
 FLOAT_TENSORS = "float.safetensors"
 TOKENIZER = "tokenizer"
 METADATA = "metadata.json"
+TOKENIZER_CACHE = "tokenizers"  # <root>/tokenizers/<key>/: tokenizers converted from GGUF files
 
 
 def artifact_hash(base_identity: str, calibration_ids: Tensor, settings: dict[str, Any]) -> str:
@@ -215,6 +221,34 @@ def float_tensors(model: nn.Module, source: WeightSource, quantized: set[str]) -
     return out
 
 
+def base_tokenizer(model_cfg: ModelConfig, artifact_dir: str | Path) -> Any:
+    """The base's tokenizer, with a pad token. One converted from a GGUF file (seconds of parsing
+    that leave about 100 MiB resident) is cached under ``<artifact_dir>/tokenizers/``, keyed by
+    the GGUF file's identity, and read from there afterwards."""
+    if not model_cfg.gguf_file:
+        return load_tokenizer(model_cfg)
+    from transformers import AutoTokenizer
+
+    key = hashlib.sha256(base_identity(model_cfg).split("|")[0].encode()).hexdigest()[:16]
+    cache = Path(artifact_dir) / TOKENIZER_CACHE / key
+    if cache.is_dir():
+        return AutoTokenizer.from_pretrained(cache)
+    tokenizer = load_tokenizer(model_cfg)
+    release_freed_memory()  # parsing a GGUF tokenizer leaves a lot of freed memory behind
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache.parent))
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, cache)
+    except OSError:
+        if not cache.is_dir():  # another process won the race: theirs is the same tokenizer
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return tokenizer
+
+
 def find_or_quantize(
     model_cfg: ModelConfig,
     quant: QuantConfig,
@@ -227,22 +261,20 @@ def find_or_quantize(
 ) -> Path:
     """The artifact for this base, calibration and settings: found under ``artifact_dir``, or made
     by streaming the base one decoder layer at a time through the quantizer on ``device``, and
-    saved. Finding it reads only the tokenizer (pass ``tokenizer`` if it is loaded already), the
-    calibration text and the base's identity; the config is read and the settings checked before
-    any quantization. With ``wait``, never quantize: wait until another process (rank 0) has
-    written it."""
-    config = None
+    saved. Finding it reads only the tokenizer (pass ``tokenizer`` if it is loaded already; else
+    :func:`base_tokenizer`), the calibration text and the base's identity; the config is read
+    and the settings checked before any quantization. With ``wait``, never quantize: wait until
+    another process (rank 0) has written it."""
     if tokenizer is None:
-        config = model_config(model_cfg)  # read once, for the tokenizer and the skeleton
-        tokenizer = load_tokenizer(model_cfg, config)
-        release_freed_memory()  # parsing a GGUF tokenizer leaves a lot of freed memory behind
+        tokenizer = base_tokenizer(model_cfg, artifact_dir)
     ids = calibration_tokens(calibration, tokenizer)
     identity = base_identity(model_cfg)
     full_hash = artifact_hash(identity, ids, asdict(quant))
     if (existing := find_artifact(artifact_dir, full_hash)) is not None:
         log.info("artifact %s already exists for this model, calibration and settings; reusing it", existing)
         return existing
-    config = config or model_config(model_cfg)
+    config = model_config(model_cfg)
+    release_freed_memory()  # parsing a GGUF config leaves freed memory behind
     skeleton = build_skeleton(config, getattr(torch, model_cfg.dtype))
     check_model_settings(skeleton, quant)
     waited = 0.0

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.aggregation import MeanMetric
 
-from projq_train.artifact import find_or_quantize, load_quantized_model
+from projq_train.artifact import base_tokenizer, find_or_quantize, load_quantized_model
 from projq_train.config import (
     AdapterConfig,
     CalibrationConfig,
@@ -38,10 +38,10 @@ from projq_train.config import (
     check_adapter_settings,
 )
 from projq_train.data.instruct import IGNORE_INDEX
-from projq_train.host_memory import release_freed_memory
+from projq_train.host_memory import release_during_forward, release_freed_memory
 from projq_train.lora import attach_adapters, init_from_compensation
 from projq_train.loss import causal_lm_loss_from_hidden
-from projq_train.models import load_model_and_tokenizer, load_tokenizer
+from projq_train.models import load_model_and_tokenizer
 from projq_train.strategies import shard_model  # importing it registers trainer.strategy: projq_fsdp
 from projq_train.weights import base_identity
 
@@ -151,8 +151,8 @@ class ProjQModule(L.LightningModule):
         self.base_cfg, self.quant, self.adapter, self.calibration = base, quant, adapter, calibration
         self.artifact_dir, self.optimizer_factory = artifact_dir, optimizer
         self.schedule, self.gradient_checkpointing = schedule or ScheduleConfig(), gradient_checkpointing
-        self.tokenizer = load_tokenizer(base)  # the data module tokenizes with it (linked by the CLI)
-        release_freed_memory()  # parsing a GGUF tokenizer leaves a lot of freed memory behind
+        # the data module tokenizes with it (linked by the CLI)
+        self.tokenizer = base_tokenizer(base, artifact_dir)
         self.model: PeftModel | None = None
         self.base_id: str | None = None
         self.strict_loading = False  # checkpoints hold the adapters only
@@ -180,6 +180,8 @@ class ProjQModule(L.LightningModule):
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
         self.model.train()  # loaded in eval mode; dropout in the adapters is wanted while training
         release_freed_memory()
+        if strategy.root_device.type == "cpu":  # keep a CPU step's heap fragmentation out of the peak
+            release_during_forward(self.model.get_base_model().model.layers)
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

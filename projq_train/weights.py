@@ -18,6 +18,7 @@ a random model; plus the dtype the model computes in.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -179,11 +180,17 @@ def hub_snapshot(repo: str, patterns: list[str]) -> Path:
 
 
 def file_digest(paths: list[Path]) -> str:
-    """sha256 over the names, sizes and bytes of ``paths``, streamed in chunks."""
+    """sha256 over the names, sizes and bytes of ``paths``, streamed in chunks; computed once per
+    process for files whose size and modification time have not changed."""
+    return _file_digest(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths))
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(files: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.sha256()
-    for path in paths:
-        h.update(f"{path.name}|{path.stat().st_size}|".encode())
-        with open(path, "rb") as f:
+    for name, size, _ in files:
+        h.update(f"{Path(name).name}|{size}|".encode())
+        with open(name, "rb") as f:
             while chunk := f.read(HASH_CHUNK):
                 h.update(chunk)
     return h.hexdigest()

@@ -11,6 +11,7 @@ import yaml
 
 import projq_train.cli as cli
 import projq_train.lightning_cli as lightning_cli
+import projq_train.module as projq_module
 from projq_train.config import AdapterConfig, CalibrationConfig, ModelConfig, QuantConfig, ScheduleConfig
 from projq_train.data.instruct import InstructionData
 from projq_train.loss import causal_lm_loss_from_hidden
@@ -48,7 +49,9 @@ def test_step0_model_is_the_quantized_model_plus_its_compensation(tmp_path, init
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
 
-def test_loss_decreases_when_overfitting_a_small_set(tmp_path):
+def test_loss_decreases_when_overfitting_a_small_set(tmp_path, monkeypatch):
+    released = []  # on CPU, free pages are returned during the forward of the decoder layers
+    monkeypatch.setattr(projq_module, "release_during_forward", lambda layers: released.extend(layers))
     # initializer_range 0.25: with the default 0.02 a 64-wide random model's frozen embeddings and
     # head cannot express a peaked distribution, whatever the adapters do
     module = ProjQModule(
@@ -85,6 +88,7 @@ def test_loss_decreases_when_overfitting_a_small_set(tmp_path):
     )
     trainer.fit(module, datamodule=data)
     assert len(losses) == 40 and losses[-1] < 0.1 * losses[0]
+    assert released == list(module.model.get_base_model().model.layers)
 
 
 def run_cli(*args: str) -> None:
@@ -269,8 +273,43 @@ SMOLLM2 = Path(__file__).parents[2] / "shared" / "data" / "models" / "SmolLM2-13
 
 
 @pytest.mark.skipif(not SMOLLM2.is_dir(), reason="the shared SmolLM2 GGUF is not on this machine")
-def test_gguf_tokenizer_gets_its_eos_token_from_the_model_config():
-    from projq_train.models import load_tokenizer
+def test_gguf_tokenizer_gets_its_eos_token_from_the_model_config_and_is_cached(tmp_path, monkeypatch):
+    from projq_train import artifact
 
-    tok = load_tokenizer(ModelConfig(name_or_path=str(SMOLLM2), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
-    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == tok.eos_token_id == 2
+    base = ModelConfig(name_or_path=str(SMOLLM2), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    converted = artifact.base_tokenizer(base, tmp_path)
+    assert converted.eos_token == "<|im_end|>" and converted.pad_token_id == converted.eos_token_id == 2
+    monkeypatch.setattr(artifact, "load_tokenizer", lambda *a, **k: pytest.fail("the GGUF was parsed again"))
+    cached = artifact.base_tokenizer(base, tmp_path)
+    text = "### Instruction:\nGive three tips for staying healthy. Ünïcode ✓\n\n### Response:"
+    assert cached(text)["input_ids"] == converted(text)["input_ids"]
+    assert (cached.eos_token_id, cached.pad_token_id) == (converted.eos_token_id, converted.pad_token_id)
+    assert cached.chat_template == converted.chat_template
+
+
+def test_gguf_tokenizer_cache_is_keyed_by_the_file_contents(tmp_path, monkeypatch):
+    """The converted tokenizer of a GGUF file is kept under <artifact_dir>/tokenizers and found
+    again by the file's contents (here a stand-in file and a byte tokenizer as the conversion)."""
+    from projq_train import artifact
+    from projq_train.models import byte_tokenizer
+
+    conversions = []
+
+    def convert(cfg, config=None):
+        conversions.append(cfg.name_or_path)
+        tok = byte_tokenizer()
+        tok.pad_token = tok.eos_token
+        return tok
+
+    monkeypatch.setattr(artifact, "load_tokenizer", convert)
+    for folder, contents in (("one", b"GGUF one"), ("copy", b"GGUF one"), ("two", b"GGUF two")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "m.gguf").write_bytes(contents)
+    tokens = []
+    for folder in ("one", "one", "copy", "two"):
+        base = ModelConfig(name_or_path=str(tmp_path / folder), gguf_file="m.gguf")
+        tok = artifact.base_tokenizer(base, tmp_path / "art")
+        tokens.append(tok("héllo")["input_ids"])
+    assert conversions == [str(tmp_path / "one"), str(tmp_path / "two")]
+    assert all(t == tokens[0] for t in tokens) and tok.pad_token == tok.eos_token
+    assert len(list((tmp_path / "art" / "tokenizers").iterdir())) == 2  # no temporary folder left

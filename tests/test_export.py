@@ -92,8 +92,59 @@ def test_max_drift_fails_the_export_but_keeps_the_files(checkpoint, tmp_path):
     assert (tmp_path / "merged" / "fidelity.json").is_file()
 
 
+def test_max_drift_fails_on_a_nan_drift(checkpoint, tmp_path, monkeypatch):
+    import projq_train.export as export_module
+
+    monkeypatch.setattr(export_module, "fidelity", lambda *a, **k: {"logit_rel_error": float("nan")})
+    with pytest.raises(ValueError, match="exceeds --max_drift"):
+        export(checkpoint, tmp_path, "peft", max_drift=0.5)
+
+
+class RunsCode:
+    """Unpickling this would create ``marker``: what a crafted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_crafted_checkpoint_is_refused_without_running_its_code(checkpoint, tmp_path, capsys):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    marker = tmp_path / "code-ran"
+    ckpt["hyper_parameters"]["payload"] = RunsCode(marker)
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save(ckpt, crafted)
+    text = tmp_path / "wiki.test.raw"
+    text.write_text("some text to score " * 50)
+    for command in (
+        ["export", f"--ckpt_path={crafted}", "--format=peft", f"--output={tmp_path / 'out'}"],
+        ["eval", f"--ckpt_path={crafted}", f"--tasks=[wikitext2={text}]"],
+    ):
+        with pytest.raises(SystemExit, match="holds objects other than tensors and plain data"):
+            cli.main(command)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_corrupt_or_non_finite_checkpoints_are_refused_before_anything_is_written(checkpoint, tmp_path):
+    data = checkpoint.read_bytes()
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.ckpt is not a readable checkpoint"):
+        export(truncated, tmp_path, "peft")
+    ckpt = torch.load(checkpoint, weights_only=True)
+    name = next(k for k in ckpt["state_dict"] if "lora_B" in k)
+    ckpt["state_dict"][name][0, 0] = float("nan")
+    poisoned = tmp_path / "nan.ckpt"
+    torch.save(ckpt, poisoned)
+    with pytest.raises(ValueError, match=r"nan.ckpt .*holds NaN or infinite values; nothing is exported"):
+        export(poisoned, tmp_path, "merged")
+    assert not (tmp_path / "peft").exists() and not (tmp_path / "merged").exists()
+
+
 def test_export_refuses_a_missing_or_mismatched_artifact(checkpoint, tmp_path):
-    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt = torch.load(checkpoint, weights_only=True)
     artifact = next((checkpoint.parents[1] / "artifacts").iterdir())
     copy = tmp_path / "artifacts" / artifact.name
     shutil.copytree(artifact, copy)

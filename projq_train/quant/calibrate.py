@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from projq_train.config import QuantConfig
-from projq_train.host_memory import release_freed_memory
+from projq_train.host_memory import release_freed_memory, return_free_pages
 from projq_train.models import decoder_layers
 from projq_train.quant import lowrank_compensation, quantize_weight
 from projq_train.quant.pack import PackedWeight
@@ -117,8 +117,19 @@ def capture_layer_inputs(
 
 
 def _run_layer(layer: nn.Module, inputs: list[Tensor], kwargs: list[dict]) -> list[Tensor]:
-    outs = [layer(h, **kw) for h, kw in zip(inputs, kwargs, strict=True)]
-    return [o[0] if isinstance(o, tuple) else o for o in outs]
+    outs = []
+    for h, kw in zip(inputs, kwargs, strict=True):
+        out = layer(h, **kw)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+        _release_batch(h)
+    return outs
+
+
+def _release_batch(h: Tensor) -> None:
+    """On CPU, give a calibration batch's freed temporaries back to the OS before the next batch,
+    so they do not fragment the heap into the quantization peak."""
+    if h.device.type == "cpu":
+        return_free_pages()
 
 
 @torch.no_grad()
@@ -150,6 +161,7 @@ def accumulate_hessians(
                 layer(h, **kw)
             except _StopForward:
                 pass
+            _release_batch(h)
     finally:
         for hd in handles:
             hd.remove()

@@ -4,10 +4,12 @@ subcommands, so the others start without Lightning and peft."""
 
 from __future__ import annotations
 
+import sys
+
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from projq_train.module import ProjQModule
+from projq_train.module import NonFiniteTrainingError, ProjQModule
 
 
 class ProjQCLI(LightningCLI):
@@ -25,10 +27,13 @@ class ProjQCLI(LightningCLI):
 
 
 def trainer_cli(argv: list[str] | None) -> ProjQCLI:
-    return ProjQCLI(
-        ProjQModule,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
+    try:
+        return ProjQCLI(
+            ProjQModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+        )
+    except NonFiniteTrainingError as err:
+        sys.exit(f"error: {err}")

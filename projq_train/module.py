@@ -12,6 +12,7 @@ adapter-only.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from peft import PeftModel
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.aggregation import MeanMetric
 
@@ -44,6 +46,8 @@ from projq_train.loss import causal_lm_loss_from_hidden
 from projq_train.models import load_model_and_tokenizer
 from projq_train.strategies import shard_model  # importing it registers trainer.strategy: projq_fsdp
 from projq_train.weights import base_identity
+
+log = logging.getLogger(__name__)
 
 
 def swap_in_nf4(model: nn.Module, target_modules: list[str], compute_dtype: torch.dtype, device) -> None:
@@ -97,6 +101,10 @@ def prepare_model(
     return peft_model, base_id
 
 
+class NonFiniteTrainingError(FloatingPointError):
+    """Training met a NaN or an infinity it may not skip (see ``skip_nonfinite_steps``)."""
+
+
 @contextmanager
 def head_bypassed(model: PeftModel) -> Iterator[nn.Linear]:
     """Within the block the causal LM's ``lm_head`` is an identity, so its output ``logits`` are the
@@ -132,6 +140,10 @@ class ProjQModule(L.LightningModule):
         schedule: warmup + cosine learning-rate schedule, stepped every optimizer step (default:
             ``ScheduleConfig()``).
         gradient_checkpointing: recompute decoder activations in the backward pass to save memory.
+        skip_nonfinite_steps: the NaN guard. An optimizer step whose loss or gradients hold a NaN
+            or an infinity is skipped (its update dropped) this many times; the next one stops the
+            run with an error naming the step. A checkpoint with a non-finite adapter weight is
+            never written.
     """
 
     def __init__(
@@ -144,13 +156,18 @@ class ProjQModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         schedule: ScheduleConfig | None = None,
         gradient_checkpointing: bool = False,
+        skip_nonfinite_steps: int = 0,
     ) -> None:
         super().__init__()
         check_adapter_settings(quant, adapter)
+        if skip_nonfinite_steps < 0:
+            raise ValueError(f"model.skip_nonfinite_steps must be 0 or more, got {skip_nonfinite_steps}")
         self.save_hyperparameters()  # for loggers and checkpoints; the typed configs are kept below
         self.base_cfg, self.quant, self.adapter, self.calibration = base, quant, adapter, calibration
         self.artifact_dir, self.optimizer_factory = artifact_dir, optimizer
         self.schedule, self.gradient_checkpointing = schedule or ScheduleConfig(), gradient_checkpointing
+        self.skip_nonfinite_steps, self.skipped_steps = skip_nonfinite_steps, 0
+        self._step_loss: Tensor | None = None
         # the data module tokenizes with it (linked by the CLI)
         self.tokenizer = base_tokenizer(base, artifact_dir)
         self.model: PeftModel | None = None
@@ -203,7 +220,33 @@ class ProjQModule(L.LightningModule):
         per_rank = self.trainer.strategy.reduce(local, reduce_op="sum") / self.trainer.world_size
         loss = self.loss(batch, per_rank)
         self.log("train_loss", loss, prog_bar=True, sync_dist=True)
+        self._step_loss = loss.detach()
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The NaN guard: skip or stop on a non-finite loss or gradient (every rank decides alike)."""
+        checks = [] if self._step_loss is None else [self._step_loss]
+        if self.trainer.precision != "16-mixed":  # fp16's grad scaler skips inf gradients itself
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            checks += [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        bad = not all(bool(torch.isfinite(t).all()) for t in checks)
+        if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return
+        step = self.trainer.global_step + 1
+        if self.skipped_steps >= self.skip_nonfinite_steps:
+            raise NonFiniteTrainingError(
+                f"step {step}: the loss or a gradient is NaN or infinite, after {self.skipped_steps} "
+                f"such steps skipped (model.skip_nonfinite_steps: {self.skip_nonfinite_steps}); "
+                f"training stopped. Lower the learning rate, clip gradients or check the data"
+            )
+        self.skipped_steps += 1
+        log.warning(
+            "step %d: the loss or a gradient is NaN or infinite; its update is skipped (%d of %d)",
+            step,
+            self.skipped_steps,
+            self.skip_nonfinite_steps,
+        )
+        optimizer.zero_grad(set_to_none=True)
 
     def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
         loss = self.loss(batch)
@@ -243,6 +286,12 @@ class ProjQModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = self._trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        for name, t in checkpoint["state_dict"].items():
+            if not bool(torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all()):
+                raise NonFiniteTrainingError(
+                    f"step {self.trainer.global_step}: adapter weight {name} is NaN or infinite; "
+                    f"no checkpoint written. Lower the learning rate or clip gradients"
+                )
         checkpoint["projq"] = {"base_id": self.base_id}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

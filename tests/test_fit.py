@@ -313,3 +313,62 @@ def test_gguf_tokenizer_cache_is_keyed_by_the_file_contents(tmp_path, monkeypatc
     assert conversions == [str(tmp_path / "one"), str(tmp_path / "two")]
     assert all(t == tokens[0] for t in tokens) and tok.pad_token == tok.eos_token
     assert len(list((tmp_path / "art" / "tokenizers").iterdir())) == 2  # no temporary folder left
+
+
+def test_nan_guard_stops_a_diverging_run_with_one_line_and_writes_no_nan_checkpoint(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        diverge = ["--model.optimizer.init_args.lr=1e9", "--trainer.gradient_clip_val=null"]
+        run_cli(*fit_args(tmp_path, 12), *diverge)
+    message = str(stop.value.code)
+    assert re.fullmatch(r"error: step \d+: the loss or a gradient is NaN or infinite.*", message), message
+    for ckpt in (tmp_path / "checkpoints").glob("*.ckpt"):
+        state = torch.load(ckpt, weights_only=True)["state_dict"]
+        assert all(bool(torch.isfinite(t).all()) for t in state.values()), ckpt
+
+
+def test_nan_guard_skips_up_to_the_allowed_bad_steps(tmp_path, monkeypatch):
+    module = ProjQModule(
+        ModelConfig(config=TINY["llama"]),
+        tiny_quant(),
+        AdapterConfig(dropout=0.0),
+        CALIB,
+        artifact_dir=str(tmp_path),
+        skip_nonfinite_steps=1,
+    )
+    loss = ProjQModule.loss
+    poisoned_steps = {2}
+
+    def poisoned(self, batch, num_tokens=None):
+        value = loss(self, batch, num_tokens)
+        return value * float("nan") if self.training and self.trainer.global_step in poisoned_steps else value
+
+    monkeypatch.setattr(ProjQModule, "loss", poisoned)
+    weights = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trained = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+            weights.append({n: p.detach().clone() for n, p in trained.items()})
+
+    data = InstructionData(
+        "builtin:toy_instructions", limit=8, batch_size=2, val_fraction=0.0, tokenizer=module.tokenizer
+    )
+    trainer_args = dict(accelerator="cpu", logger=False, enable_checkpointing=False)
+    trainer_args.update(enable_progress_bar=False)
+    trainer = L.Trainer(max_steps=4, callbacks=[Record()], limit_val_batches=0, **trainer_args)
+    trainer.fit(module, datamodule=data)
+    assert module.skipped_steps == 1 and len(weights) == 4
+    for name, w in weights[2].items():  # step 2 changed nothing; the others moved the adapters
+        assert torch.equal(w, weights[1][name]) and bool(torch.isfinite(weights[3][name]).all())
+    assert any(not torch.equal(weights[3][n], weights[2][n]) for n in weights[2])
+    poisoned_steps.update({1, 2, 3})  # a second bad step is one too many
+    module = ProjQModule(
+        ModelConfig(config=TINY["llama"]),
+        tiny_quant(),
+        AdapterConfig(dropout=0.0),
+        CALIB,
+        str(tmp_path),
+        skip_nonfinite_steps=1,
+    )
+    with pytest.raises(FloatingPointError, match=r"step 3: .* after 1 such steps skipped"):
+        L.Trainer(max_steps=4, limit_val_batches=0, **trainer_args).fit(module, datamodule=data)

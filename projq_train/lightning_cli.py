@@ -37,3 +37,6 @@ def trainer_cli(argv: list[str] | None) -> ProjQCLI:
         )
     except NonFiniteTrainingError as err:
         sys.exit(f"error: {err}")
+    except OSError as err:  # a full disk, a lost mount: checkpoints written before stay intact
+        where = f": {err.filename}" if err.filename else ""
+        sys.exit(f"error: {err.strerror or err}{where}; the run stopped (checkpoints are written atomically)")

@@ -1,6 +1,7 @@
 """The fit job: LightningCLI recipes, step-0 model, training, adapter-only checkpoints, resume."""
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -158,6 +159,23 @@ def test_tiny_recipe_fits_checkpoints_adapters_only_and_resumes(tmp_path, capsys
     # a checkpoint made for another quantized base is refused
     with pytest.raises(ValueError, match="trained on quantized base"):
         run_cli(*fit_args(tmp_path, 8), "--ckpt_path=last", "--model.quant.method=rtn")
+
+    # a full disk (files may grow to half a checkpoint) fails the run with one line, and leaves
+    # the checkpoints that were there intact and no partial file under any name
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
+    limit = last.stat().st_size // 2
+    run = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "from projq_train.cli import main; main(sys.argv[1:])"
+    )
+    args = ["fit", "--config", str(TINY_FIT), *fit_args(tmp_path, 8), "--ckpt_path=last"]
+    command = [sys.executable, "-c", run, *args]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=RECIPES.parent)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "File too large" in done.stderr
+    after = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
+    assert after == before
 
 
 def test_module_refuses_a_checkpoint_for_another_base():

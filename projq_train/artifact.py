@@ -18,6 +18,10 @@ so a recipe that would produce the same result finds the existing artifact witho
 the base's weights. :func:`load_quantized_model` builds the model on the meta device and fills
 it from these files: no float copy of a quantized weight ever exists. Writes go to a temporary
 sibling directory renamed into place, so a crash never leaves a directory that looks complete.
+A writer holds ``<root>/.<hash[:16]>.lock`` (:func:`artifact_lock`): a second process that wants
+the same artifact waits for it instead of quantizing too. Before writing, temporary folders of a
+killed writer are removed and a folder under the final name that is not the artifact is moved
+aside (:func:`clear_leftovers`).
 
 Finding an artifact needs the base's tokenizer (the calibration token ids are part of the
 hash). A GGUF file's tokenizer is slow to convert, so the converted one is kept under
@@ -27,6 +31,7 @@ GGUF file, it only hashes it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -35,6 +40,8 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -47,7 +54,7 @@ from transformers import PretrainedConfig
 import projq_train
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
-from projq_train.host_memory import release_freed_memory
+from projq_train.host_memory import large_blocks_mapped, release_freed_memory
 from projq_train.models import build_skeleton, load_tokenizer, model_config, tie_and_check
 from projq_train.quant.calibrate import QuantizedModule, check_model_settings, format_report, quantize_model
 from projq_train.quant.linear import swap_in_quant_linears
@@ -221,6 +228,39 @@ def float_tensors(model: nn.Module, source: WeightSource, quantized: set[str]) -
     return out
 
 
+@contextmanager
+def artifact_lock(root: str | Path, full_hash: str) -> Iterator[None]:
+    """Hold ``<root>/.<hash[:16]>.lock`` exclusively (``flock``): a second process that wants the
+    same artifact waits here until the first has written it. The OS releases the lock of a
+    process that dies, so a killed run never blocks the next one."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{full_hash[:16]}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is writing artifact %s; waiting for it", artifact_path(root, full_hash))
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def clear_leftovers(root: str | Path, full_hash: str) -> None:
+    """Before writing an artifact (its lock held): delete temporary folders a killed writer left,
+    and move aside whatever occupies the final name without being this artifact (a partial copy,
+    a foreign folder), so it never blocks the write and nothing in it is lost."""
+    final = artifact_path(root, full_hash)
+    for tmp in Path(root).glob(f".{final.name}.tmp-*"):
+        log.warning("removing %s, left by a writer that did not finish", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if final.exists():
+        aside = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning("%s is not a complete artifact for this recipe; moved to %s", final, aside)
+        os.rename(final, aside)
+
+
 def base_tokenizer(model_cfg: ModelConfig, artifact_dir: str | Path) -> Any:
     """The base's tokenizer, with a pad token. One converted from a GGUF file (seconds of parsing
     that leave about 100 MiB resident) is cached under ``<artifact_dir>/tokenizers/``, keyed by
@@ -285,19 +325,31 @@ def find_or_quantize(
         waited += poll_seconds
         if (existing := find_artifact(artifact_dir, full_hash)) is not None:
             return existing
-    source = weight_source(model_cfg, skeleton)
-    release_freed_memory()
-    modules, reports = quantize_model(skeleton, ids, quant, device, calibration.batch_size, source=source)
-    log.info("quantization report\n%s", format_report(reports))
-    meta = {
-        "base_identity": identity,
-        "recipe": {"model": asdict(model_cfg), "quant": asdict(quant), "calibration": asdict(calibration)},
-        "calibration_tokens": list(ids.shape),
-        "device": str(device),
-        "report": [asdict(r) for r in reports],
-    }
-    skeleton.tie_weights()  # a tied head is the embedding again, stored once
-    floats = float_tensors(skeleton, source, set(modules))
-    path = save_artifact(artifact_dir, full_hash, modules, meta, floats, config, tokenizer)
-    log.info("wrote artifact %s", path)
-    return path
+    with artifact_lock(artifact_dir, full_hash):  # one process quantizes, the others wait here
+        if (existing := find_artifact(artifact_dir, full_hash)) is not None:
+            log.info("artifact %s was written by another process while this one waited", existing)
+            return existing
+        clear_leftovers(artifact_dir, full_hash)
+        with large_blocks_mapped():  # the quantizer's transients never fragment the host heap
+            source = weight_source(model_cfg, skeleton)
+            release_freed_memory()
+            modules, reports = quantize_model(
+                skeleton, ids, quant, device, calibration.batch_size, source=source
+            )
+            skeleton.tie_weights()  # a tied head is the embedding again, stored once
+            floats = float_tensors(skeleton, source, set(modules))
+        log.info("quantization report\n%s", format_report(reports))
+        meta = {
+            "base_identity": identity,
+            "recipe": {
+                "model": asdict(model_cfg),
+                "quant": asdict(quant),
+                "calibration": asdict(calibration),
+            },
+            "calibration_tokens": list(ids.shape),
+            "device": str(device),
+            "report": [asdict(r) for r in reports],
+        }
+        path = save_artifact(artifact_dir, full_hash, modules, meta, floats, config, tokenizer)
+        log.info("wrote artifact %s", path)
+        return path

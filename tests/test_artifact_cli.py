@@ -229,3 +229,43 @@ def test_malformed_recipe_is_one_clear_error(tmp_path, capsys, change, message):
 def test_unknown_subcommand_is_refused():
     with pytest.raises(SystemExit, match="usage: projq-train"):
         cli.main(["quantise"])
+
+
+def test_partial_or_foreign_folders_and_stale_temporaries_never_block_a_write(streamed, tmp_path):
+    name = streamed[0].name
+    (tmp_path / name).mkdir(parents=True)
+    (tmp_path / name / "notes.txt").write_text("not an artifact")  # a partial or foreign folder
+    (tmp_path / f".{name}.tmp-killed").mkdir()  # left by a writer killed mid-way
+    path = find_or_quantize(MODEL, QUANT, CALIB, tmp_path, torch.device("cpu"))
+    full_hash = json.loads((path / "metadata.json").read_text())["hash"]
+    assert path == tmp_path / name and find_artifact(tmp_path, full_hash) == path
+    assert not list(tmp_path.glob(f".{name}.tmp-*"))
+    (aside,) = tmp_path.glob(f"{name}.replaced-*")
+    assert (aside / "notes.txt").read_text() == "not an artifact"  # moved aside, not lost
+    load_quantized_model(path)
+
+
+def test_two_processes_wanting_one_artifact_quantize_it_once(tmp_path, monkeypatch):
+    import threading
+
+    calls = []
+    real = artifact.quantize_model
+
+    def slow(*args, **kwargs):
+        calls.append(threading.get_ident())
+        out = real(*args, **kwargs)
+        threading.Event().wait(1.0)  # the other one arrives while this one still writes
+        return out
+
+    monkeypatch.setattr(artifact, "quantize_model", slow)
+    paths = []
+    workers = [
+        threading.Thread(target=lambda: paths.append(find_or_quantize(MODEL, QUANT, CALIB, tmp_path, "cpu")))
+        for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(calls) == 1 and len(paths) == 2 and paths[0] == paths[1]
+    load_quantized_model(paths[0])

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import sys
@@ -34,6 +35,26 @@ FUNCTION_SUBCOMMANDS = {
     "report": "projq_train.eval.run:run_report",
 }
 SUBCOMMANDS = (*TRAINER_SUBCOMMANDS, "quantize", "estimate", *FUNCTION_SUBCOMMANDS)
+SUBCOMMAND_HELP = {
+    "fit": "fine-tune adapters on a quantized base: --config recipe.yaml [--section.key value ...]",
+    "validate": "validation loss and perplexity of a checkpoint: --config recipe.yaml --ckpt_path C",
+    "test": "test loss and perplexity of a checkpoint: --config recipe.yaml --ckpt_path C",
+    "quantize": "quantize a model and write its artifact (or find it): --config recipe.yaml",
+    "estimate": "predict the peak memory of fit and quantize from the model config alone",
+    "export": "write a checkpoint as a peft adapter, a merged model or a GPTQ-layout model",
+    "eval": "score a checkpoint, an artifact or a model on perplexity, commonsense and math",
+    "report": "the recovery report: float, quantized, initialized and fine-tuned, side by side",
+}
+
+
+def usage() -> str:
+    """The top-level help: every subcommand with one line."""
+    lines = [
+        "usage: projq-train <subcommand> [options]   (<subcommand> --help: its options)",
+        "",
+    ]
+    lines += [f"  {name:<9} {SUBCOMMAND_HELP[name]}" for name in SUBCOMMANDS]
+    return "\n".join(lines)
 
 
 def quantize_parser() -> ArgumentParser:
@@ -75,8 +96,17 @@ def run_quantize(cfg: Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; ``argv`` defaults to the command line."""
+    given = sys.argv[1:] if argv is None else argv
+    if not given or given[0] in ("-h", "--help"):
+        print(usage())
+        return
+    if given[0] not in SUBCOMMANDS:
+        close = difflib.get_close_matches(given[0], SUBCOMMANDS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        print(f"projq-train: error: unknown subcommand '{given[0]}'{hint}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if (sys.argv[1:] if argv is None else argv)[:1] in ([s] for s in TRAINER_SUBCOMMANDS):
+    if given[:1] in ([s] for s in TRAINER_SUBCOMMANDS):
         from projq_train.lightning_cli import trainer_cli
 
         trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
@@ -102,10 +132,6 @@ def main(argv: list[str] | None = None) -> None:
         if argv[0] == "export":
             print(json.dumps(result, indent=2))
         return
-    if not argv or argv[0] not in SUBCOMMANDS:
-        sys.exit(
-            f"usage: projq-train {{{','.join(SUBCOMMANDS)}}} --config recipe.yaml [--section.key value ...]"
-        )
     parser = quantize_parser()
     _, cfg = parse_recipe(parser, argv[1:])
     path = run_quantize(cfg)

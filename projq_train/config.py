@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from projq_train.quant.rtn import SUPPORTED_BITS
-
+SUPPORTED_BITS = (2, 3, 4)  # bit widths of the packed weights (projq_train.quant.pack)
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

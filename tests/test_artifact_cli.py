@@ -226,9 +226,26 @@ def test_malformed_recipe_is_one_clear_error(tmp_path, capsys, change, message):
     assert not (tmp_path / "a").exists()
 
 
-def test_unknown_subcommand_is_refused():
-    with pytest.raises(SystemExit, match="usage: projq-train"):
+def test_top_level_help_lists_the_subcommands_and_an_unknown_one_is_refused(capsys):
+    for args in ([], ["-h"], ["--help"]):
+        cli.main(args)  # returns: exit status 0
+        out = capsys.readouterr().out
+        assert all(f"  {name} " in out for name in cli.SUBCOMMANDS)
+    with pytest.raises(SystemExit) as refused:
         cli.main(["quantise"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "projq-train: error: unknown subcommand 'quantise'; did you mean quantize?"
+    )
+
+
+def test_top_level_help_is_fast_and_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from projq_train.cli import main; main(['--help']); assert 'torch' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and "projq-train <subcommand>" in done.stdout, done.stderr
 
 
 def test_partial_or_foreign_folders_and_stale_temporaries_never_block_a_write(streamed, tmp_path):

@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-SUPPORTED_BITS = (2, 3, 4)
+from projq_train.config import SUPPORTED_BITS
+
 FP16_TINY, FP16_MAX = 2.0**-24, 65504.0  # scales live on the fp16 grid (smallest subnormal, largest)
 
 

@@ -18,8 +18,8 @@ so a recipe that would produce the same result finds the existing artifact witho
 the base's weights. :func:`load_quantized_model` builds the model on the meta device and fills
 it from these files: no float copy of a quantized weight ever exists. Writes go to a temporary
 sibling directory renamed into place, so a crash never leaves a directory that looks complete.
-A writer holds ``<root>/.<hash[:16]>.lock`` (:func:`artifact_lock`): a second process that wants
-the same artifact waits for it instead of quantizing too. Before writing, temporary folders of a
+A writer holds a lock on ``<root>`` (:func:`artifact_lock`): a second process that wants the
+same artifact waits for it instead of quantizing too. Before writing, temporary folders of a
 killed writer are removed and a folder under the final name that is not the artifact is moved
 aside (:func:`clear_leftovers`).
 
@@ -230,21 +230,21 @@ def float_tensors(model: nn.Module, source: WeightSource, quantized: set[str]) -
 
 @contextmanager
 def artifact_lock(root: str | Path, full_hash: str) -> Iterator[None]:
-    """Hold ``<root>/.<hash[:16]>.lock`` exclusively (``flock``): a second process that wants the
-    same artifact waits here until the first has written it. The OS releases the lock of a
-    process that dies, so a killed run never blocks the next one."""
+    """Hold an exclusive ``flock`` on the directory ``root`` itself (no lock file): a second
+    process that wants an artifact there waits until the first has written its own. The OS
+    releases the lock of a process that dies, so a killed run never blocks the next one."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{full_hash[:16]}.lock", "a") as f:
+    fd = os.open(root, os.O_RDONLY)
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("another process is writing artifact %s; waiting for it", artifact_path(root, full_hash))
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            log.info("another process is writing an artifact under %s; waiting for it", root)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def clear_leftovers(root: str | Path, full_hash: str) -> None:

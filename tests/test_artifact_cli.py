@@ -286,3 +286,21 @@ def test_two_processes_wanting_one_artifact_quantize_it_once(tmp_path, monkeypat
         w.join()
     assert len(calls) == 1 and len(paths) == 2 and paths[0] == paths[1]
     load_quantized_model(paths[0])
+
+
+def test_tiny_quantize_recipe_makes_the_artifact_the_tiny_fit_recipe_uses():
+    from dataclasses import asdict
+
+    from projq_train.models import byte_tokenizer
+
+    def artifact_of(model: dict, quant: dict, calibration: dict) -> str:
+        ids = calibration_tokens(CalibrationConfig(**calibration), byte_tokenizer())
+        identity = weights.base_identity(ModelConfig(**model))
+        return artifact.artifact_hash(identity, ids, asdict(QuantConfig(**quant)))
+
+    made = yaml.safe_load(TINY_RECIPE.read_text())
+    used = yaml.safe_load((TINY_RECIPE.parent / "tiny-cpu.yaml").read_text())["model"]
+    assert artifact_of(made["model"], made["quant"], made["calibration"]) == artifact_of(
+        used["base"], used["quant"], used["calibration"]
+    )
+    assert made["artifact_dir"] == used["artifact_dir"]

@@ -26,6 +26,7 @@ from pathlib import Path
 from jsonargparse import ArgumentParser, Namespace
 
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
+from projq_train.quiet import silence_known_noise
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
 # imported when the subcommand runs: a command loads only what it uses (quantize: no Lightning, no peft)
@@ -54,6 +55,7 @@ def usage() -> str:
         "",
     ]
     lines += [f"  {name:<9} {SUBCOMMAND_HELP[name]}" for name in SUBCOMMANDS]
+    lines += ["", "  --verbose  anywhere: show every third-party warning (known noise is filtered)"]
     return "\n".join(lines)
 
 
@@ -96,22 +98,25 @@ def run_quantize(cfg: Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; ``argv`` defaults to the command line."""
-    given = sys.argv[1:] if argv is None else argv
-    if not given or given[0] in ("-h", "--help"):
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    if not verbose:
+        silence_known_noise()
+    if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return
-    if given[0] not in SUBCOMMANDS:
-        close = difflib.get_close_matches(given[0], SUBCOMMANDS, n=1)
+    if argv[0] not in SUBCOMMANDS:
+        close = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
-        print(f"projq-train: error: unknown subcommand '{given[0]}'{hint}\n\n{usage()}", file=sys.stderr)
+        print(f"projq-train: error: unknown subcommand '{argv[0]}'{hint}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if given[:1] in ([s] for s in TRAINER_SUBCOMMANDS):
+    if argv[:1] in ([s] for s in TRAINER_SUBCOMMANDS):
         from projq_train.lightning_cli import trainer_cli
 
-        trainer_cli(argv)  # None: LightningCLI reads sys.argv itself
+        trainer_cli(argv)
         return
-    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["estimate"]:
         from projq_train.estimate import main as estimate
 

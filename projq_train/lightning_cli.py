@@ -26,7 +26,7 @@ class ProjQCLI(LightningCLI):
             self.parser.error(str(err))
 
 
-def trainer_cli(argv: list[str] | None) -> ProjQCLI:
+def trainer_cli(argv: list[str]) -> ProjQCLI:
     try:
         return ProjQCLI(
             ProjQModule,

@@ -59,7 +59,7 @@ from projq_train.models import build_skeleton, load_tokenizer, model_config, tie
 from projq_train.quant.calibrate import QuantizedModule, check_model_settings, format_report, quantize_model
 from projq_train.quant.linear import swap_in_quant_linears
 from projq_train.quant.pack import PackedWeight
-from projq_train.weights import WeightSource, base_identity, weight_source
+from projq_train.weights import WeightSource, base_identity, checkpoint_identity, weight_source
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 3  # 1: unpacked uint8 codes; 2: packed GPTQ layout; 3: self-contained
@@ -229,7 +229,7 @@ def float_tensors(model: nn.Module, source: WeightSource, quantized: set[str]) -
 
 
 @contextmanager
-def artifact_lock(root: str | Path, full_hash: str) -> Iterator[None]:
+def artifact_lock(root: str | Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the directory ``root`` itself (no lock file): a second
     process that wants an artifact there waits until the first has written its own. The OS
     releases the lock of a process that dies, so a killed run never blocks the next one."""
@@ -269,7 +269,7 @@ def base_tokenizer(model_cfg: ModelConfig, artifact_dir: str | Path) -> Any:
         return load_tokenizer(model_cfg)
     from transformers import AutoTokenizer
 
-    key = hashlib.sha256(base_identity(model_cfg).split("|")[0].encode()).hexdigest()[:16]
+    key = hashlib.sha256(checkpoint_identity(model_cfg).encode()).hexdigest()[:16]
     cache = Path(artifact_dir) / TOKENIZER_CACHE / key
     if cache.is_dir():
         return AutoTokenizer.from_pretrained(cache)
@@ -325,7 +325,7 @@ def find_or_quantize(
         waited += poll_seconds
         if (existing := find_artifact(artifact_dir, full_hash)) is not None:
             return existing
-    with artifact_lock(artifact_dir, full_hash):  # one process quantizes, the others wait here
+    with artifact_lock(artifact_dir):  # one process quantizes, the others wait here
         if (existing := find_artifact(artifact_dir, full_hash)) is not None:
             log.info("artifact %s was written by another process while this one waited", existing)
             return existing

@@ -112,17 +112,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"projq-train: error: unknown subcommand '{argv[0]}'{hint}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if argv[:1] in ([s] for s in TRAINER_SUBCOMMANDS):
+    if argv[0] in TRAINER_SUBCOMMANDS:
         from projq_train.lightning_cli import trainer_cli
 
         trainer_cli(argv)
         return
-    if argv[:1] == ["estimate"]:
+    if argv[0] == "estimate":
         from projq_train.estimate import main as estimate
 
         estimate(argv[1:])
         return
-    if argv[:1] and argv[0] in FUNCTION_SUBCOMMANDS:
+    if argv[0] in FUNCTION_SUBCOMMANDS:
         module, _, name = FUNCTION_SUBCOMMANDS[argv[0]].partition(":")
         function = getattr(import_module(module), name)
         parser = ArgumentParser(prog=f"projq-train {argv[0]}", description=function.__doc__)

@@ -20,6 +20,7 @@ windows: relative logit error ``‖Z_e − Z_t‖ / ‖Z_t‖``, top-1 agreement
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import pickle
@@ -41,6 +42,7 @@ from projq_train.lora import ADAPTER, QuantLoraLinear, adapter_layers, attach_ad
 from projq_train.quant.calibrate import quantize_model
 from projq_train.quant.linear import QuantLinear, swap_in_quant_linears
 from projq_train.quant.pack import PackedWeight
+from projq_train.weights import first_nonfinite
 
 Format = Literal["peft", "merged", "quantized"]
 ARTIFACT_REF = "projq_artifact.json"
@@ -92,10 +94,10 @@ def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
 def check_finite(model: nn.Module, source: str | Path) -> None:
     """Refuse a model with a NaN or infinite value in any floating tensor (``source``: where its
     tensors came from, for the message)."""
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{source}: tensor {name} holds NaN or infinite values; nothing is exported")
+    if (
+        name := first_nonfinite(itertools.chain(model.named_parameters(), model.named_buffers()))
+    ) is not None:
+        raise ValueError(f"{source}: tensor {name} holds NaN or infinite values; nothing is exported")
 
 
 def read_fit_checkpoint(ckpt_path: str | Path, artifact_dir: str | Path | None = None) -> FitCheckpoint:

@@ -54,10 +54,6 @@ def _libc():
         return None
 
 
-def _malloc_trim():
-    return None if _libc() is None else _libc().malloc_trim
-
-
 @contextmanager
 def large_blocks_mapped() -> Iterator[None]:
     """Within the block, glibc serves every allocation of :data:`MAPPED_BLOCK_BYTES` or more with
@@ -76,9 +72,9 @@ def large_blocks_mapped() -> Iterator[None]:
 
 def return_free_pages() -> None:
     """Return the allocator's free pages to the OS (glibc only); no garbage collection."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def release_freed_memory() -> None:

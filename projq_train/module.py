@@ -26,7 +26,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from peft import PeftModel
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.aggregation import MeanMetric
 
@@ -45,7 +44,7 @@ from projq_train.lora import attach_adapters, init_from_compensation
 from projq_train.loss import causal_lm_loss_from_hidden
 from projq_train.models import load_model_and_tokenizer
 from projq_train.strategies import shard_model  # importing it registers trainer.strategy: projq_fsdp
-from projq_train.weights import base_identity
+from projq_train.weights import base_identity, first_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -225,11 +224,10 @@ class ProjQModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The NaN guard: skip or stop on a non-finite loss or gradient (every rank decides alike)."""
-        checks = [] if self._step_loss is None else [self._step_loss]
+        checks = [] if self._step_loss is None else [("loss", self._step_loss)]
         if self.trainer.precision != "16-mixed":  # fp16's grad scaler skips inf gradients itself
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            checks += [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-        bad = not all(bool(torch.isfinite(t).all()) for t in checks)
+            checks += [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        bad = first_nonfinite(checks) is not None
         if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
             return
         step = self.trainer.global_step + 1
@@ -286,12 +284,11 @@ class ProjQModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = self._trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        for name, t in checkpoint["state_dict"].items():
-            if not bool(torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all()):
-                raise NonFiniteTrainingError(
-                    f"step {self.trainer.global_step}: adapter weight {name} is NaN or infinite; "
-                    f"no checkpoint written. Lower the learning rate or clip gradients"
-                )
+        if (name := first_nonfinite(checkpoint["state_dict"].items())) is not None:
+            raise NonFiniteTrainingError(
+                f"step {self.trainer.global_step}: adapter weight {name} is NaN or infinite; "
+                f"no checkpoint written. Lower the learning rate or clip gradients"
+            )
         checkpoint["projq"] = {"base_id": self.base_id}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -23,12 +23,14 @@ import hashlib
 import json
 import os
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from projq_train.config import ModelConfig
 
@@ -196,17 +198,30 @@ def _file_digest(files: tuple[tuple[str, int, int], ...]) -> str:
     return h.hexdigest()
 
 
-def base_identity(cfg: ModelConfig) -> str:
-    """What the base model is, without loading it: ``random:<sha256 of config and seed>``,
-    ``files:<sha256 of the weight files>`` or ``hub:<repo>@<commit>``; then ``|<dtype>``."""
+def checkpoint_identity(cfg: ModelConfig) -> str:
+    """What the base checkpoint is, without loading it: ``random:<sha256 of config and seed>``,
+    ``files:<sha256 of the weight files>`` or ``hub:<repo>@<commit>``."""
     if cfg.config is not None:
         spec = json.dumps({"config": cfg.config, "seed": cfg.seed}, sort_keys=True)
-        ident = "random:" + hashlib.sha256(spec.encode()).hexdigest()
-    elif (files := local_weight_files(cfg)) is not None:
-        ident = "files:" + file_digest(files)
-    else:
-        ident = f"hub:{cfg.name_or_path}@{hub_snapshot(cfg.name_or_path, ['config.json']).name}"
-    return f"{ident}|{cfg.dtype}"
+        return "random:" + hashlib.sha256(spec.encode()).hexdigest()
+    if (files := local_weight_files(cfg)) is not None:
+        return "files:" + file_digest(files)
+    return f"hub:{cfg.name_or_path}@{hub_snapshot(cfg.name_or_path, ['config.json']).name}"
+
+
+def base_identity(cfg: ModelConfig) -> str:
+    """The base model as it is computed: :func:`checkpoint_identity`, then ``|<dtype>``."""
+    return f"{checkpoint_identity(cfg)}|{cfg.dtype}"
+
+
+def first_nonfinite(named_tensors: Iterable[tuple[str, Tensor]]) -> str | None:
+    """The name of the first floating tensor holding a NaN or an infinity (of a sharded DTensor,
+    this rank's shard is checked), or None."""
+    for name, t in named_tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            return name
+    return None
 
 
 def weight_source(cfg: ModelConfig, skeleton: nn.Module) -> WeightSource:

@@ -20,11 +20,8 @@ windows: relative logit error ``‖Z_e − Z_t‖ / ‖Z_t‖``, top-1 agreement
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import math
-import pickle
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,120 +33,17 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from projq_train.artifact import load_quantized_model
-from projq_train.config import AdapterConfig, CalibrationConfig, ModelConfig, QuantConfig
+from projq_train.checkpoint import Trained, load_trained
+from projq_train.config import CalibrationConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
-from projq_train.lora import ADAPTER, QuantLoraLinear, adapter_layers, attach_adapters
+from projq_train.lora import ADAPTER, QuantLoraLinear, adapter_layers
 from projq_train.quant.calibrate import quantize_model
 from projq_train.quant.linear import QuantLinear, swap_in_quant_linears
 from projq_train.quant.pack import PackedWeight
-from projq_train.weights import first_nonfinite
 
 Format = Literal["peft", "merged", "quantized"]
 ARTIFACT_REF = "projq_artifact.json"
 GPTQ_FILE = "model.safetensors"
-
-
-@dataclass
-class FitCheckpoint:
-    """What a fit checkpoint holds, read without building a model: the settings it was trained
-    with, its (checked) artifact and its adapter weights."""
-
-    path: Path
-    base: ModelConfig
-    quant: QuantConfig
-    adapter: AdapterConfig
-    calibration: CalibrationConfig
-    artifact: Path
-    data_path: str | None  # the training data, for held-out fidelity windows
-    template: str  # the prompt template of the training data
-    adapter_state: dict[str, Tensor]  # trained adapter tensors by their key in the peft model
-
-
-@dataclass
-class Trained(FitCheckpoint):
-    """A fine-tuned model rebuilt from a checkpoint, with the settings it was made with."""
-
-    model: PeftModel
-    tokenizer: Any
-
-
-def _typed(cls, value):
-    return value if isinstance(value, cls) else cls(**value)
-
-
-def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """A ``.ckpt`` file's contents, unpickled with ``weights_only=True``: tensors and plain data
-    only, so a crafted file cannot run code; anything else is one clear error."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds objects other than tensors and plain data; projq-train does not load it "
-            f"(unpickling it could run code from the file)"
-        ) from err
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt): {err}") from err
-
-
-def check_finite(model: nn.Module, source: str | Path) -> None:
-    """Refuse a model with a NaN or infinite value in any floating tensor (``source``: where its
-    tensors came from, for the message)."""
-    if (
-        name := first_nonfinite(itertools.chain(model.named_parameters(), model.named_buffers()))
-    ) is not None:
-        raise ValueError(f"{source}: tensor {name} holds NaN or infinite values; nothing is exported")
-
-
-def read_fit_checkpoint(ckpt_path: str | Path, artifact_dir: str | Path | None = None) -> FitCheckpoint:
-    """The settings and adapter weights of a fit checkpoint. Refuses a checkpoint whose artifact
-    is missing or is not the one it was trained on (no silent re-quantization)."""
-    ckpt = read_checkpoint_file(ckpt_path)
-    hp, base_id = ckpt.get("hyper_parameters", {}), ckpt.get("projq", {}).get("base_id")
-    if base_id is None or "base" not in hp:
-        raise ValueError(f"{ckpt_path} is not a projq-train fit checkpoint")
-    if base_id.startswith("nf4-"):
-        raise ValueError(
-            f"{ckpt_path} was trained on an NF4 (bitsandbytes) base; export supports rtn/gptq/projq"
-        )
-    artifact = Path(artifact_dir or hp.get("artifact_dir", "artifacts")) / base_id
-    if not (artifact / "metadata.json").is_file():
-        raise FileNotFoundError(
-            f"the quantized base {artifact} of {ckpt_path} is missing; re-create it by running "
-            f"`projq-train quantize` with the recipe's model/quant/calibration, or pass --artifact_dir"
-        )
-    if not json.loads((artifact / "metadata.json").read_text()).get("hash", "").startswith(base_id):
-        raise ValueError(f"{artifact} is not the artifact {base_id} that {ckpt_path} was trained on")
-    data = ckpt.get("datamodule_hyper_parameters") or {}
-    return FitCheckpoint(
-        path=Path(ckpt_path),
-        base=_typed(ModelConfig, hp["base"]),
-        quant=_typed(QuantConfig, hp["quant"]),
-        adapter=_typed(AdapterConfig, hp["adapter"]),
-        calibration=_typed(CalibrationConfig, hp["calibration"]),
-        artifact=artifact,
-        data_path=data.get("path"),
-        template=data.get("template", "alpaca"),
-        adapter_state={k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()},
-    )
-
-
-def build_trained(ckpt: FitCheckpoint) -> Trained:
-    """The packed base of the checkpoint's artifact plus its trained adapters."""
-    model, tokenizer, _, _ = load_quantized_model(ckpt.artifact)
-    q = ckpt.quant
-    peft_model = attach_adapters(model, q.target_modules, q.rank, ckpt.adapter.alpha, ckpt.adapter.dropout)
-    missing = [k for k in peft_model.state_dict() if ".lora_" in k and k not in ckpt.adapter_state]
-    if missing:
-        raise ValueError(f"{ckpt.path} lacks adapter weights {missing[:3]} ({len(missing)} in all)")
-    peft_model.load_state_dict(ckpt.adapter_state, strict=False)
-    check_finite(peft_model, f"{ckpt.path} with the artifact {ckpt.artifact}")
-    settings = {f.name: getattr(ckpt, f.name) for f in fields(ckpt)}
-    return Trained(**settings, model=peft_model.eval(), tokenizer=tokenizer)
-
-
-def load_trained(ckpt_path: str | Path, artifact_dir: str | Path | None = None) -> Trained:
-    """:func:`build_trained` of :func:`read_fit_checkpoint`."""
-    return build_trained(read_fit_checkpoint(ckpt_path, artifact_dir))
 
 
 @torch.no_grad()

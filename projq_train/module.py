@@ -39,11 +39,12 @@ from projq_train.config import (
     check_adapter_settings,
 )
 from projq_train.data.instruct import IGNORE_INDEX
-from projq_train.host_memory import release_during_forward, release_freed_memory
+from projq_train.host_memory import release_during_forward, release_freed_memory, return_free_pages
 from projq_train.lora import attach_adapters, init_from_compensation
 from projq_train.loss import causal_lm_loss_from_hidden
 from projq_train.models import load_model_and_tokenizer
 from projq_train.strategies import shard_model  # importing it registers trainer.strategy: projq_fsdp
+from projq_train.swiglu import use_lean_mlps
 from projq_train.weights import base_identity, first_nonfinite
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,20 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def rng_states() -> dict[str, Any]:
+    """The random generators a training step draws from (the adapters' dropout), for checkpoints."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class ProjQModule(L.LightningModule):
     """Fine-tune LoRA adapters on a ProjQ (or GPTQ/RTN/NF4) quantized base.
 
@@ -167,10 +182,12 @@ class ProjQModule(L.LightningModule):
         self.schedule, self.gradient_checkpointing = schedule or ScheduleConfig(), gradient_checkpointing
         self.skip_nonfinite_steps, self.skipped_steps = skip_nonfinite_steps, 0
         self._step_loss: Tensor | None = None
+        self._rng_to_restore: dict[str, Any] | None = None  # from a checkpoint, at the next step
         # the data module tokenizes with it (linked by the CLI)
         self.tokenizer = base_tokenizer(base, artifact_dir)
         self.model: PeftModel | None = None
         self.base_id: str | None = None
+        self.returns_free_pages = False  # on CPU: during the forward and before each backward
         self.strict_loading = False  # checkpoints hold the adapters only
         self.nll = MeanMetric()  # token-weighted mean loss of an evaluation epoch
 
@@ -196,7 +213,9 @@ class ProjQModule(L.LightningModule):
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
         self.model.train()  # loaded in eval mode; dropout in the adapters is wanted while training
         release_freed_memory()
-        if strategy.root_device.type == "cpu":  # keep a CPU step's heap fragmentation out of the peak
+        use_lean_mlps(self.model)  # the gated MLPs keep one tensor fewer for backward
+        self.returns_free_pages = strategy.root_device.type == "cpu"
+        if self.returns_free_pages:  # keep a CPU step's heap fragmentation out of the peak
             release_during_forward(self.model.get_base_model().model.layers)
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -221,6 +240,16 @@ class ProjQModule(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True, sync_dist=True)
         self._step_loss = loss.detach()
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # a resumed run draws the dropout masks an uninterrupted run would have drawn from here
+        if self._rng_to_restore is not None:
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        if self.returns_free_pages:  # the forward's temporaries (the loss chunks) go back first
+            return_free_pages()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The NaN guard: skip or stop on a non-finite loss or gradient (every rank decides alike)."""
@@ -289,9 +318,10 @@ class ProjQModule(L.LightningModule):
                 f"step {self.trainer.global_step}: adapter weight {name} is NaN or infinite; "
                 f"no checkpoint written. Lower the learning rate or clip gradients"
             )
-        checkpoint["projq"] = {"base_id": self.base_id}
+        checkpoint["projq"] = {"base_id": self.base_id, "rng": rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("projq", {}).get("rng")
         saved = checkpoint.get("projq", {}).get("base_id")
         if saved != self.base_id:
             raise ValueError(

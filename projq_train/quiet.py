@@ -9,6 +9,8 @@ import warnings
 KNOWN_NOISE = (
     (r"`is_gradient_checkpointing` is deprecated", "transformers (PreTrainedModel, called by peft)"),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", "lightning.pytorch.utilities._pytree"),
+    # we pass the arguments (``--verbose`` taken out) explicitly: they are the command line's
+    (r"LightningCLI's args parameter is intended to run from within Python", "lightning.pytorch.cli"),
 )
 
 

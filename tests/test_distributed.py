@@ -170,6 +170,8 @@ def test_task_metrics_under_ddp_sum_every_ranks_share(tmp_path):
         args = [
             *fit_args(tmp_path, 2),
             "--ckpt_path=last",
+            "--data.init_args.limit=8",  # the data settings of the checkpoint (the optimizer may differ)
+            "--data.init_args.val_fraction=0.1",
             f"--trainer.devices={devices}",
             *(["--trainer.strategy=ddp"] if devices > 1 else []),
             "--trainer.callbacks+=projq_train.eval.callback.TaskEval",

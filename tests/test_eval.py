@@ -260,7 +260,7 @@ def test_recovery_report_follows_the_checkpoint_through_its_stages(
         loads.append(path)
         return load_quantized_model(path)
 
-    for module in ("projq_train.eval.run", "projq_train.export"):
+    for module in ("projq_train.eval.run", "projq_train.checkpoint"):
         monkeypatch.setattr(f"{module}.load_quantized_model", counted_load)
     report = run_report(
         str(checkpoint), ["wikitext2", "boolq"], str(tmp_path / "rep"), data_root=str(data_root), seqlen=64
@@ -277,7 +277,7 @@ def test_recovery_report_follows_the_checkpoint_through_its_stages(
 
 
 def test_task_eval_callback_logs_task_metrics_in_validate(checkpoint, data_root):
-    from projq_train.export import load_trained
+    from projq_train.checkpoint import load_trained
 
     tasks = [resolve_task(t, data_root) for t in ("boolq", "wikitext2")]
     trained = load_trained(checkpoint)

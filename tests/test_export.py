@@ -10,7 +10,8 @@ import torch
 import yaml
 
 import projq_train.cli as cli
-from projq_train.export import load_peft_export, load_quantized_export, load_trained, run_export
+from projq_train.checkpoint import load_trained
+from projq_train.export import load_peft_export, load_quantized_export, run_export
 from projq_train.quant.linear import QuantLinear
 from tests.test_fit import TINY_FIT, fit_args
 

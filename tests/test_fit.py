@@ -1,6 +1,8 @@
 """The fit job: LightningCLI recipes, step-0 model, training, adapter-only checkpoints, resume."""
 
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -156,9 +158,26 @@ def test_tiny_recipe_fits_checkpoints_adapters_only_and_resumes(tmp_path, capsys
         cli.main([stage, "--config", str(TINY_FIT), *fit_args(tmp_path, 6), f"--ckpt_path={last}", *extra])
         assert metric in capsys.readouterr().out
 
-    # a checkpoint made for another quantized base is refused
-    with pytest.raises(ValueError, match="trained on quantized base"):
-        run_cli(*fit_args(tmp_path, 8), "--ckpt_path=last", "--model.quant.method=rtn")
+    # other model or data settings than the checkpoint's are refused before anything is built,
+    # naming each; trainer settings and the keys of MAY_CHANGE are not compared
+    for stage, steps, extra in (("fit", 8, "--ckpt_path=last"), ("validate", 6, f"--ckpt_path={last}")):
+        artifacts_before = sorted((tmp_path / "artifacts").iterdir())
+        overrides = ["--model.quant.bits=4", "--model.adapter.alpha=8", "--data.init_args.template=chat"]
+        with pytest.raises(SystemExit) as refused:
+            cli.main([stage, "--config", str(TINY_FIT), *fit_args(tmp_path, steps), extra, *overrides])
+        assert refused.value.code != 0
+        err = capsys.readouterr().err
+        for key in (
+            "model.quant.bits: 3 -> 4",
+            "model.adapter.alpha: 16.0 -> 8.0",
+            "data.template: 'alpaca' -> 'chat'",
+        ):
+            assert key in err
+        assert "max_steps" not in err and sorted((tmp_path / "artifacts").iterdir()) == artifacts_before
+    for ckpt_path, message in ((f"{tmp_path}/missing.ckpt", "no such file"), ("last", "no last*.ckpt in")):
+        with pytest.raises(SystemExit):
+            run_cli(*fit_args(tmp_path / "empty", 8), f"--ckpt_path={ckpt_path}")
+        assert capsys.readouterr().err.startswith(f"error: --ckpt_path {ckpt_path}: {message}")
 
     # a full disk (files may grow to half a checkpoint) fails the run with one line, and leaves
     # the checkpoints that were there intact and no partial file under any name
@@ -390,3 +409,66 @@ def test_nan_guard_skips_up_to_the_allowed_bad_steps(tmp_path, monkeypatch):
     )
     with pytest.raises(FloatingPointError, match=r"step 3: .* after 1 such steps skipped"):
         L.Trainer(max_steps=4, limit_val_batches=0, **trainer_args).fit(module, datamodule=data)
+
+
+class RecordLosses(L.Callback):
+    """Appends ``global_step loss`` to ``path`` after every training step."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_step} {float(outputs['loss'])!r}\n")
+
+
+class KillAt(L.Callback):
+    """``kill -9`` of this process as training step ``step + 1`` starts."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def losses(path: Path) -> dict[int, float]:
+    return {int(step): float(loss) for step, loss in (line.split() for line in path.read_text().splitlines())}
+
+
+def test_a_run_killed_mid_epoch_resumes_exactly_as_an_uninterrupted_run(tmp_path):
+    # 61 training rows in batches of 8: 8 batches per epoch, a checkpoint every 2 steps; dropout
+    # 0.1, so the random generator matters as well as the data order and the optimizer and schedule
+    def args(run: str, *extra: str) -> list[str]:
+        record = [
+            "--trainer.callbacks+=tests.test_fit.RecordLosses",
+            f"--trainer.callbacks.path={tmp_path / run}.txt",
+        ]
+        common = ["--model.adapter.dropout=0.1", f"--model.artifact_dir={tmp_path}/artifacts"]
+        return [*fit_args(tmp_path / run, 10), *common, *record, *extra]
+
+    run_cli(*args("straight"))
+    straight = losses(tmp_path / "straight.txt")
+    assert sorted(straight) == list(range(1, 11))
+
+    kill = ["--trainer.callbacks+=tests.test_fit.KillAt", "--trainer.callbacks.step=5"]
+    command = [sys.executable, "-c", "import sys; from projq_train.cli import main; main(sys.argv[1:])"]
+    killed = subprocess.run(
+        [*command, "fit", "--config", str(TINY_FIT), *args("killed", *kill)],
+        cwd=RECIPES.parent,
+        capture_output=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert sorted(losses(tmp_path / "killed.txt")) == [1, 2, 3, 4, 5]  # step 5 was not checkpointed
+
+    # resumed mid-epoch (step 4 of 8) and through the next epoch
+    run_cli(*args("killed"), "--ckpt_path=last")
+    resumed = losses(tmp_path / "killed.txt")
+    for step in range(5, 11):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+    # resumed from the checkpoint at the end of the first epoch
+    end_of_epoch = tmp_path / "straight" / "checkpoints" / "epoch=0-step=8.ckpt"
+    run_cli(*args("from-epoch-end"), f"--ckpt_path={end_of_epoch}")
+    for step, loss in losses(tmp_path / "from-epoch-end.txt").items():
+        assert step in (9, 10) and loss == pytest.approx(straight[step], abs=1e-6), step

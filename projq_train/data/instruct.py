@@ -19,11 +19,12 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import warnings
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from projq_train.data.calibration import load_rows
 from projq_train.data.prompts import alpaca_prompt, chat_prompt, check_chat_template
@@ -122,6 +123,30 @@ def collate(
     return batch
 
 
+class ResumableSampler(DistributedSampler):
+    """The training order: each epoch a permutation seeded with ``seed + epoch`` (Lightning calls
+    ``set_epoch``), split between the ``num_replicas`` processes as by :class:`DistributedSampler`,
+    so that no other sampler replaces it under DDP. ``resume_at`` makes the next iteration, if it
+    is of that epoch, start after the samples that were already trained on (counted over all
+    processes): a run resumed mid-epoch sees the same batches an uninterrupted run would, also
+    with another number of processes as long as the global batch stays the same (process ``r``
+    of ``n`` takes samples ``r, r + n, ...``, so a global batch is the same consecutive samples)."""
+
+    def __init__(self, dataset: list[Example], num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.resume: tuple[int, int] | None = None  # (epoch, samples already seen by all processes)
+
+    def resume_at(self, epoch: int, samples_done: int) -> None:
+        self.resume = (epoch, samples_done)
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        if self.resume is not None and self.resume[0] == self.epoch:
+            indices = indices[self.resume[1] // self.num_replicas :]
+        self.resume = None  # only the first epoch after a resume starts part-way
+        return iter(indices)
+
+
 class InstructionData(L.LightningDataModule):
     """Instruction-tuning rows from a hub dataset or a local .json/.jsonl/.parquet file, as padded
     (or, for training with ``packing``, packed) batches; see the module docstring for rows and shapes."""
@@ -190,6 +215,8 @@ class InstructionData(L.LightningDataModule):
         self.val_data: list[Example] = []
         self.test_data: list[Example] | None = None
         self._rows: dict[str, tuple[list, str]] = {}  # source -> (checked rows, format)
+        self._sampler: ResumableSampler | None = None
+        self._resume: tuple[int, int] | None = None  # from a checkpoint: (epoch, samples done)
 
     def setup(self, stage: str) -> None:
         """Load and check every row of every file the stage reads (fit also checks ``test_path``), then
@@ -239,7 +266,7 @@ class InstructionData(L.LightningDataModule):
             log.warning(msg, len(examples) - len(kept), len(examples), name, self.max_seq_length)
         return kept
 
-    def _loader(self, data: list[Example] | None, shuffle: bool) -> DataLoader:
+    def _loader(self, data: list[Example] | None, sampler: ResumableSampler | None = None) -> DataLoader:
         if data is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         pad_id = self.tokenizer.pad_token_id
@@ -247,8 +274,10 @@ class InstructionData(L.LightningDataModule):
         return DataLoader(
             data,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            sampler=sampler,
+            # a generator of its own: making an iterator draws a seed from it, not from the global
+            # generator that the adapters' dropout uses (a resumed run must draw what a straight one does)
+            generator=torch.Generator().manual_seed(self.seed),
             collate_fn=functools.partial(
                 collate,
                 pad_id=pad_id,
@@ -259,10 +288,41 @@ class InstructionData(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_data, shuffle=True)
+        if self.train_data is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        # Lightning cannot see that this loader resumes mid-epoch (its position is in this module's
+        # state, since Lightning loads a loader's own state only if the loader was made after the
+        # checkpoint was read); its warning that it does not would be wrong
+        warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch")
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self._sampler = ResumableSampler(self.train_data, replicas, rank, self.seed)
+        if self._resume is not None:
+            self._sampler.resume_at(*self._resume)
+            self._resume = None
+        return self._loader(self.train_data, self._sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the data (saved in checkpoints): the epoch and how many of its
+        samples all processes together have trained on."""
+        trainer = self.trainer
+        if trainer is None or self._sampler is None:
+            return {}
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        samples = batches * self.batch_size * self._sampler.num_replicas
+        return {"epoch": trainer.current_epoch, "samples_done": samples}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        resume = (state_dict["epoch"], state_dict["samples_done"])
+        if self._sampler is not None:  # the loader was made before the checkpoint was read
+            self._sampler.resume_at(*resume)
+        else:
+            self._resume = resume
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_data, shuffle=False) if self.val_data else []
+        return self._loader(self.val_data) if self.val_data else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_data, shuffle=False)
+        return self._loader(self.test_data)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -25,10 +26,11 @@ import torch
 from torch import nn
 
 from projq_train.artifact import check_base, load_quantized_model
+from projq_train.checkpoint import build_trained, load_trained, read_fit_checkpoint
 from projq_train.config import ModelConfig
 from projq_train.eval.harness import ChoiceMode, evaluate
 from projq_train.eval.tasks import Task, resolve_task
-from projq_train.export import build_trained, load_quantized_export, load_trained, read_fit_checkpoint
+from projq_train.export import load_quantized_export
 from projq_train.lora import attach_adapters, init_from_compensation
 from projq_train.models import load_model_and_tokenizer, resolve_device
 
@@ -243,6 +245,9 @@ def run_report(
     """
     resolved = [resolve_task(spec, data_root) for spec in tasks]
     settings = (device, dtype, limit, choice_mode, seqlen, stride, batch_size)
+    plotting = importlib.util.find_spec("matplotlib") is not None
+    if not plotting:
+        log.warning("matplotlib is not installed: no recovery.png (pip install 'projq-train[plots]')")
     stages = {}
     for stage, loader in stage_models(ckpt_path, artifact_dir).items():
         log.info("recovery report: evaluating the %s model", stage)
@@ -254,7 +259,8 @@ def run_report(
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recovery.json").write_text(json.dumps(report, indent=2))
-    plot_recovery(report, out / "recovery.png")
+    if plotting:
+        plot_recovery(report, out / "recovery.png")
     print(scores_table(stages))
     return report
 

@@ -391,7 +391,7 @@ def layer_activation_bytes(
       ``transformers`` repeats k and v to every query head and SDPA keeps the mask, turned into the
       query's dtype, ``(B, 1, T, T)``: ``T`` elements per token and layer.
     - Qwen3's q/k norms keep their inputs in fp32 and one rsqrt per head.
-    - MLP: SiLU keeps its input (gate), the product keeps SiLU's output and up: ``3 i``.
+    - MLP: the gated SiLU (:func:`projq_train.swiglu.swiglu`) keeps gate and up: ``2 i``.
     - adapters: see :func:`_adapter_input_bytes`; the frozen packed matmuls keep nothing.
     """
     h, i, hd = shape.hidden, shape.intermediate, shape.head_dim
@@ -400,7 +400,7 @@ def layer_activation_bytes(
     parts = {
         "norms": 2 * (FP32 * h + FP32),
         "attention": num.compute * (2 * q_width + 2 * kv_kept) + FP32 * shape.heads,
-        "mlp": 3 * i * num.compute,
+        "mlp": 2 * i * num.compute,
     }
     if masked:
         parts["attention_mask"] = seq_len * num.compute

@@ -11,7 +11,8 @@ needs, so it loads without the base model:
 - ``config.json`` (the model's ``transformers`` config) and ``tokenizer/``;
 - ``metadata.json``: format version, the full hash and the base's identity
   (:func:`projq_train.weights.base_identity`), the complete recipe, library versions,
-  per-module bits/group size/shape and the quantization report.
+  per-module bits/group size/shape, the quantization report and the checksums of the two tensor
+  files, verified (with a check for non-finite values) before either is used.
 
 The hash covers the base's identity, the calibration token ids and the quantization settings,
 so a recipe that would produce the same result finds the existing artifact without reading
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PretrainedConfig
@@ -55,11 +57,18 @@ import projq_train
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
 from projq_train.host_memory import large_blocks_mapped, release_freed_memory
+from projq_train.integrity import CorruptFileError, file_checksums, verify_file_checksums
 from projq_train.models import build_skeleton, load_tokenizer, model_config, tie_and_check
 from projq_train.quant.calibrate import QuantizedModule, check_model_settings, format_report, quantize_model
 from projq_train.quant.linear import swap_in_quant_linears
 from projq_train.quant.pack import PackedWeight
-from projq_train.weights import WeightSource, base_identity, checkpoint_identity, weight_source
+from projq_train.weights import (
+    WeightSource,
+    base_identity,
+    checkpoint_identity,
+    first_nonfinite,
+    weight_source,
+)
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 3  # 1: unpacked uint8 codes; 2: packed GPTQ layout; 3: self-contained
@@ -139,6 +148,7 @@ def save_artifact(
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
         save_file({k: v.contiguous() for k, v in float_tensors.items()}, str(tmp / FLOAT_TENSORS))
+        meta["checksums"] = file_checksums(tmp, [TENSORS, FLOAT_TENSORS])
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp / TOKENIZER)
         (tmp / METADATA).write_text(json.dumps(meta, indent=2))
@@ -174,10 +184,25 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def read_tensor_file(path: Path, name: str, meta: dict[str, Any]) -> dict[str, Tensor]:
+    """The tensors of the artifact file ``path/name``, after verifying its checksum (artifacts
+    written before checksums existed have none) and before any of them is used: a corrupt or
+    non-finite file is one :class:`~projq_train.integrity.CorruptFileError` naming it."""
+    if name in meta.get("checksums", {}):
+        verify_file_checksums(path, {name: meta["checksums"][name]})
+    try:
+        tensors = load_file(str(path / name))
+    except SafetensorError as err:
+        raise CorruptFileError(f"{path / name} is not a readable safetensors file: {err}") from None
+    if (bad := first_nonfinite(tensors.items())) is not None:
+        raise CorruptFileError(f"{path / name}: tensor {bad} holds NaN or infinite values")
+    return tensors
+
+
 def load_artifact(path: str | Path) -> tuple[dict[str, QuantizedModule], dict[str, Any]]:
     """Read an artifact directory back into quantized modules (on CPU) and its metadata."""
     meta = read_metadata(path)
-    t = load_file(str(Path(path) / TENSORS))
+    t = read_tensor_file(Path(path), TENSORS, meta)
     modules = {}
     for name, info in meta["modules"].items():
         packed = {key: t[f"{name}.{key}"] for key in ("qweight", "qzeros", "scales", "g_idx")}
@@ -200,7 +225,7 @@ def load_quantized_model(
     modules, meta = load_artifact(path)
     dtype = getattr(torch, meta["recipe"]["model"]["dtype"])
     model = build_skeleton(AutoConfig.from_pretrained(path), dtype)
-    floats = load_file(str(path / FLOAT_TENSORS))
+    floats = read_tensor_file(path, FLOAT_TENSORS, meta)
     model.load_state_dict({k: v.to(dtype) for k, v in floats.items()}, strict=False, assign=True)
     swap_in_quant_linears(model, {name: qm.weight for name, qm in modules.items()})
     tie_and_check(model)

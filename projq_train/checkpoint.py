@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from projq_train.artifact import load_quantized_model
 from projq_train.config import AdapterConfig, CalibrationConfig, ModelConfig, QuantConfig
+from projq_train.integrity import verify_checkpoint
 from projq_train.lora import attach_adapters
 from projq_train.weights import first_nonfinite
 
@@ -103,6 +104,7 @@ def read_fit_checkpoint(ckpt_path: str | Path, artifact_dir: str | Path | None =
     """The settings and adapter weights of a fit checkpoint. Refuses a checkpoint whose artifact
     is missing or is not the one it was trained on (no silent re-quantization)."""
     ckpt = read_checkpoint_file(ckpt_path)
+    verify_checkpoint(ckpt, ckpt_path)
     hp, base_id = ckpt.get("hyper_parameters", {}), ckpt.get("projq", {}).get("base_id")
     if base_id is None or "base" not in hp:
         raise ValueError(f"{ckpt_path} is not a projq-train fit checkpoint")

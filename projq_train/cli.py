@@ -22,8 +22,10 @@ import logging
 import sys
 from importlib import import_module
 from pathlib import Path
+from typing import NoReturn
 
-from jsonargparse import ArgumentParser, Namespace
+import jsonargparse
+from jsonargparse import Namespace
 
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.quiet import silence_known_noise
@@ -46,6 +48,26 @@ SUBCOMMAND_HELP = {
     "eval": "score a checkpoint, an artifact or a model on perplexity, commonsense and math",
     "report": "the recovery report: float, quantized, initialized and fine-tuned, side by side",
 }
+
+
+def error_line_first(
+    parser: jsonargparse.ArgumentParser, message: str, ex: Exception | None = None
+) -> NoReturn:
+    """A bad option or setting: its error line first and a pointer to ``--help``, not the usage."""
+    if not parser.exit_on_error:  # jsonargparse trying alternatives: it catches this
+        jsonargparse.ArgumentParser.error(parser, message, ex)
+    parser = getattr(ex, "subcommand_parser", None) or parser
+    prog = parser.prog.replace(" [options]", "")
+    prog = f"{prog} <subcommand>" if prog == "projq-train" else prog  # the root parser's error
+    sys.stderr.write(f"error: {message}\n({prog} --help lists every option)\n")
+    sys.exit(2)
+
+
+class ArgumentParser(jsonargparse.ArgumentParser):
+    """jsonargparse's parser with :func:`error_line_first`."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        error_line_first(self, message, ex)
 
 
 def usage() -> str:
@@ -112,6 +134,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"projq-train: error: unknown subcommand '{argv[0]}'{hint}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run_subcommand(argv)
+    except Exception as err:  # one line; the traceback only with --verbose
+        if verbose:
+            raise
+        sys.exit(f"error: {err or type(err).__name__} (--verbose shows where)")
+
+
+def run_subcommand(argv: list[str]) -> None:
     if argv[0] in TRAINER_SUBCOMMANDS:
         from projq_train.lightning_cli import trainer_cli
 

@@ -36,6 +36,7 @@ from projq_train.artifact import load_quantized_model
 from projq_train.checkpoint import Trained, load_trained
 from projq_train.config import CalibrationConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
+from projq_train.integrity import verify_export_checksums, write_export_checksums
 from projq_train.lora import ADAPTER, QuantLoraLinear, adapter_layers
 from projq_train.quant.calibrate import quantize_model
 from projq_train.quant.linear import QuantLinear, swap_in_quant_linears
@@ -92,6 +93,7 @@ def load_peft_export(path: str | Path) -> PeftModel:
     """The packed quantized base named in ``projq_artifact.json`` with the exported adapter loaded
     by ``PeftModel.from_pretrained`` (our LoRA layer registered for ``QuantLinear``)."""
     path = Path(path)
+    verify_export_checksums(path)
     ref = json.loads((path / ARTIFACT_REF).read_text())
     base, _, _, _ = load_quantized_model(ref["artifact"])
     config = LoraConfig.from_pretrained(path)
@@ -148,6 +150,7 @@ def export_quantized(
     (output / "config.json").write_text(json.dumps(config, indent=2))
     (output / "quantize_config.json").write_text(json.dumps(qconfig, indent=2))
     trained.tokenizer.save_pretrained(output)
+    write_export_checksums(output)
     return load_quantized_export(output)
 
 
@@ -155,6 +158,7 @@ def load_quantized_export(path: str | Path) -> nn.Module:
     """A model with packed :class:`QuantLinear` layers from a GPTQ-layout directory written by
     :func:`export_quantized` (``checkpoint_format: gptq_v2``)."""
     path = Path(path)
+    verify_export_checksums(path)
     config = AutoConfig.from_pretrained(path)
     qconfig = config.quantization_config
     qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
@@ -234,16 +238,24 @@ def run_export(
     eval_samples: int = 8,
     eval_seqlen: int = 256,
     device: torch.device | str = "cpu",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Export and check; writes ``fidelity.json`` next to the export and returns the report."""
+    """Export and check; writes ``fidelity.json`` next to the export and returns the report.
+    ``output`` must not exist or be empty, unless ``overwrite`` (its files of the same names are
+    then replaced)."""
     output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise ValueError(f"{output} exists and is not empty; choose another --output or pass --overwrite")
     trained = load_trained(ckpt_path, artifact_dir)
     output.mkdir(parents=True, exist_ok=True)
     if format == "peft":
         export_peft(trained, output)
+        write_export_checksums(output)
         exported = load_peft_export(output)
     elif format == "merged":
         export_merged(trained, output, getattr(torch, dtype))
+        write_export_checksums(output)
+        verify_export_checksums(output)
         exported = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
     else:
         bits = bits or trained.quant.bits

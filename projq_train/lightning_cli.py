@@ -4,11 +4,16 @@ subcommands, so the others start without Lightning and peft."""
 
 from __future__ import annotations
 
+import resource
 import sys
+import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import lightning as L
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from projq_train.checkpoint import (
@@ -17,21 +22,26 @@ from projq_train.checkpoint import (
     newest_last_checkpoint,
     read_checkpoint_file,
 )
+from projq_train.cli import error_line_first
+from projq_train.integrity import verify_checkpoint
 from projq_train.module import NonFiniteTrainingError, ProjQModule
 
 
+def first_cause(message: str) -> str:
+    """The error of a class the CLI failed to build: jsonargparse reports a data module (a
+    subclass) that raised as the errors of every member of its union type, ours first."""
+    lines = message.splitlines()
+    if "Errors:" in lines and lines.index("Errors:") + 1 < len(lines):
+        first = lines[lines.index("Errors:") + 1].strip()
+        return first.removeprefix("- ") if first.startswith("- ") else message
+    return message
+
+
 class ProjQArgumentParser(LightningArgumentParser):
-    """A bad option or setting ends in its error line first and a pointer to ``--help``, not in
-    the usage text."""
+    """LightningCLI's parser with :func:`~projq_train.cli.error_line_first`."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error:  # jsonargparse trying alternatives: it catches this
-            super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        prog = parser.prog.replace(" [options]", "")
-        prog = f"{prog} <subcommand>" if prog == self.prog else prog  # the error is the root parser's
-        sys.stderr.write(f"error: {message}\n({prog} --help lists every option)\n")
-        sys.exit(2)
+        error_line_first(self, message, ex)
 
 
 class ProjQCLI(LightningCLI):
@@ -66,10 +76,13 @@ class ProjQCLI(LightningCLI):
                 )
         else:
             path = Path(ckpt_path)
+            if path.is_dir():
+                return  # a sharded checkpoint (save_distributed_checkpoint): read by the strategy
             if not path.is_file():
                 self.parser.error(f"--ckpt_path {ckpt_path}: no such file")
         try:
             checkpoint = read_checkpoint_file(path)
+            verify_checkpoint(checkpoint, path)
         except ValueError as err:
             self.parser.error(str(err))
         settings = config.as_dict()
@@ -81,11 +94,73 @@ class ProjQCLI(LightningCLI):
                 f"recipe it was made with; only trainer settings and {', '.join(MAY_CHANGE)} may change"
             )
 
+    def before_instantiate_classes(self) -> None:
+        """Settings the classes cannot check when they are built (the optimizer is built last)."""
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        optimizer = config.as_dict()["model"].get("optimizer")
+        lr = optimizer.get("init_args", {}).get("lr") if isinstance(optimizer, dict) else None
+        if isinstance(lr, (int, float)) and not lr > 0:
+            self.parser.error(f"model.optimizer.init_args.lr must be positive, got {lr}")
+        trainer = config.trainer
+        callbacks = trainer.callbacks or []
+        if trainer.enable_progress_bar is not False and not any(
+            "ProgressBar" in c.class_path for c in callbacks
+        ):
+            trainer.callbacks = [
+                *callbacks,
+                Namespace(class_path=f"{__name__}.StepProgressBar", init_args=Namespace()),
+            ]
+
+    def before_fit(self) -> None:
+        self._fit_started = time.monotonic()
+
+    def after_fit(self) -> None:
+        """The end of a run: where the checkpoints are, the final losses, wall time, peak memory."""
+        if self.trainer.is_global_zero:
+            print(fit_summary(self.trainer, time.monotonic() - self._fit_started))
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as err:
-            self.parser.error(str(err))
+            self.parser.error(first_cause(str(err)))
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, described by the optimizer step out of ``max_steps`` (the epoch
+    out of ``max_epochs`` when training is counted in epochs) instead of the epoch alone."""
+
+    def _describe(self, trainer: L.Trainer) -> None:
+        if trainer.max_steps > 0:
+            self.train_progress_bar.set_description(f"step {trainer.global_step}/{trainer.max_steps}")
+        elif trainer.max_epochs is not None and trainer.max_epochs > 0:
+            self.train_progress_bar.set_description(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._describe(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_batch_end(trainer, *args)
+        self._describe(trainer)
+
+
+def fit_summary(trainer: L.Trainer, seconds: float) -> str:
+    """Lines for the end of ``fit``: best and last checkpoint, final train and val loss, wall time
+    and the peak memory of this process (host resident set; the device's too when on CUDA)."""
+    ckpt = trainer.checkpoint_callback
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train_loss", "val_loss")}
+    peak = f"host {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"  # ru_maxrss: KiB
+    if trainer.strategy.root_device.type == "cuda":
+        peak += f", device {torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30:.2f} GiB"
+    lines = [
+        f"fit done: step {trainer.global_step} in {seconds / 60:.1f} min; peak memory {peak}",
+        "  final " + (", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())) or "losses: none logged"),
+    ]
+    if ckpt is not None:
+        best = getattr(ckpt, "best_model_path", "") or "none"
+        lines += [f"  best checkpoint: {best}", f"  last checkpoint: {ckpt.last_model_path or 'none'}"]
+    return "\n".join(lines)
 
 
 def trainer_cli(argv: list[str]) -> ProjQCLI:
@@ -99,6 +174,8 @@ def trainer_cli(argv: list[str]) -> ProjQCLI:
             args=argv,
         )
     except NonFiniteTrainingError as err:
+        sys.exit(f"error: {err}")
+    except FileNotFoundError as err:  # an input that is not there
         sys.exit(f"error: {err}")
     except OSError as err:  # a full disk, a lost mount: checkpoints written before stay intact
         where = f": {err.filename}" if err.filename else ""

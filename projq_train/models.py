@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from projq_train.config import ModelConfig
+from projq_train.weights import local_folder
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 BYTE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
@@ -57,8 +58,9 @@ def load_tokenizer(cfg: ModelConfig, config: PretrainedConfig | None = None) -> 
         tokenizer = byte_tokenizer()
     else:
         extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        config = config or AutoConfig.from_pretrained(cfg.name_or_path, **extra)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, config=config, **extra)
+        source = local_folder(cfg.name_or_path) or cfg.name_or_path
+        config = config or AutoConfig.from_pretrained(source, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, config=config, **extra)
         if tokenizer.eos_token is None and config.eos_token_id is not None:
             # e.g. a tokenizer rebuilt from GGUF: the model config knows it
             eos = config.eos_token_id
@@ -78,7 +80,7 @@ def model_config(cfg: ModelConfig) -> PretrainedConfig:
         config = AutoConfig.for_model(model_type, **fields)
     else:
         extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        config = AutoConfig.from_pretrained(cfg.name_or_path, **extra)
+        config = AutoConfig.from_pretrained(local_folder(cfg.name_or_path) or cfg.name_or_path, **extra)
     check_architecture(config)
     if hasattr(config, "quantization_config"):  # e.g. GGUF: our models hold plain tensors
         del config.quantization_config

@@ -40,6 +40,7 @@ from projq_train.config import (
 )
 from projq_train.data.instruct import IGNORE_INDEX
 from projq_train.host_memory import release_during_forward, release_freed_memory, return_free_pages
+from projq_train.integrity import contents_digest
 from projq_train.lora import attach_adapters, init_from_compensation
 from projq_train.loss import causal_lm_loss_from_hidden
 from projq_train.models import load_model_and_tokenizer
@@ -319,6 +320,7 @@ class ProjQModule(L.LightningModule):
                 f"no checkpoint written. Lower the learning rate or clip gradients"
             )
         checkpoint["projq"] = {"base_id": self.base_id, "rng": rng_states()}
+        checkpoint["projq"]["checksum"] = contents_digest(checkpoint)  # the last change to it
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("projq", {}).get("rng")

@@ -144,11 +144,21 @@ class RandomInitSource:
         return t
 
 
+def local_folder(name: str) -> Path | None:
+    """The local folder ``name`` is, or ``None`` for a hub name (``org/name``). A name that can only
+    be a path (absolute, starting with ``.`` or ``~``, or with more than one ``/``) must exist."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"model.name_or_path {name}: no such folder")
+    return None
+
+
 def local_weight_files(cfg: ModelConfig) -> list[Path] | None:
     """The weight files of a local checkpoint (``None`` for a hub name or a random model)."""
-    if cfg.config is not None or not Path(cfg.name_or_path).is_dir():
+    if cfg.config is not None or (root := local_folder(cfg.name_or_path)) is None:
         return None
-    root = Path(cfg.name_or_path)
     if cfg.gguf_file:
         path = root / cfg.gguf_file
         if not path.is_file():

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from projq_train.config import ModelConfig
 
@@ -17,3 +18,12 @@ TINY = {family: {"model_type": family, **_SHAPE} for family in ("llama", "qwen2"
 def tiny_model_config(request) -> ModelConfig:
     """A tiny random model of each supported family we test, built from a config (no download)."""
     return ModelConfig(config=TINY[request.param])
+
+
+def flip_a_bit_of(path, tensor):
+    """Flip one bit inside ``tensor``'s bytes where they are stored in the file at ``path``."""
+    raw = bytearray(path.read_bytes())
+    at = raw.find(tensor.contiguous().view(torch.uint8).numpy().tobytes()[:64])
+    assert at >= 0
+    raw[at + 7] ^= 0x01
+    path.write_bytes(bytes(raw))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -26,11 +26,12 @@ from projq_train.artifact import (
 )
 from projq_train.config import AdapterConfig, CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
+from projq_train.integrity import CorruptFileError, file_checksums
 from projq_train.models import decoder_layers, load_model_and_tokenizer
 from projq_train.module import prepare_model
 from projq_train.quant.calibrate import apply_quantized, quantize_model
 from projq_train.quant.linear import QuantLinear
-from tests.conftest import TINY
+from tests.conftest import TINY, flip_a_bit_of
 
 TINY_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny-quantize.yaml"
 
@@ -164,6 +165,32 @@ def test_artifact_of_an_older_format_is_refused_with_a_clear_message(streamed, t
     (path / "metadata.json").write_text(json.dumps(recorded))
     with pytest.raises(ValueError, match="artifact format 2 is not 3.*quantize again"):
         load_artifact(path)
+
+
+def test_a_corrupt_or_non_finite_artifact_is_refused_naming_the_file(streamed, tmp_path):
+    path = tmp_path / "copy"
+    shutil.copytree(streamed[0], path)
+    tensors = load_file(str(path / "quantized.safetensors"))
+    assert json.loads((path / "metadata.json").read_text())["checksums"].keys() == {
+        "quantized.safetensors",
+        "float.safetensors",
+    }
+    flip_a_bit_of(
+        path / "quantized.safetensors", next(v for k, v in tensors.items() if k.endswith(".scales"))
+    )
+    with pytest.raises(
+        CorruptFileError, match="quantized.safetensors: its contents differ from what was written"
+    ):
+        load_quantized_model(path)
+    # written with a NaN scale (and its checksum): refused as non-finite
+    name = next(k for k in tensors if k.endswith(".scales"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(path / "quantized.safetensors"))
+    meta = json.loads((path / "metadata.json").read_text())
+    meta["checksums"] = file_checksums(path, ["quantized.safetensors", "float.safetensors"])
+    (path / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CorruptFileError, match=f"quantized.safetensors: tensor {name} holds NaN"):
+        load_quantized_model(path)
 
 
 def test_a_base_that_is_not_the_artifacts_is_refused(streamed):
@@ -304,3 +331,9 @@ def test_tiny_quantize_recipe_makes_the_artifact_the_tiny_fit_recipe_uses():
         used["base"], used["quant"], used["calibration"]
     )
     assert made["artifact_dir"] == used["artifact_dir"]
+
+
+def test_a_model_path_that_does_not_exist_is_one_clear_error():
+    missing = ["--model.name_or_path=./no/such/model", "--model.config=null"]
+    with pytest.raises(SystemExit, match="error: model.name_or_path ./no/such/model: no such folder"):
+        cli.main(["quantize", "--config", str(TINY_RECIPE), *missing])

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from projq_train.data import instruct
-from projq_train.data.instruct import IGNORE_INDEX, InstructionData, check_rows, collate, pack
+from projq_train.data.calibration import load_rows
+from projq_train.data.instruct import (
+    IGNORE_INDEX,
+    InstructionData,
+    ResumableSampler,
+    check_rows,
+    collate,
+    pack,
+)
 from projq_train.data.prompts import alpaca_prompt
 from projq_train.models import byte_tokenizer
 
@@ -316,3 +324,48 @@ def test_llm_adapters_boolq():
         assert "Please answer the following question with true or false" in decode(ex["input_ids"])
     batch = next(iter(data.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 512
+
+
+def test_the_training_order_resumes_part_way_and_is_one_order_over_any_number_of_processes():
+    rows = list(range(20))
+    first = list(ResumableSampler(rows, num_replicas=1, rank=0, seed=3))  # epoch 0
+    sampler = ResumableSampler(rows, num_replicas=1, rank=0, seed=3)
+    sampler.resume_at(epoch=0, samples_done=8)
+    assert list(sampler) == first[8:] and list(sampler) == first  # only the resumed epoch starts late
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(second) == rows and second != first
+    sampler = ResumableSampler(rows, num_replicas=1, rank=0, seed=3)
+    sampler.resume_at(epoch=0, samples_done=8)
+    sampler.set_epoch(1)  # resumed from the end of epoch 0: epoch 1 starts at its beginning
+    assert list(sampler) == second
+    # two processes with batches of 2 see the single process's batches of 4, and resume alike
+    shards = [list(ResumableSampler(rows, num_replicas=2, rank=r, seed=3)) for r in (0, 1)]
+    for k in range(5):
+        global_batch = shards[0][2 * k : 2 * k + 2] + shards[1][2 * k : 2 * k + 2]
+        assert sorted(global_batch) == sorted(first[4 * k : 4 * k + 4])
+    resumed = ResumableSampler(rows, num_replicas=2, rank=1, seed=3)
+    resumed.resume_at(epoch=0, samples_done=8)
+    assert list(resumed) == shards[1][4:]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.json", "", "has no rows"),
+        ("none.json", "[]", "has no rows"),
+        ("bad.json", "not json{", "is not valid JSON"),
+        ("bad.jsonl", '{"instruction": "a"}\n{oops', "is not valid JSONL"),
+        ("dict.json", '{"instruction": "a"}', "expected a JSON list of rows, got dict"),
+        ("folder.json", None, "is a directory, not a .json file"),
+        ("missing.json", "absent", "does not exist"),
+    ],
+)
+def test_a_bad_data_file_is_one_clear_error_naming_it(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    elif content != "absent":
+        path.write_text(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=f"{path}.*{message}"):
+        load_rows(str(path))

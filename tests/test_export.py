@@ -8,11 +8,14 @@ import sys
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 import projq_train.cli as cli
 from projq_train.checkpoint import load_trained
 from projq_train.export import load_peft_export, load_quantized_export, run_export
+from projq_train.integrity import contents_digest
 from projq_train.quant.linear import QuantLinear
+from tests.conftest import flip_a_bit_of
 from tests.test_fit import TINY_FIT, fit_args
 
 
@@ -137,6 +140,7 @@ def test_corrupt_or_non_finite_checkpoints_are_refused_before_anything_is_writte
     ckpt = torch.load(checkpoint, weights_only=True)
     name = next(k for k in ckpt["state_dict"] if "lora_B" in k)
     ckpt["state_dict"][name][0, 0] = float("nan")
+    ckpt["projq"]["checksum"] = contents_digest(ckpt)  # written so, not corrupted afterwards
     poisoned = tmp_path / "nan.ckpt"
     torch.save(ckpt, poisoned)
     with pytest.raises(ValueError, match=r"nan.ckpt .*holds NaN or infinite values; nothing is exported"):
@@ -163,8 +167,15 @@ def test_export_command_prints_the_report_and_errors_clearly(checkpoint, tmp_pat
     args = ["export", f"--ckpt_path={checkpoint}", "--format=peft", f"--output={tmp_path / 'p'}"]
     cli.main([*args, "--eval_samples=2", "--eval_seqlen=64"])
     assert json.loads(capsys.readouterr().out)["format"] == "peft"
+    before = {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir()}
+    with pytest.raises(
+        SystemExit, match="exists and is not empty; choose another --output or pass --overwrite"
+    ):
+        cli.main(args)  # nothing in it is touched
+    assert {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir()} == before
+    cli.main([*args, "--eval_samples=2", "--eval_seqlen=64", "--overwrite=true"])
     with pytest.raises(SystemExit, match="is missing"):
-        cli.main([*args, f"--artifact_dir={tmp_path / 'nowhere'}"])
+        cli.main([*args[:-1], f"--output={tmp_path / 'q'}", f"--artifact_dir={tmp_path / 'nowhere'}"])
     with pytest.raises(SystemExit):
         cli.main([*args, "--format=onnx"])
 
@@ -179,3 +190,30 @@ def test_quantized_export_of_a_model_with_tied_embeddings(tmp_path):
     model = load_quantized_export(tmp_path / "quantized")
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert report["top1_agreement"] > 0.5
+
+
+def test_flipped_bits_in_checkpoints_and_exports_are_refused_naming_the_file(checkpoint, tmp_path, capsys):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    flipped = tmp_path / "flipped.ckpt"
+    shutil.copy(checkpoint, flipped)
+    flip_a_bit_of(flipped, next(v for k, v in ckpt["state_dict"].items() if "lora_B" in k))
+    with pytest.raises(ValueError, match="flipped.ckpt: its contents differ from what was written"):
+        export(flipped, tmp_path, "peft")
+    with pytest.raises(SystemExit):  # validate: refused before the model is built
+        cli.main(
+            [
+                "validate",
+                "--config",
+                str(TINY_FIT),
+                *fit_args(checkpoint.parents[1], 4),
+                f"--ckpt_path={flipped}",
+            ]
+        )
+    assert capsys.readouterr().err.startswith(f"error: {flipped}: its contents differ from what was written")
+
+    export(checkpoint, tmp_path, "peft")
+    adapter = tmp_path / "peft" / "adapter_model.safetensors"
+    assert json.loads((tmp_path / "peft" / "projq_checksums.json").read_text()).keys() == {adapter.name}
+    flip_a_bit_of(adapter, next(v for k, v in load_file(str(adapter)).items() if "lora_B" in k))
+    with pytest.raises(ValueError, match="adapter_model.safetensors: its contents differ"):
+        load_peft_export(tmp_path / "peft")

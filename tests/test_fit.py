@@ -130,6 +130,9 @@ class Capture(L.Callback):
 def test_tiny_recipe_fits_checkpoints_adapters_only_and_resumes(tmp_path, capsys):
     run_cli(*fit_args(tmp_path, 4))
     last = tmp_path / "checkpoints" / "last.ckpt"
+    summary = capsys.readouterr().out  # the end of the run says where things are
+    assert "fit done: step 4 in " in summary and "peak memory host " in summary
+    assert "train_loss " in summary and "val_loss " in summary and f"last checkpoint: {last}" in summary
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["global_step"] == 4
     keys = set(ckpt["state_dict"])
@@ -212,13 +215,20 @@ def test_module_refuses_a_checkpoint_for_another_base():
         ("--model.quant.method=nf4", "nf4 is a 4-bit format"),
         ("--model.adapter.init=standard --model.quant.mode=refresh", "needs adapter.init projq"),
         ("--model.quant.rank=0", "must be > 0 to fine-tune"),
+        ("--model.optimizer.init_args.lr=0", "lr must be positive, got 0"),
+        ("--data.init_args.batch_size=0", "error: data batch_size must be positive, got 0"),
+        (
+            "--data.init_args.path=/nonexistent/rows.json",
+            "error: dataset file /nonexistent/rows.json does not exist",
+        ),
     ],
 )
 def test_bad_recipe_is_one_clear_error(override, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(*override.split(), "--trainer.max_steps=1")
     assert exit_info.value.code != 0
-    assert message in capsys.readouterr().err
+    # a parser error is printed; an error found while running is the exit message (printed by Python)
+    assert message in capsys.readouterr().err + str(exit_info.value.code)
 
 
 def test_print_config_shows_the_full_recipe(capsys):
@@ -472,3 +482,9 @@ def test_a_run_killed_mid_epoch_resumes_exactly_as_an_uninterrupted_run(tmp_path
     run_cli(*args("from-epoch-end"), f"--ckpt_path={end_of_epoch}")
     for step, loss in losses(tmp_path / "from-epoch-end.txt").items():
         assert step in (9, 10) and loss == pytest.approx(straight[step], abs=1e-6), step
+
+
+def test_progress_shows_the_step_out_of_max_steps(tmp_path, capsys):
+    run_cli(*fit_args(tmp_path, 3), "--trainer.enable_progress_bar=true")
+    captured = capsys.readouterr()
+    assert "step 3/3" in captured.out + captured.err

@@ -32,20 +32,36 @@ def load_rows(source: str, split: str = "train") -> list[dict | str]:
         from datasets import load_dataset
 
         return list(load_dataset(source, split=split))
+    if path.is_dir():
+        raise ValueError(f"dataset file {source} is a directory, not a {path.suffix} file")
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {source} does not exist")
     if path.suffix == ".txt":
-        return [path.read_text()]
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".parquet":
+        rows = [path.read_text()] if path.read_text().strip() else []
+    elif path.suffix == ".parquet":
         from datasets import load_dataset
 
-        return list(load_dataset("parquet", data_files=str(path), split="train"))
-    rows = json.loads(path.read_text())
-    if not isinstance(rows, list):
-        raise ValueError(f"{source}: expected a JSON list of rows, got {type(rows).__name__}")
+        rows = list(load_dataset("parquet", data_files=str(path), split="train"))
+    else:
+        rows = _json_rows(path)
+    if not rows:
+        raise ValueError(f"dataset file {source} has no rows")
     return rows
+
+
+def _json_rows(path: Path) -> list:
+    lines = path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]
+    try:
+        parsed = [json.loads(line) for line in lines if line.strip()]
+    except json.JSONDecodeError as err:
+        raise ValueError(f"dataset file {path} is not valid {path.suffix[1:].upper()}: {err}") from None
+    if path.suffix == ".jsonl":
+        return parsed
+    if not parsed:
+        return []
+    if not isinstance(parsed[0], list):
+        raise ValueError(f"{path}: expected a JSON list of rows, got {type(parsed[0]).__name__}")
+    return parsed[0]
 
 
 def row_text(row: dict | str, template: str, where: str) -> str:

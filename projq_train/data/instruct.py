@@ -197,8 +197,9 @@ class InstructionData(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
-        if max_seq_length < 1 or batch_size < 1 or (limit is not None and limit < 1):
-            raise ValueError("max_seq_length, batch_size and limit must be positive")
+        for name, value in (("max_seq_length", max_seq_length), ("batch_size", batch_size), ("limit", limit)):
+            if value is not None and value < 1:
+                raise ValueError(f"data {name} must be positive, got {value}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if pad_to_multiple_of < 1:

@@ -37,7 +37,7 @@ from projq_train.checkpoint import Trained, load_trained
 from projq_train.config import CalibrationConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
 from projq_train.integrity import verify_export_checksums, write_export_checksums
-from projq_train.lora import ADAPTER, QuantLoraLinear, adapter_layers
+from projq_train.lora import ADAPTER, adapter_layers, with_quant_linear
 from projq_train.quant.calibrate import quantize_model
 from projq_train.quant.linear import QuantLinear, swap_in_quant_linears
 from projq_train.quant.pack import PackedWeight
@@ -96,8 +96,7 @@ def load_peft_export(path: str | Path) -> PeftModel:
     verify_export_checksums(path)
     ref = json.loads((path / ARTIFACT_REF).read_text())
     base, _, _, _ = load_quantized_model(ref["artifact"])
-    config = LoraConfig.from_pretrained(path)
-    config._register_custom_module({QuantLinear: QuantLoraLinear})
+    config = with_quant_linear(LoraConfig.from_pretrained(path))
     return PeftModel.from_pretrained(base, path, config=config).eval()
 
 

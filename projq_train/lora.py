@@ -79,8 +79,14 @@ def attach_adapters(
         bias="none",
         task_type="CAUSAL_LM",
     )
+    return get_peft_model(model, with_quant_linear(config), adapter_name=ADAPTER)
+
+
+def with_quant_linear(config: LoraConfig) -> LoraConfig:
+    """``config`` with :class:`QuantLoraLinear` registered as peft's LoRA layer for
+    :class:`QuantLinear` bases (peft's private ``_register_custom_module``: see the canary test)."""
     config._register_custom_module({QuantLinear: QuantLoraLinear})
-    return get_peft_model(model, config, adapter_name=ADAPTER)
+    return config
 
 
 def adapter_layers(model: nn.Module) -> dict[str, LoraLayer]:

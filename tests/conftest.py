@@ -1,7 +1,13 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from projq_train.config import ModelConfig
+
+# the workplace's real models and datasets, next to the repository (tests that need them skip without)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SMOLLM2 = SHARED_DATA / "models" / "SmolLM2-135M-Instruct-Q4_1-gguf"
 
 _SHAPE = {
     "hidden_size": 64,

@@ -3,7 +3,6 @@
 import inspect
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +19,9 @@ from projq_train.data.instruct import (
 )
 from projq_train.data.prompts import alpaca_prompt
 from projq_train.models import byte_tokenizer
+from tests.conftest import SHARED_DATA
 
-BOOLQ = Path("/work/shared/data/datasets/llm-adapters/dataset/boolq/train.json")
+BOOLQ = SHARED_DATA / "datasets" / "llm-adapters" / "dataset" / "boolq" / "train.json"
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

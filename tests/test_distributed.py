@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import lightning as L
@@ -146,17 +145,30 @@ def test_waiting_rank_loads_the_artifact_rank_0_writes(tmp_path, monkeypatch):
     mcfg = ModelConfig(config=TINY["llama"])
     quant = QuantConfig(method="rtn", bits=4, group_size=32, rank=4)
     calib = CalibrationConfig(nsamples=2, seqlen=32)
-    found = {}
+    found, polled = {}, threading.Event()
+    real_find = artifact.find_artifact
+
+    calls = []
+
+    def find(*args):  # the waiting thread looks once before its loop, then once per poll
+        result = real_find(*args)
+        if threading.current_thread() is thread:
+            calls.append(result)
+            if len(calls) >= 2:
+                polled.set()
+        return result
+
+    monkeypatch.setattr(artifact, "find_artifact", find)
 
     def waiter():
         found["path"] = artifact.find_or_quantize(
-            mcfg, quant, calib, tmp_path, torch.device("cpu"), wait=True, poll_seconds=0.1
+            mcfg, quant, calib, tmp_path, torch.device("cpu"), wait=True, poll_seconds=0.05
         )
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    time.sleep(0.5)
-    assert thread.is_alive() and not list(tmp_path.iterdir())  # waiting, not quantizing
+    assert polled.wait(timeout=60)
+    assert thread.is_alive() and not list(tmp_path.iterdir())  # it polled, it did not quantize
     made_path = artifact.find_or_quantize(mcfg, quant, calib, tmp_path, torch.device("cpu"))
     thread.join(timeout=60)
     assert found["path"] == made_path

@@ -19,9 +19,9 @@ from projq_train.quant.linear import QuantLinear, swap_in_quant_linears
 from projq_train.quant.pack import PackedWeight
 from projq_train.quant.rtn import rtn_quantize
 from projq_train.swiglu import use_lean_mlps
+from tests.conftest import SMOLLM2
 
 RECIPES = Path(__file__).parents[1] / "recipes"
-SMOLLM2 = Path(__file__).parents[2] / "shared" / "data" / "models" / "SmolLM2-135M-Instruct-Q4_1-gguf"
 SHAPE = {
     "hidden_size": 128,
     "intermediate_size": 256,

@@ -22,7 +22,7 @@ from projq_train.models import load_model_and_tokenizer
 from projq_train.module import ProjQModule, head_bypassed, prepare_model, warmup_cosine
 from projq_train.quant.calibrate import apply_quantized
 from projq_train.quant.linear import QuantLinear
-from tests.conftest import TINY
+from tests.conftest import SMOLLM2, TINY
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 TINY_FIT = RECIPES / "tiny-cpu.yaml"
@@ -314,9 +314,6 @@ def test_nf4_baseline_wraps_bitsandbytes_layers_with_zero_init_adapters(tmp_path
     with torch.no_grad():
         nf4_logits, fp_logits = model(ids).logits, fp(ids).logits
     assert 0 < (nf4_logits - fp_logits).pow(2).mean() < 0.05 * fp_logits.pow(2).mean()
-
-
-SMOLLM2 = Path(__file__).parents[2] / "shared" / "data" / "models" / "SmolLM2-135M-Instruct-Q4_1-gguf"
 
 
 @pytest.mark.skipif(not SMOLLM2.is_dir(), reason="the shared SmolLM2 GGUF is not on this machine")

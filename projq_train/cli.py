@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_subcommand(argv: list[str]) -> None:
+    # `--help` shows each recipe field's docstring (config.py documents every one)
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     if argv[0] in TRAINER_SUBCOMMANDS:
         from projq_train.lightning_cli import trainer_cli
 

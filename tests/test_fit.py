@@ -485,3 +485,10 @@ def test_progress_shows_the_step_out_of_max_steps(tmp_path, capsys):
     run_cli(*fit_args(tmp_path, 3), "--trainer.enable_progress_bar=true")
     captured = capsys.readouterr()
     assert "step 3/3" in captured.out + captured.err
+
+
+def test_fit_help_shows_each_field_s_docstring(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "Bits per weight: 2, 3 or 4." in out and "LoRA scaling numerator" in out

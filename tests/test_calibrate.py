@@ -99,7 +99,7 @@ def test_empty_calibration_set(tmp_path):
         )
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    with pytest.raises(ValueError, match="is empty"):
+    with pytest.raises(ValueError, match=f"dataset file {empty} has no rows"):
         calibration_tokens(CalibrationConfig(dataset=str(empty)), tok)
 
 

@@ -79,8 +79,9 @@ def run_interpreted(check: str) -> None:
 
 
 def test_kernels_match_the_torch_reference_interpreted():
-    # the interpreter's tl.dot mishandles bf16 operands, so bf16 is checked on CUDA only
-    run_interpreted("check_kernels('cpu', (torch.float32, torch.float16))")
+    # the interpreter checks the kernels' logic in fp32 (it is slow: fp16 would double the time,
+    # and its tl.dot mishandles bf16 operands); fp16 and bf16 are checked on CUDA
+    run_interpreted("check_kernels('cpu', (torch.float32,))")
 
 
 def test_self_test_catches_a_wrong_kernel_interpreted():

@@ -1,8 +1,9 @@
 """Exports of a fine-tuned checkpoint, each checked against the trained model.
 
-- ``peft``: ``adapter_model.safetensors`` + ``adapter_config.json`` (peft's own files) and
-  ``projq_artifact.json``, the reference to the quantized base; :func:`load_peft_export` rebuilds
-  the packed base and loads the adapter with ``PeftModel.from_pretrained``.
+- ``peft``: ``adapter_model.safetensors`` + ``adapter_config.json`` (peft's own files; the base
+  is the float model, so ``AutoPeftModelForCausalLM`` loads the adapter on it), the packed base in
+  ``base/`` (the artifact) and ``projq_artifact.json`` naming both; :func:`load_peft_export`
+  rebuilds the packed base and loads the adapter with ``PeftModel.from_pretrained``.
 - ``merged``: ``Ŵ + s·BA`` written as a plain Hugging Face ``save_pretrained`` directory (with
   tokenizer and generation config) in bf16/fp16/fp32; it loads with ``AutoModelForCausalLM``
   alone.
@@ -22,6 +23,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,9 +44,11 @@ from projq_train.lora import ADAPTER, adapter_layers, with_quant_linear
 from projq_train.quant.calibrate import quantize_model
 from projq_train.quant.linear import QuantLinear, swap_in_quant_linears
 from projq_train.quant.pack import PackedWeight
+from projq_train.weights import local_folder
 
 Format = Literal["peft", "merged", "quantized"]
 ARTIFACT_REF = "projq_artifact.json"
+PACKED_BASE = "base"  # the artifact inside a peft export
 GPTQ_FILE = "model.safetensors"
 
 
@@ -81,21 +86,50 @@ def merged_model(trained: Trained, dtype: torch.dtype) -> nn.Module:
 
 
 def export_peft(trained: Trained, output: Path) -> None:
+    """peft's adapter files, with ``base_model_name_or_path`` the float base as transformers
+    resolves it (an absolute folder or a hub name; none for a model built from a config), and the
+    packed base inside the export (``base/``: the artifact, hard-linked where the file system
+    allows, else copied), so the folder can be moved."""
     trained.model.save_pretrained(output)
+    base = trained.base
+    try:
+        local = base.name_or_path and local_folder(base.name_or_path)
+    except FileNotFoundError:  # the float base moved since training: recorded as it was given
+        local = None
+    config_file = output / "adapter_config.json"
+    adapter_config = json.loads(config_file.read_text())
+    adapter_config["base_model_name_or_path"] = str(local.resolve()) if local else base.name_or_path
+    config_file.write_text(json.dumps(adapter_config, indent=2))
+    shutil.copytree(trained.artifact, output / PACKED_BASE, copy_function=link_or_copy, dirs_exist_ok=True)
     ref = {
-        "artifact": str(trained.artifact.resolve()),
+        "artifact": PACKED_BASE,  # relative to the export folder
+        "float_base": {
+            "name_or_path": adapter_config["base_model_name_or_path"],
+            "gguf_file": base.gguf_file,
+        },
         "metadata": json.loads((trained.artifact / "metadata.json").read_text()),
     }
     (output / ARTIFACT_REF).write_text(json.dumps(ref, indent=2))
 
 
+def link_or_copy(source: str, target: str) -> None:
+    if os.path.exists(target):  # exporting again with --overwrite
+        if os.path.samefile(source, target):
+            return
+        os.remove(target)
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)
+
+
 def load_peft_export(path: str | Path) -> PeftModel:
-    """The packed quantized base named in ``projq_artifact.json`` with the exported adapter loaded
-    by ``PeftModel.from_pretrained`` (our LoRA layer registered for ``QuantLinear``)."""
+    """The packed quantized base inside the export with the exported adapter loaded by
+    ``PeftModel.from_pretrained`` (our LoRA layer registered for ``QuantLinear``)."""
     path = Path(path)
     verify_export_checksums(path)
     ref = json.loads((path / ARTIFACT_REF).read_text())
-    base, _, _, _ = load_quantized_model(ref["artifact"])
+    base, _, _, _ = load_quantized_model(path / ref["artifact"])
     config = with_quant_linear(LoraConfig.from_pretrained(path))
     return PeftModel.from_pretrained(base, path, config=config).eval()
 

@@ -9,11 +9,14 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 import projq_train.cli as cli
 from projq_train.checkpoint import load_trained
+from projq_train.config import ModelConfig
 from projq_train.export import load_peft_export, load_quantized_export, run_export
 from projq_train.integrity import contents_digest
+from projq_train.models import load_model_and_tokenizer
 from projq_train.quant.linear import QuantLinear
 from tests.conftest import flip_a_bit_of
 from tests.test_fit import TINY_FIT, fit_args
@@ -21,9 +24,15 @@ from tests.test_fit import TINY_FIT, fit_args
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A checkpoint of the tiny recipe after a few steps (adapters moved away from their init)."""
+    """A checkpoint of the tiny recipe after a few steps (adapters moved away from their init),
+    whose base is the tiny model saved as a local float checkpoint."""
     root = tmp_path_factory.mktemp("fit")
-    cli.main(["fit", "--config", str(TINY_FIT), *fit_args(root, 4), "--trainer.val_check_interval=4"])
+    config = yaml.safe_load(TINY_FIT.read_text())["model"]["base"]["config"]
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(config=config))
+    model.save_pretrained(root / "float-base")
+    tokenizer.save_pretrained(root / "float-base")
+    base = [f"--model.base.name_or_path={root / 'float-base'}", "--model.base.config=null"]
+    cli.main(["fit", "--config", str(TINY_FIT), *fit_args(root, 4), *base, "--trainer.val_check_interval=4"])
     return root / "checkpoints" / "last.ckpt"
 
 
@@ -41,6 +50,26 @@ def test_peft_export_reloads_with_peft_and_matches_the_trained_model(checkpoint,
     reloaded = load_peft_export(out)
     assert sum(isinstance(m, QuantLinear) for m in reloaded.modules()) == 14
     assert json.loads((out / "fidelity.json").read_text()) == report
+
+
+def test_peft_export_can_be_moved_and_loads_on_its_float_base_with_auto_peft(checkpoint, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    export(checkpoint, tmp_path, "peft")
+    moved = tmp_path / "elsewhere" / "adapter"
+    shutil.move(tmp_path / "peft", moved)
+    packed = load_peft_export(moved)  # the packed base travels inside the export
+    on_float = AutoPeftModelForCausalLM.from_pretrained(moved)  # the base recorded for transformers
+    assert json.loads((moved / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        (checkpoint.parents[1] / "float-base").resolve()
+    )
+    trained = {k: v for k, v in packed.state_dict().items() if "lora_" in k}
+    loaded = {k: v for k, v in on_float.state_dict().items() if "lora_" in k}
+    assert trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in trained)
+    float_base = AutoModelForCausalLM.from_pretrained(checkpoint.parents[1] / "float-base")
+    under = {k.replace(".base_layer", ""): v for k, v in on_float.get_base_model().state_dict().items()}
+    for name, weight in float_base.state_dict().items():  # under the adapters: the float model itself
+        torch.testing.assert_close(under[name], weight, rtol=0, atol=0)
 
 
 def test_merged_export_loads_without_projq_train(checkpoint, tmp_path):
@@ -167,12 +196,12 @@ def test_export_command_prints_the_report_and_errors_clearly(checkpoint, tmp_pat
     args = ["export", f"--ckpt_path={checkpoint}", "--format=peft", f"--output={tmp_path / 'p'}"]
     cli.main([*args, "--eval_samples=2", "--eval_seqlen=64"])
     assert json.loads(capsys.readouterr().out)["format"] == "peft"
-    before = {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir()}
+    before = {p: p.read_bytes() for p in (tmp_path / "p").rglob("*") if p.is_file()}
     with pytest.raises(
         SystemExit, match="exists and is not empty; choose another --output or pass --overwrite"
     ):
         cli.main(args)  # nothing in it is touched
-    assert {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir()} == before
+    assert {p: p.read_bytes() for p in (tmp_path / "p").rglob("*") if p.is_file()} == before
     cli.main([*args, "--eval_samples=2", "--eval_seqlen=64", "--overwrite=true"])
     with pytest.raises(SystemExit, match="is missing"):
         cli.main([*args[:-1], f"--output={tmp_path / 'q'}", f"--artifact_dir={tmp_path / 'nowhere'}"])
@@ -213,7 +242,8 @@ def test_flipped_bits_in_checkpoints_and_exports_are_refused_naming_the_file(che
 
     export(checkpoint, tmp_path, "peft")
     adapter = tmp_path / "peft" / "adapter_model.safetensors"
-    assert json.loads((tmp_path / "peft" / "projq_checksums.json").read_text()).keys() == {adapter.name}
+    listed = json.loads((tmp_path / "peft" / "projq_checksums.json").read_text()).keys()
+    assert {adapter.name, "base/quantized.safetensors", "base/float.safetensors"} <= listed
     flip_a_bit_of(adapter, next(v for k, v in load_file(str(adapter)).items() if "lora_B" in k))
     with pytest.raises(ValueError, match="adapter_model.safetensors: its contents differ"):
         load_peft_export(tmp_path / "peft")

@@ -337,3 +337,15 @@ def test_a_model_path_that_does_not_exist_is_one_clear_error():
     missing = ["--model.name_or_path=./no/such/model", "--model.config=null"]
     with pytest.raises(SystemExit, match="error: model.name_or_path ./no/such/model: no such folder"):
         cli.main(["quantize", "--config", str(TINY_RECIPE), *missing])
+
+
+def test_an_unexpected_failure_is_one_line_and_its_traceback_shows_with_verbose(monkeypatch):
+    def fails(cfg):
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(cli, "run_quantize", fails)
+    args = ["quantize", "--config", str(TINY_RECIPE)]
+    with pytest.raises(SystemExit, match=r"^error: the device went away \(--verbose shows where\)$"):
+        cli.main(args)
+    with pytest.raises(RuntimeError, match="the device went away"):
+        cli.main([*args, "--verbose"])

@@ -92,7 +92,7 @@ def run_eval(
     data_root: str = DATA_ROOT,
     template: Literal["auto", "alpaca", "chat"] = "auto",
     limit: int | None = None,
-    choice_mode: ChoiceMode = "both",
+    choice_mode: ChoiceMode = "loglik",
     seqlen: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
@@ -115,7 +115,7 @@ def run_eval(
             default ``$PROJQ_DATA_ROOT`` or ``data``.
         template: Prompt template; ``auto``: the checkpoint's training template, else alpaca.
         limit: Score only the first rows of each choice/math task and windows of each text.
-        choice_mode: Multiple choice by answer log-likelihood, by generation, or both.
+        choice_mode: Multiple choice by answer log-likelihood (fast), by generation, or both.
         seqlen: Perplexity window length (default: the model's context, at most 2048 tokens).
         stride: Perplexity window step (default ``seqlen // 2``).
         batch_size: Sequences per forward pass.
@@ -236,7 +236,7 @@ def run_report(
         artifact_dir: Where the checkpoint's artifact is (default: the one it was trained with).
         data_root: Folder with the task data (see ``projq-train eval``).
         limit: Score only the first rows of each choice/math task and windows of each text.
-        choice_mode: Multiple choice by answer log-likelihood, by generation, or both.
+        choice_mode: Multiple choice by answer log-likelihood (fast), by generation, or both.
         seqlen: Perplexity window length (default: the model's context, at most 2048 tokens).
         stride: Perplexity window step (default ``seqlen // 2``).
         batch_size: Sequences per forward pass.

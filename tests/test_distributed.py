@@ -119,11 +119,9 @@ def test_fsdp_two_processes_shard_the_adapters_and_train_like_one_process(tmp_pa
         d == (torch.int32 if n.endswith("qweight") else torch.float16) for n, d in packed.items()
     )
 
-    # the adapter-only checkpoint resumes on one process, sharded or not
+    # the adapter-only checkpoint of two processes resumes on one
     fit_in_subprocess(tmp_path, 1, 8, 6, "--ckpt_path=last", "--trainer.strategy=projq_fsdp")
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
-    fit_in_subprocess(tmp_path, 1, 8, 8, "--ckpt_path=last")
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
 
 
 def test_fsdp_resumes_an_optimizer_without_state_exactly(tmp_path):

@@ -103,6 +103,15 @@ def test_empty_calibration_set(tmp_path):
         calibration_tokens(CalibrationConfig(dataset=str(empty)), tok)
 
 
+def test_a_calibration_text_shorter_than_seqlen_is_one_clear_error(tmp_path):
+    _, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    expected = f"calibration dataset {short} has only .* tokens, fewer than seqlen 128"
+    with pytest.raises(ValueError, match=expected):
+        calibration_tokens(CalibrationConfig(dataset=str(short), seqlen=128), tok)
+
+
 def test_dataset_row_missing_field_names_file_and_row(tmp_path):
     _, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
     data = tmp_path / "rows.jsonl"

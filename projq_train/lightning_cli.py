@@ -60,10 +60,11 @@ class ProjQCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path") if config else None
         if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
             return  # nothing to resume, or resolved by Lightning from the trainer's state
+        settings = config.as_dict()
         if ckpt_path == "last":
             dirs = [
                 Path(cb["init_args"]["dirpath"])
-                for cb in config.as_dict()["trainer"].get("callbacks") or []
+                for cb in settings["trainer"].get("callbacks") or []
                 if cb.get("class_path", "").endswith("ModelCheckpoint") and cb["init_args"].get("dirpath")
             ]
             if not dirs:
@@ -85,7 +86,6 @@ class ProjQCLI(LightningCLI):
             verify_checkpoint(checkpoint, path)
         except ValueError as err:
             self.parser.error(str(err))
-        settings = config.as_dict()
         data = settings["data"].get("init_args", {}) if isinstance(settings.get("data"), dict) else {}
         differ = identity_differences(checkpoint, settings["model"], data, training=subcommand == "fit")
         if differ:

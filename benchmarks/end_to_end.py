@@ -55,12 +55,12 @@ CALIBRATION = CalibrationConfig(
 )
 TRAIN_SETS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
 COMMONSENSE = ("boolq", "ARC-Easy", "openbookqa")  # scored; ARC-Challenge left out for time
-INITS = {"standard": "standard", "compensation": "projq"}  # benchmark name -> adapter.init
+INITS = ("standard", "compensation")  # adapter.init
 log = logging.getLogger("end-to-end")
 
 
 def quant_config(method: str, bits: int) -> QuantConfig:
-    return QuantConfig(method=method, bits=bits, group_size=64, rank=32, iters=5, mode="paper", clip=True)
+    return QuantConfig(method=method, bits=bits, group_size=64, iters=5, mode="paper", clip=True)
 
 
 def training_file(out: Path, rows_per_set: int, seed: int = 0) -> Path:
@@ -111,7 +111,7 @@ def fine_tune(method: str, bits: int, init: str, train: Path, args) -> tuple[Pro
     module = ProjQModule(
         MODEL,
         quant_config(method, bits),
-        AdapterConfig(init=INITS[init], alpha=32.0, dropout=0.05),
+        AdapterConfig(rank=32, init=init, alpha=32.0, dropout=0.05),
         CALIBRATION,
         artifact_dir=args.artifact_dir,
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),

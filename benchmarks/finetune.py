@@ -131,17 +131,15 @@ def device_name(device: torch.device) -> str:
 
 def worker_setup(cli_args: list[str]) -> dict:
     """Find or make the quantization artifact of this recipe; time the quantization."""
-    from projq_train.artifact import quantize_or_load
-    from projq_train.models import load_model_and_tokenizer
+    from projq_train.artifact import find_or_quantize
 
     cli = build_cli(cli_args)
     m, device = cli.model, cli.trainer.strategy.root_device
     if m.quant.method == "nf4":  # bitsandbytes quantizes at load time: no artifact
         return {"quant_seconds": None, "artifact": None}
-    model, tokenizer = load_model_and_tokenizer(m.base_cfg)
     before = set(Path(m.artifact_dir).glob("*")) if Path(m.artifact_dir).is_dir() else set()
     t0 = time.perf_counter()
-    path, _ = quantize_or_load(model, tokenizer, m.base_cfg, m.quant, m.calibration, m.artifact_dir, device)
+    path = find_or_quantize(m.base_cfg, m.quant, m.adapter.rank, m.calibration, m.artifact_dir, device)
     seconds = time.perf_counter() - t0
     report = json.loads((path / "metadata.json").read_text())["report"]
     return {
@@ -225,7 +223,7 @@ def describe(config, command: str, device: str) -> dict:
         "device": device,
         "model": model,
         "bits": m.quant["bits"],
-        "rank": m.quant["rank"],
+        "rank": m.adapter["rank"],
         "group_size": m.quant["group_size"],
         "clip": m.quant.get("clip"),
         "max_steps": t.max_steps,

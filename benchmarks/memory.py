@@ -30,9 +30,10 @@ size from ``/usr/bin/time -v`` on CPU; on CUDA each process runs through this sc
 
 Models (``--models``): ``smollm2`` (SmolLM2-135M-Instruct, GGUF in ../shared/data; RTN with
 rank-32 compensation, calibrated on 32 x 512 Alpaca tokens), ``llama-0.5b`` and ``llama-1b``
-(random-init Llama configs with Llama 3's 128256-token vocabulary, RTN and a small calibration so
-that quantizing on CPU stays tractable; byte tokenizer, so token ids stay below 259 whatever the
-vocabulary), ``tiny`` (the config of recipes/tiny-cpu.yaml, for development).
+(random-init Llama configs in the shapes of Qwen2.5-0.5B and Llama-3.2-1B, tied heads like theirs;
+RTN and a small calibration so that quantizing on CPU stays tractable; byte tokenizer, so token ids
+stay below 259 whatever the vocabulary, while the tied head reads every embedding row at every
+step), ``tiny`` (the config of recipes/tiny-cpu.yaml, for development).
 
     python benchmarks/memory.py --models tiny --shapes 1x128 --steps 2            # quick check
     python benchmarks/memory.py --models smollm2 --json runs/bench-memory/smollm2.json
@@ -69,7 +70,9 @@ SMOLLM2 = "../shared/data/models/SmolLM2-135M-Instruct-Q4_1-gguf"
 ALPACA = "../shared/data/datasets/alpaca_5000/alpaca_5000.json"
 
 
-def llama(hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int | None = None) -> dict:
+def llama(
+    hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int | None = None, tied=False
+) -> dict:
     """A Llama config for ``model.base.config`` (no ``vocab``: the byte tokenizer's 259)."""
     config = {
         "model_type": "llama",
@@ -79,6 +82,7 @@ def llama(hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "max_position_embeddings": 2048,
+        "tie_word_embeddings": tied,
     }
     return config if vocab is None else {**config, "vocab_size": vocab}
 
@@ -106,15 +110,17 @@ MODELS = {
         "seqlen": 512,
     },
     "llama-0.5b": {
-        "label": "random-init Llama, hidden 1024, MLP 2816, 22 layers, 16/4 heads, vocab 128256",
-        "base": {"config": llama(1024, 2816, 22, 16, 4, 128256)},
+        "label": "random-init Llama in Qwen2.5-0.5B's shape: hidden 896, MLP 4864, 24 layers, 14/2 heads, "
+        "vocab 151936, tied head",
+        "base": {"config": llama(896, 4864, 24, 14, 2, 151936, tied=True)},
         "method": "rtn",
         "nsamples": 8,
         "seqlen": 256,
     },
     "llama-1b": {
-        "label": "random-init Llama, hidden 2048, MLP 4096, 14 layers, 32/8 heads, vocab 128256",
-        "base": {"config": llama(2048, 4096, 14, 32, 8, 128256)},
+        "label": "random-init Llama in Llama-3.2-1B's shape: hidden 2048, MLP 8192, 16 layers, 32/8 heads, "
+        "vocab 128256, tied head",
+        "base": {"config": llama(2048, 8192, 16, 32, 8, 128256, tied=True)},
         "method": "rtn",
         "nsamples": 8,
         "seqlen": 256,
@@ -183,7 +189,7 @@ def worker_baseline(kind: str, recipe_path: Path) -> dict:
         model.is_loaded_in_4bit = True  # peft then wraps Linear4bit with its bnb LoRA layer, as in QLoRA
     model.to(device)
     lora = LoraConfig(
-        r=m["quant"]["rank"],
+        r=m["adapter"]["rank"],
         lora_alpha=m["adapter"]["alpha"],
         lora_dropout=m["adapter"]["dropout"],
         target_modules=m["quant"]["target_modules"],
@@ -230,9 +236,9 @@ def worker_zero_compensation_quantize(recipe_path: Path) -> dict:
     from projq_train.quant import quantize_weight
     from projq_train.quant.pack import PackedWeight
 
-    def rtn_zero(W, H, cfg):
+    def rtn_zero(W, H, cfg, rank):
         qw = quantize_weight(W.float(), H, "rtn", cfg.bits, cfg.group_size, 0, 0)
-        zeros = W.new_zeros(W.shape[0], cfg.rank), W.new_zeros(cfg.rank, W.shape[1])
+        zeros = W.new_zeros(W.shape[0], rank), W.new_zeros(rank, W.shape[1])
         return calibrate.QuantizedModule(PackedWeight.from_quantized(qw), *zeros)
 
     calibrate.quantize_module = rtn_zero
@@ -272,7 +278,6 @@ def quant_settings(args, name: str) -> tuple[dict, dict]:
         "method": args.method or spec["method"],
         "bits": args.bits,
         "group_size": args.group_size,
-        "rank": args.rank,
         "target_modules": TARGETS,
     }
     calibration = {
@@ -293,6 +298,7 @@ def write_recipes(args, name: str, device: str) -> tuple[Path, dict[str, Path]]:
     quantize = {
         "model": base,
         "quant": quant,
+        "adapter": {"rank": args.rank},
         "calibration": calibration,
         "artifact_dir": artifacts,
         "device": device,
@@ -321,7 +327,7 @@ def write_recipes(args, name: str, device: str) -> tuple[Path, dict[str, Path]]:
             "model": {
                 "base": base,
                 "quant": quant,
-                "adapter": {"init": "projq", "alpha": args.alpha, "dropout": 0.0},
+                "adapter": {"rank": args.rank, "init": "compensation", "alpha": args.alpha, "dropout": 0.0},
                 "calibration": calibration,
                 "artifact_dir": artifacts,
                 "optimizer": {
@@ -488,7 +494,7 @@ def bench_model(args, runner: Runner, name: str, device: str, rows: list[dict], 
         "params": param_count(MODELS[name]["base"]),
         "device": device,
         "steps": args.steps,
-        "quant": {k: v for k, v in quant.items() if k != "target_modules"},
+        "quant": {**{k: v for k, v in quant.items() if k != "target_modules"}, "rank": args.rank},
         "calibration": calibration,
         "lr": args.lr,
         "alpha": args.alpha,

@@ -104,11 +104,9 @@ def main() -> None:
         for rank in args.ranks:
             for name in args.variants:
                 model.load_state_dict(fp_state)
-                cfg = QuantConfig(
-                    bits=bits, group_size=args.group_size, rank=rank, iters=args.iters, **VARIANTS[name]
-                )
+                cfg = QuantConfig(bits=bits, group_size=args.group_size, iters=args.iters, **VARIANTS[name])
                 t0 = time.perf_counter()
-                modules, reports = quantize_model(model, ids, cfg, progress=False)
+                modules, reports = quantize_model(model, ids, cfg, rank, progress=False)
                 wall = time.perf_counter() - t0
                 n = len(reports)
                 row = {

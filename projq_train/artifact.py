@@ -71,7 +71,7 @@ from projq_train.weights import (
 )
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 3  # 1: unpacked uint8 codes; 2: packed GPTQ layout; 3: self-contained
+FORMAT_VERSION = 4  # 1: unpacked uint8 codes; 2: packed GPTQ layout; 3: self-contained; 4: adapter.rank
 TENSORS = "quantized.safetensors"
 FLOAT_TENSORS = "float.safetensors"
 TOKENIZER = "tokenizer"
@@ -86,6 +86,12 @@ def artifact_hash(base_identity: str, calibration_ids: Tensor, settings: dict[st
     h.update(calibration_ids.to(torch.int64).contiguous().numpy().tobytes())
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
+    """What the artifact hash and metadata record of how it was quantized: ``quant`` and the
+    adapter rank its error is shaped and compensated for."""
+    return {**asdict(quant), "rank": rank}
 
 
 def artifact_path(root: str | Path, full_hash: str) -> Path:
@@ -317,6 +323,7 @@ def base_tokenizer(model_cfg: ModelConfig, artifact_dir: str | Path) -> Any:
 def find_or_quantize(
     model_cfg: ModelConfig,
     quant: QuantConfig,
+    rank: int,
     calibration: CalibrationConfig,
     artifact_dir: str | Path,
     device: torch.device,
@@ -334,14 +341,14 @@ def find_or_quantize(
         tokenizer = base_tokenizer(model_cfg, artifact_dir)
     ids = calibration_tokens(calibration, tokenizer)
     identity = base_identity(model_cfg)
-    full_hash = artifact_hash(identity, ids, asdict(quant))
+    full_hash = artifact_hash(identity, ids, quantization_settings(quant, rank))
     if (existing := find_artifact(artifact_dir, full_hash)) is not None:
         log.info("artifact %s already exists for this model, calibration and settings; reusing it", existing)
         return existing
     config = model_config(model_cfg)
     release_freed_memory()  # parsing a GGUF config leaves freed memory behind
     skeleton = build_skeleton(config, getattr(torch, model_cfg.dtype))
-    check_model_settings(skeleton, quant)
+    check_model_settings(skeleton, quant, rank)
     waited = 0.0
     while wait:
         if waited % 60 < poll_seconds:
@@ -359,7 +366,7 @@ def find_or_quantize(
             source = weight_source(model_cfg, skeleton)
             release_freed_memory()
             modules, reports = quantize_model(
-                skeleton, ids, quant, device, calibration.batch_size, source=source
+                skeleton, ids, quant, rank, device, calibration.batch_size, source=source
             )
             skeleton.tie_weights()  # a tied head is the embedding again, stored once
             floats = float_tensors(skeleton, source, set(modules))
@@ -369,6 +376,7 @@ def find_or_quantize(
             "recipe": {
                 "model": asdict(model_cfg),
                 "quant": asdict(quant),
+                "adapter": {"rank": rank},
                 "calibration": asdict(calibration),
             },
             "calibration_tokens": list(ids.shape),

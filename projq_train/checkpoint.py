@@ -31,7 +31,13 @@ from peft import PeftModel
 from torch import Tensor, nn
 
 from projq_train.artifact import load_quantized_model
-from projq_train.config import AdapterConfig, CalibrationConfig, ModelConfig, QuantConfig
+from projq_train.config import (
+    AdapterConfig,
+    CalibrationConfig,
+    ModelConfig,
+    QuantConfig,
+    renamed_settings,
+)
 from projq_train.integrity import verify_checkpoint
 from projq_train.lora import attach_adapters
 from projq_train.weights import first_nonfinite
@@ -108,6 +114,7 @@ def read_fit_checkpoint(ckpt_path: str | Path, artifact_dir: str | Path | None =
     hp, base_id = ckpt.get("hyper_parameters", {}), ckpt.get("projq", {}).get("base_id")
     if base_id is None or "base" not in hp:
         raise ValueError(f"{ckpt_path} is not a projq-train fit checkpoint")
+    check_current_settings(ckpt, ckpt_path)
     if base_id.startswith("nf4-"):
         raise ValueError(
             f"{ckpt_path} was trained on an NF4 (bitsandbytes) base; export supports rtn/gptq/projq"
@@ -137,8 +144,8 @@ def read_fit_checkpoint(ckpt_path: str | Path, artifact_dir: str | Path | None =
 def build_trained(ckpt: FitCheckpoint) -> Trained:
     """The packed base of the checkpoint's artifact plus its trained adapters."""
     model, tokenizer, _, _ = load_quantized_model(ckpt.artifact)
-    q = ckpt.quant
-    peft_model = attach_adapters(model, q.target_modules, q.rank, ckpt.adapter.alpha, ckpt.adapter.dropout)
+    targets, adapter = ckpt.quant.target_modules, ckpt.adapter
+    peft_model = attach_adapters(model, targets, adapter.rank, adapter.alpha, adapter.dropout)
     missing = [k for k in peft_model.state_dict() if ".lora_" in k and k not in ckpt.adapter_state]
     if missing:
         raise ValueError(f"{ckpt.path} lacks adapter weights {missing[:3]} ({len(missing)} in all)")
@@ -151,6 +158,15 @@ def build_trained(ckpt: FitCheckpoint) -> Trained:
 def load_trained(ckpt_path: str | Path, artifact_dir: str | Path | None = None) -> Trained:
     """:func:`build_trained` of :func:`read_fit_checkpoint`."""
     return build_trained(read_fit_checkpoint(ckpt_path, artifact_dir))
+
+
+def check_current_settings(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint written with settings renamed since (its artifact format is older too)."""
+    if old := renamed_settings(checkpoint.get("hyper_parameters", {})):
+        raise ValueError(
+            f"{path} was written by an earlier projq-train ({'; '.join(old)}); this version does not "
+            f"read its quantized base: fine-tune again, or use the release that wrote it"
+        )
 
 
 def newest_last_checkpoint(dirs: list[Path]) -> Path | None:

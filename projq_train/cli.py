@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import re
 import sys
 from importlib import import_module
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import NoReturn
 import jsonargparse
 from jsonargparse import Namespace
 
-from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
+from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig, renamed_setting_hint
 from projq_train.quiet import silence_known_noise
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
@@ -50,16 +51,64 @@ SUBCOMMAND_HELP = {
 }
 
 
+# where jsonargparse's messages name a setting it refused (and the value, for a bad choice)
+UNKNOWN_SETTING = (
+    re.compile(r"unrecognized arguments: --(?P<key>[\w.]+)"),
+    re.compile(r"Group '(?P<group>[\w.]+)' does not accept option '(?P<key>[\w.]+)'"),
+    re.compile(r"Subcommand '\w+' does not accept option '(?P<key>[\w.]+)'"),
+    re.compile(
+        r'Parser key "(?P<key>[\w.]+)":\s+Expected a typing\.Literal.*Got value: (?P<value>\S+)',
+        re.S,
+    ),
+)
+
+
+def parser_keys(parser: jsonargparse.ArgumentParser) -> list[str]:
+    """Every setting ``parser`` and its subcommands' parsers accept, e.g. ``model.quant.bits``."""
+    keys, parsers = [], [parser]
+    while parsers:
+        p = parsers.pop()
+        for action in p._actions:  # jsonargparse lists nested settings only here
+            if getattr(action, "_name_parser_map", None):  # subcommands
+                parsers += action._name_parser_map.values()
+            elif action.dest and action.dest not in ("help", "config"):
+                keys.append(action.dest)
+    return keys
+
+
+def setting_hint(parser: jsonargparse.ArgumentParser, message: str) -> str:
+    """For an error about one setting: the setting's new name if it was renamed, else the
+    closest setting the parser accepts (``"; did you mean model.quant.bits?"``), else ``""``."""
+    for pattern in UNKNOWN_SETTING:
+        if (found := pattern.search(message)) is None:
+            continue
+        found = found.groupdict()
+        key = f"{found['group']}.{found['key']}" if found.get("group") else found["key"]
+        if hint := renamed_setting_hint(key, found.get("value")):
+            return f"; {hint}"
+        if "value" in found:  # a value that is not one of the choices: the message lists them
+            return ""
+        keys, (parent, _, name) = parser_keys(parser), key.rpartition(".")
+        siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+        if close := difflib.get_close_matches(name, siblings, n=1, cutoff=0.75):  # a misspelled name
+            return f"; did you mean {siblings[close[0]]}?"
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.9)  # a misspelled section
+        return f"; did you mean {close[0]}?" if close else ""
+    return ""
+
+
 def error_line_first(
     parser: jsonargparse.ArgumentParser, message: str, ex: Exception | None = None
 ) -> NoReturn:
-    """A bad option or setting: its error line first and a pointer to ``--help``, not the usage."""
+    """A bad option or setting: its error line first (with the new name of a renamed setting, or
+    the closest setting for a misspelled one) and a pointer to ``--help``, not the usage."""
     if not parser.exit_on_error:  # jsonargparse trying alternatives: it catches this
         jsonargparse.ArgumentParser.error(parser, message, ex)
+    hint = setting_hint(parser, message)
     parser = getattr(ex, "subcommand_parser", None) or parser
     prog = parser.prog.replace(" [options]", "")
     prog = f"{prog} <subcommand>" if prog == "projq-train" else prog  # the root parser's error
-    sys.stderr.write(f"error: {message}\n({prog} --help lists every option)\n")
+    sys.stderr.write(f"error: {message}{hint}\n({prog} --help lists every option)\n")
     sys.exit(2)
 
 
@@ -88,6 +137,13 @@ def quantize_parser() -> ArgumentParser:
     parser.add_argument("--config", action="config", help="recipe YAML")
     parser.add_class_arguments(ModelConfig, "model")
     parser.add_class_arguments(QuantConfig, "quant")
+    parser.add_argument(
+        "--adapter.rank",
+        type=int,
+        default=32,
+        help="rank of the adapters the artifact is made for: the quantizer shapes its error for, and "
+        "computes its compensation at, this rank (0: no compensation)",
+    )
     parser.add_class_arguments(CalibrationConfig, "calibration")
     parser.add_argument("--artifact_dir", type=str, default="artifacts", help="root directory of artifacts")
     parser.add_argument(
@@ -114,8 +170,10 @@ def run_quantize(cfg: Namespace) -> Path:
         raise ValueError(
             "quant.method nf4 is quantized by bitsandbytes when `fit` loads the model; nothing to do"
         )
+    if cfg.adapter.rank < 0:
+        raise ValueError(f"adapter.rank must be >= 0, got {cfg.adapter.rank}")
     device = resolve_device(cfg.device)
-    return find_or_quantize(cfg.model, cfg.quant, cfg.calibration, cfg.artifact_dir, device)
+    return find_or_quantize(cfg.model, cfg.quant, cfg.adapter.rank, cfg.calibration, cfg.artifact_dir, device)
 
 
 def main(argv: list[str] | None = None) -> None:

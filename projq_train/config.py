@@ -7,6 +7,32 @@ from typing import Any, Literal
 
 SUPPORTED_BITS = (2, 3, 4)  # bit widths of the packed weights (projq_train.quant.pack)
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# settings renamed since the first release (keys under ``model.`` in fit recipes): an old name is
+# refused with a pointer to the new one (:func:`renamed_setting_hint`)
+RENAMED_KEYS = {"quant.alpha": "quant.projection_strength", "quant.rank": "adapter.rank"}
+RENAMED_VALUES = {"adapter.init": {"projq": "compensation"}}
+
+
+def renamed_setting_hint(key: str, value: Any = None) -> str | None:
+    """``'quant.alpha is now quant.projection_strength'`` for a renamed ``key`` (with or without
+    the ``model.`` prefix), the same for a renamed ``value`` of ``key``; None for a current one."""
+    short = key.removeprefix("model.")
+    prefix = key[: len(key) - len(short)]
+    if short in RENAMED_KEYS:
+        return f"{key} is now {prefix}{RENAMED_KEYS[short]}"
+    new_value = RENAMED_VALUES.get(short, {}).get(str(value))
+    return None if new_value is None else f"{key}: {value} is now {new_value}"
+
+
+def renamed_settings(model: dict[str, Any]) -> list[str]:
+    """:func:`renamed_setting_hint` of every setting in a ``model`` section (nested dicts)."""
+    return [
+        hint
+        for section, values in model.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+        if (hint := renamed_setting_hint(f"{section}.{key}", value))
+    ]
 
 
 @dataclass
@@ -46,14 +72,13 @@ class QuantConfig:
     """Bits per weight: 2, 3 or 4."""
     group_size: int = 128
     """Input columns sharing one scale/zero point; -1 for one group per output row."""
-    rank: int = 32
-    """Rank of the low-rank compensation (the LoRA rank); 0 disables it."""
     iters: int = 5
     """ProjQ projection rounds after the initial GPTQ."""
     tol: float = 1e-3
     """ProjQ early stop: relative tail improvement (and subspace movement) below this stops."""
-    alpha: float = 1.0
-    """ProjQ projection strength in ``paper`` mode (1.0 is the paper's algorithm)."""
+    projection_strength: float = 1.0
+    """ProjQ in ``paper`` mode: how far the Hessian is projected onto the complement of the error's
+    top-r subspace (1.0 is the paper's algorithm, 0.0 plain GPTQ)."""
     mode: Literal["paper", "refresh"] = "paper"
     """ProjQ loop: ``paper`` re-runs GPTQ against the projected Hessian; ``refresh`` quantizes
     ``W − L`` with ``L`` the current best rank-r compensation, starting from the top-r part of W."""
@@ -77,10 +102,10 @@ class QuantConfig:
             raise ValueError(f"quant.bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"quant.group_size must be positive or -1, got {self.group_size}")
-        if self.rank < 0 or self.iters < 0:
-            raise ValueError(f"quant.rank and quant.iters must be >= 0, got {self.rank} and {self.iters}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"quant.alpha must be in [0, 1], got {self.alpha}")
+        if self.iters < 0:
+            raise ValueError(f"quant.iters must be >= 0, got {self.iters}")
+        if not 0.0 <= self.projection_strength <= 1.0:
+            raise ValueError(f"quant.projection_strength must be in [0, 1], got {self.projection_strength}")
         if self.method == "nf4" and self.bits != 4:
             raise ValueError(f"quant.method nf4 is a 4-bit format; set quant.bits: 4 (got {self.bits})")
         unknown = sorted(set(self.target_modules) - set(DEFAULT_TARGETS))
@@ -118,19 +143,24 @@ class CalibrationConfig:
 
 @dataclass
 class AdapterConfig:
-    """The LoRA adapters trained on top of the frozen quantized base (rank = ``quant.rank``,
-    on the modules in ``quant.target_modules``)."""
+    """The LoRA adapters trained on top of the frozen quantized base, on the modules in
+    ``quant.target_modules``."""
 
-    init: Literal["projq", "standard"] = "projq"
-    """``projq``: start from the quantizer's low-rank compensation of ``W − Q`` (for every
-    ``quant.method`` but nf4), so step 0 computes ``Q + BA``; ``standard``: peft's QLoRA init
-    (``B = 0``), step 0 computes ``Q``."""
+    rank: int = 32
+    """LoRA rank. The quantizer shapes its error for, and computes its compensation at, this rank,
+    so it is part of the quantization artifact too; ``quantize`` with 0 makes no compensation."""
+    init: Literal["compensation", "standard"] = "compensation"
+    """``compensation``: start from the quantizer's low-rank compensation of ``W − Q`` (every
+    ``quant.method`` but nf4 computes one), so step 0 computes ``Q + BA``; ``standard``: peft's
+    QLoRA init (``B = 0``), step 0 computes ``Q``."""
     alpha: float = 16.0
     """LoRA scaling numerator: the update is ``alpha / rank · B A``."""
     dropout: float = 0.05
     """Dropout on the adapter's input during training."""
 
     def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"adapter.rank must be >= 0, got {self.rank}")
         if self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(
                 f"adapter.alpha must be > 0 and dropout in [0, 1), got {self.alpha}, {self.dropout}"
@@ -139,16 +169,17 @@ class AdapterConfig:
 
 def check_adapter_settings(quant: QuantConfig, adapter: AdapterConfig) -> None:
     """Combinations of quantization and adapter settings that cannot work."""
-    if quant.rank == 0:
-        raise ValueError("quant.rank is the adapter rank; it must be > 0 to fine-tune")
-    if adapter.init == "projq" and quant.method == "nf4":
+    if adapter.rank == 0:
+        raise ValueError("adapter.rank must be > 0 to fine-tune")
+    if adapter.init == "compensation" and quant.method == "nf4":
         raise ValueError(
-            "adapter.init projq needs a compensation from rtn/gptq/projq; use `standard` with nf4"
+            "adapter.init compensation needs a compensation from rtn/gptq/projq; use `standard` with nf4"
         )
     if adapter.init == "standard" and quant.method == "projq" and quant.mode == "refresh":
         raise ValueError(
-            "quant.mode refresh moves the weight's dominant rank-r part into the adapter, so Q alone is far "
-            "from W; it needs adapter.init projq (or use quant.mode paper for a standard-init comparison)"
+            "quant.mode refresh moves the weight's dominant rank-r part into the adapter, so Q alone is "
+            "far from W; it needs adapter.init compensation (or use quant.mode paper for a standard-init "
+            "comparison)"
         )
 
 

@@ -316,10 +316,10 @@ def float_tensor_bytes(shape: ModelShape, quant: QuantConfig, weight_bytes: int)
     return weight_bytes * (shape.layers * per_layer + embeddings + shape.hidden)
 
 
-def adapter_parameters(shape: ModelShape, quant: QuantConfig) -> int:
+def adapter_parameters(shape: ModelShape, quant: QuantConfig, rank: int) -> int:
     """LoRA parameters: ``r (in + out)`` per target module and layer."""
     linears = shape.linears()
-    return shape.layers * sum(quant.rank * (linears[n][0] + linears[n][1]) for n in quant.target_modules)
+    return shape.layers * sum(rank * (linears[n][0] + linears[n][1]) for n in quant.target_modules)
 
 
 def optimizer_state_bytes(optimizer: str, args: dict[str, Any], params: int, param_bytes: int) -> int:
@@ -371,7 +371,7 @@ def _adapter_input_bytes(
             kept += n * width * seen
         elif group != ("o_proj",):
             kept += width * a_in
-    return kept, n_targets * quant.rank * seen
+    return kept, n_targets * adapter.rank * seen
 
 
 def layer_activation_bytes(
@@ -433,14 +433,14 @@ def activation_bytes(
     norm = FP32 * h + FP32  # an RMSNorm's fp32 input and rsqrt
     casts = 0
     if num.autocast:
-        casts = adapter_parameters(shape, quant) * HALF if num.adapter != HALF else 0
+        casts = adapter_parameters(shape, quant, adapter.rank) * HALF if num.adapter != HALF else 0
         if num.weights != HALF:
             casts += shape.layers * shape.float_linear_elements(quant.target_modules) * HALF
     if gradient_checkpointing:  # the casts happen inside the checkpointed layers: recomputed
         return t * (shape.layers * h * num.stream + norm), t * per_layer + casts // shape.layers
     # the first layer's q/k/v input needs no gradient: no dropout mask, no copy of lora_A's weight
     n_qkv = sum(name in quant.target_modules for name in SEQUENTIAL_GROUPS[0])
-    first = t * norm + (n_qkv * quant.rank * h * HALF if casts else 0)
+    first = t * norm + (n_qkv * adapter.rank * h * HALF if casts else 0)
     if adapter.dropout > 0:
         first += t * n_qkv * h * num.mask(num.stream if num.autocast else num.adapter)
     rotary = 2 * fit.seq_len * shape.head_dim * num.stream  # cos, sin (1, T, head_dim), shared by layers
@@ -459,7 +459,7 @@ def estimate_fit(
 ) -> MemoryEstimate:
     """Peak of one training step of one process (``dtype``: ``model.base.dtype``)."""
     num = numerics(fit.precision, dtype, fit.on_gpu)
-    params = adapter_parameters(shape, quant)
+    params = adapter_parameters(shape, quant, adapter.rank)
     shards = max(1, fit.shards)
     kept, recompute = activation_bytes(shape, quant, adapter, num, fit, fit.gradient_checkpointing)
     components = {
@@ -504,14 +504,15 @@ def estimate_fit(
 def estimate_quantize(
     shape: ModelShape,
     quant: QuantConfig,
+    rank: int,
     calibration: CalibrationConfig,
     dtype: str,
     on_gpu: bool,
     runtime: int = RUNTIME_BASELINE_BYTES,
 ) -> MemoryEstimate:
-    """Peak of the streamed quantization (``dtype``: the recipe dtype the layers are read into;
-    ``runtime``: the process's baseline, :data:`QUANTIZE_RUNTIME_BYTES` for ``projq-train quantize``,
-    the default for quantizing at ``fit`` setup).
+    """Peak of the streamed quantization for adapters of rank ``rank`` (``dtype``: the recipe dtype
+    the layers are read into; ``runtime``: the process's baseline, :data:`QUANTIZE_RUNTIME_BYTES`
+    for ``projq-train quantize``, the default for quantizing at ``fit`` setup).
 
     One decoder layer's float weights; for the module whose quantization holds the most, fp32
     working copies of its weight, the Hessians of its group and the work matrices (fp64 on CPU,
@@ -525,7 +526,7 @@ def estimate_quantize(
         host = {"runtime": runtime, "float_model": shape.parameters() * w}
         return MemoryEstimate("quantize", on_gpu, {}, host, {"note": "nf4: the float model is loaded whole"})
     work_bytes = FP32 if on_gpu else 8
-    n_work = HESSIAN_WORK_MATRICES[quant.method] if quant.rank > 0 else 1
+    n_work = HESSIAN_WORK_MATRICES[quant.method] if rank > 0 else 1
     hessians, working = 0, 0
     for group in SEQUENTIAL_GROUPS if quant.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),):
         members = [n for n in group if n in quant.target_modules]
@@ -546,7 +547,7 @@ def estimate_quantize(
     }
     results = shape.layers * sum(
         packed_linear_bytes(linears[n][0], linears[n][1], quant.bits, quant.group_size)
-        + quant.rank * (linears[n][0] + linears[n][1]) * FP32
+        + rank * (linears[n][0] + linears[n][1]) * FP32
         for n in quant.target_modules
     )
     # the embeddings are dropped once the first layer's inputs exist; at the end every float
@@ -767,6 +768,7 @@ def parse_fit(argv: list[str]) -> tuple[dict[str, Any], Any]:
         shards=_world_size(cfg.trainer) if "fsdp" in strategy else 1,
     )
     recipe = {"base": base, "quant": quant, "adapter": adapter, "calibration": calibration, "fit": fit}
+    recipe["rank"] = adapter.rank
     recipe["device"] = f"trainer.accelerator {device}"
     return recipe, cfg
 
@@ -783,6 +785,7 @@ def parse_quantize(argv: list[str]) -> tuple[dict[str, Any], Any]:
         "base": ModelConfig(**cfg.model.as_dict()),
         "quant": QuantConfig(**cfg.quant.as_dict()),
         "calibration": CalibrationConfig(**cfg.calibration.as_dict()),
+        "rank": cfg.adapter.rank,
     }
     recipe["on_gpu"], device = _on_gpu(cfg.device, "--device cuda")
     recipe["device"] = f"device {device}"
@@ -899,7 +902,7 @@ def run(argv: list[str]) -> tuple[dict[str, Any], bool]:
             "description": shape.describe(),
         },
         "quant_summary": (
-            f"{quant.method} {quant.bits}-bit, group {quant.group_size}, rank {quant.rank} on "
+            f"{quant.method} {quant.bits}-bit, group {quant.group_size}, rank {recipe['rank']} on "
             f"{', '.join(quant.target_modules)}"
         ),
         "device": recipe["device"],
@@ -917,7 +920,7 @@ def run(argv: list[str]) -> tuple[dict[str, Any], bool]:
         )
     runtime = QUANTIZE_RUNTIME_BYTES if quantize_only else RUNTIME_BASELINE_BYTES
     result["quantize"] = estimate_quantize(
-        shape, quant, recipe["calibration"], base.dtype, on_gpu, runtime
+        shape, quant, recipe["rank"], recipe["calibration"], base.dtype, on_gpu, runtime
     ).as_dict()
     if cfg.device_memory is not None:
         budget = parse_memory(cfg.device_memory)

@@ -152,10 +152,11 @@ def export_quantized(
     """Quantize the merged model again (no adapter) and write the GPTQ layout; returns the loaded export."""
     model = merged_model(trained, torch.float32)
     quant = QuantConfig(
-        method=method, bits=bits, group_size=group_size, rank=0, target_modules=trained.quant.target_modules
+        method=method, bits=bits, group_size=group_size, target_modules=trained.quant.target_modules
     )
     ids = calibration_tokens(trained.calibration, trained.tokenizer)
-    modules, _ = quantize_model(model, ids, quant, device, trained.calibration.batch_size, progress=False)
+    batch_size = trained.calibration.batch_size
+    modules, _ = quantize_model(model, ids, quant, 0, device, batch_size, progress=False)
     tensors, seen = {}, set()
     for k, v in model.state_dict().items():  # tied weights (e.g. lm_head = embeddings) are saved once
         if k.removesuffix(".weight") not in modules and v.data_ptr() not in seen:

@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from projq_train.checkpoint import (
     MAY_CHANGE,
+    check_current_settings,
     identity_differences,
     newest_last_checkpoint,
     read_checkpoint_file,
@@ -84,6 +85,7 @@ class ProjQCLI(LightningCLI):
         try:
             checkpoint = read_checkpoint_file(path)
             verify_checkpoint(checkpoint, path)
+            check_current_settings(checkpoint, path)
         except ValueError as err:
             self.parser.error(str(err))
         data = settings["data"].get("init_args", {}) if isinstance(settings.get("data"), dict) else {}

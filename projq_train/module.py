@@ -93,11 +93,13 @@ def prepare_model(
         swap_in_nf4(model, quant.target_modules, getattr(torch, model_cfg.dtype), device)
         modules = {}
     else:
-        path = find_or_quantize(model_cfg, quant, calibration, artifact_dir, device, tokenizer, wait=wait)
+        path = find_or_quantize(
+            model_cfg, quant, adapter.rank, calibration, artifact_dir, device, tokenizer, wait=wait
+        )
         model, _, modules, _ = load_quantized_model(path)
         base_id = path.name
-    peft_model = attach_adapters(model, quant.target_modules, quant.rank, adapter.alpha, adapter.dropout)
-    if adapter.init == "projq":
+    peft_model = attach_adapters(model, quant.target_modules, adapter.rank, adapter.alpha, adapter.dropout)
+    if adapter.init == "compensation":
         init_from_compensation(peft_model, modules)
     return peft_model, base_id
 
@@ -146,7 +148,7 @@ class ProjQModule(L.LightningModule):
 
     Args:
         base: the base model to load (hub name, local path, or a config for a random model).
-        quant: how its linear layers are quantized; ``quant.rank`` is the adapter rank.
+        quant: how its linear layers are quantized.
         adapter: adapter init, alpha and dropout.
         calibration: text for the quantizer's calibration (unused for nf4 or a cached artifact).
         artifact_dir: root of the content-addressed quantization artifacts.

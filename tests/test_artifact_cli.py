@@ -38,7 +38,7 @@ TINY_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny-quantize.yaml"
 
 MODEL = ModelConfig(config=TINY["llama"])
 CALIB = CalibrationConfig(nsamples=4, seqlen=64)
-QUANT = QuantConfig(method="projq", bits=3, group_size=32, rank=8, iters=2)
+QUANT, RANK = QuantConfig(method="projq", bits=3, group_size=32, iters=2), 8
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def streamed(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(calibrate, "materialize", counting)
         mp.setattr(artifact, "quantize_model", spy)
-        path = find_or_quantize(MODEL, QUANT, CALIB, tmp_path_factory.mktemp("a"), torch.device("cpu"))
+        path = find_or_quantize(MODEL, QUANT, RANK, CALIB, tmp_path_factory.mktemp("a"), torch.device("cpu"))
     return path, held
 
 
@@ -72,7 +72,7 @@ def test_streamed_quantization_holds_one_layer_and_equals_the_in_memory_one(stre
     assert held and max(held) == 1  # never two decoder layers' float weights at once
     model, tok = load_model_and_tokenizer(MODEL)
     ids = calibration_tokens(CALIB, tok)
-    in_memory, _ = quantize_model(model, ids, QUANT, progress=False)
+    in_memory, _ = quantize_model(model, ids, QUANT, RANK, progress=False)
     loaded, meta = load_artifact(path)
     assert meta["codes_layout"] == "gptq-int32-packed" and set(meta["versions"]) >= {"torch", "transformers"}
     assert meta["base_identity"].startswith("random:") and len(loaded) == len(in_memory) == 14
@@ -108,7 +108,7 @@ def test_a_local_safetensors_checkpoint_streams_to_the_same_quantization(streame
     model.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     local = ModelConfig(name_or_path=str(tmp_path / "base"))
-    path = find_or_quantize(local, QUANT, CALIB, tmp_path / "a", torch.device("cpu"))
+    path = find_or_quantize(local, QUANT, RANK, CALIB, tmp_path / "a", torch.device("cpu"))
     modules, meta = load_artifact(path)
     assert meta["base_identity"].startswith("files:")
     for name, qm in load_artifact(streamed[0])[0].items():
@@ -120,7 +120,7 @@ def test_a_local_safetensors_checkpoint_streams_to_the_same_quantization(streame
 
 def test_a_tied_head_is_stored_once_and_tied_again(tmp_path):
     tied = ModelConfig(config={**TINY["llama"], "tie_word_embeddings": True})
-    path = find_or_quantize(tied, QUANT, CALIB, tmp_path, torch.device("cpu"))
+    path = find_or_quantize(tied, QUANT, RANK, CALIB, tmp_path, torch.device("cpu"))
     assert "lm_head.weight" not in load_file(str(path / "float.safetensors"))
     rebuilt, _, modules, _ = load_quantized_model(path)
     assert rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight
@@ -148,7 +148,9 @@ class FloatAllocations(TorchDispatchMode):
 def test_fit_from_an_artifact_never_allocates_a_quantized_linears_float_weight(streamed):
     path, _ = streamed
     with FloatAllocations() as seen:
-        model, base_id = prepare_model(MODEL, QUANT, AdapterConfig(), CALIB, path.parent, torch.device("cpu"))
+        model, base_id = prepare_model(
+            MODEL, QUANT, AdapterConfig(rank=RANK), CALIB, path.parent, torch.device("cpu")
+        )
     assert base_id == path.name
     quantized = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, QuantLinear)}
     assert quantized and not quantized & {s for shape in seen.shapes for s in (shape, shape[::-1])}
@@ -161,9 +163,9 @@ def test_artifact_of_an_older_format_is_refused_with_a_clear_message(streamed, t
     path = tmp_path / "old"
     shutil.copytree(streamed[0], path)
     recorded = json.loads((path / "metadata.json").read_text())
-    recorded["format_version"] = 2
+    recorded["format_version"] = 3
     (path / "metadata.json").write_text(json.dumps(recorded))
-    with pytest.raises(ValueError, match="artifact format 2 is not 3.*quantize again"):
+    with pytest.raises(ValueError, match="artifact format 3 is not 4.*quantize again"):
         load_artifact(path)
 
 
@@ -280,7 +282,7 @@ def test_partial_or_foreign_folders_and_stale_temporaries_never_block_a_write(st
     (tmp_path / name).mkdir(parents=True)
     (tmp_path / name / "notes.txt").write_text("not an artifact")  # a partial or foreign folder
     (tmp_path / f".{name}.tmp-killed").mkdir()  # left by a writer killed mid-way
-    path = find_or_quantize(MODEL, QUANT, CALIB, tmp_path, torch.device("cpu"))
+    path = find_or_quantize(MODEL, QUANT, RANK, CALIB, tmp_path, torch.device("cpu"))
     full_hash = json.loads((path / "metadata.json").read_text())["hash"]
     assert path == tmp_path / name and find_artifact(tmp_path, full_hash) == path
     assert not list(tmp_path.glob(f".{name}.tmp-*"))
@@ -304,7 +306,9 @@ def test_two_processes_wanting_one_artifact_quantize_it_once(tmp_path, monkeypat
     monkeypatch.setattr(artifact, "quantize_model", slow)
     paths = []
     workers = [
-        threading.Thread(target=lambda: paths.append(find_or_quantize(MODEL, QUANT, CALIB, tmp_path, "cpu")))
+        threading.Thread(
+            target=lambda: paths.append(find_or_quantize(MODEL, QUANT, RANK, CALIB, tmp_path, "cpu"))
+        )
         for _ in range(2)
     ]
     for w in workers:
@@ -316,20 +320,20 @@ def test_two_processes_wanting_one_artifact_quantize_it_once(tmp_path, monkeypat
 
 
 def test_tiny_quantize_recipe_makes_the_artifact_the_tiny_fit_recipe_uses():
-    from dataclasses import asdict
-
     from projq_train.models import byte_tokenizer
 
-    def artifact_of(model: dict, quant: dict, calibration: dict) -> str:
+    def artifact_of(model: dict, quant: dict, rank: int, calibration: dict) -> str:
         ids = calibration_tokens(CalibrationConfig(**calibration), byte_tokenizer())
         identity = weights.base_identity(ModelConfig(**model))
-        return artifact.artifact_hash(identity, ids, asdict(QuantConfig(**quant)))
+        return artifact.artifact_hash(
+            identity, ids, artifact.quantization_settings(QuantConfig(**quant), rank)
+        )
 
     made = yaml.safe_load(TINY_RECIPE.read_text())
     used = yaml.safe_load((TINY_RECIPE.parent / "tiny-cpu.yaml").read_text())["model"]
-    assert artifact_of(made["model"], made["quant"], made["calibration"]) == artifact_of(
-        used["base"], used["quant"], used["calibration"]
-    )
+    assert artifact_of(
+        made["model"], made["quant"], made["adapter"]["rank"], made["calibration"]
+    ) == artifact_of(used["base"], used["quant"], used["adapter"]["rank"], used["calibration"])
     assert made["artifact_dir"] == used["artifact_dir"]
 
 

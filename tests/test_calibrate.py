@@ -32,7 +32,7 @@ def test_step0_adapter_is_closer_to_float_than_quantized(tiny_model_config, meth
     with torch.no_grad():
         ref = model(held_out).logits
     modules, reports = quantize_model(
-        model, ids, QuantConfig(method=method, bits=3, group_size=32, rank=8), progress=False
+        model, ids, QuantConfig(method=method, bits=3, group_size=32), 8, progress=False
     )
     assert len(modules) == len(reports) == 14  # 2 layers x 7 linears
     # the model now computes Q + BA; with Q alone it is further from the float model
@@ -48,11 +48,11 @@ def test_step0_adapter_is_closer_to_float_than_quantized(tiny_model_config, meth
 
 def test_calibration_feeds_quantized_outputs_forward():
     """Layer 1 is calibrated on the outputs of the already-quantized layer 0, not the float one."""
-    cfg = QuantConfig(method="gptq", bits=2, group_size=32, rank=0)
+    cfg = QuantConfig(method="gptq", bits=2, group_size=32)
     fp, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
     qmodel, _ = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
     ids = calibration_tokens(CalibrationConfig(nsamples=8, seqlen=64), tok)
-    modules, _ = quantize_model(qmodel, ids, cfg, progress=False)
+    modules, _ = quantize_model(qmodel, ids, cfg, 0, progress=False)
 
     def layer1_q_hessian(model):
         inputs, kwargs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=8)
@@ -87,15 +87,18 @@ def test_unsupported_architecture_is_refused():
 )
 def test_impossible_settings_fail_before_calibration(quant, message):
     model, _ = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    rank = quant.pop("rank", 32)
     with pytest.raises(ValueError, match=message):
-        quantize_model(model, torch.empty(0, 64, dtype=torch.long), QuantConfig(**quant), progress=False)
+        quantize_model(
+            model, torch.empty(0, 64, dtype=torch.long), QuantConfig(**quant), rank, progress=False
+        )
 
 
 def test_empty_calibration_set(tmp_path):
     model, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
     with pytest.raises(ValueError, match="calibration set is empty"):
         quantize_model(
-            model, torch.empty(0, 64, dtype=torch.long), QuantConfig(group_size=32, rank=8), progress=False
+            model, torch.empty(0, 64, dtype=torch.long), QuantConfig(group_size=32), 8, progress=False
         )
     empty = tmp_path / "empty.json"
     empty.write_text("[]")

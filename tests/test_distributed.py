@@ -143,7 +143,7 @@ def test_fsdp_resumes_an_optimizer_without_state_exactly(tmp_path):
 
 def test_waiting_rank_loads_the_artifact_rank_0_writes(tmp_path, monkeypatch):
     mcfg = ModelConfig(config=TINY["llama"])
-    quant = QuantConfig(method="rtn", bits=4, group_size=32, rank=4)
+    quant = QuantConfig(method="rtn", bits=4, group_size=32)
     calib = CalibrationConfig(nsamples=2, seqlen=32)
     found, polled = {}, threading.Event()
     real_find = artifact.find_artifact
@@ -162,14 +162,14 @@ def test_waiting_rank_loads_the_artifact_rank_0_writes(tmp_path, monkeypatch):
 
     def waiter():
         found["path"] = artifact.find_or_quantize(
-            mcfg, quant, calib, tmp_path, torch.device("cpu"), wait=True, poll_seconds=0.05
+            mcfg, quant, 4, calib, tmp_path, torch.device("cpu"), wait=True, poll_seconds=0.05
         )
 
     thread = threading.Thread(target=waiter)
     thread.start()
     assert polled.wait(timeout=60)
     assert thread.is_alive() and not list(tmp_path.iterdir())  # it polled, it did not quantize
-    made_path = artifact.find_or_quantize(mcfg, quant, calib, tmp_path, torch.device("cpu"))
+    made_path = artifact.find_or_quantize(mcfg, quant, 4, calib, tmp_path, torch.device("cpu"))
     thread.join(timeout=60)
     assert found["path"] == made_path
 

@@ -77,7 +77,7 @@ def run_estimate(capsys, *args: str) -> str:
     ],
 )
 def test_sizes_equal_the_buffers_and_parameters_of_a_real_model(family, bits, group_size, targets):
-    quant = QuantConfig(bits=bits, group_size=group_size, rank=8, target_modules=targets)
+    quant = QuantConfig(bits=bits, group_size=group_size, target_modules=targets)
     model = tiny_packed_model(family, quant)
     shape = shape_of(family)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -86,9 +86,9 @@ def test_sizes_equal_the_buffers_and_parameters_of_a_real_model(family, bits, gr
     biases = [m.bias for m in layers if m.bias is not None]
     floats = sum(t.numel() * t.element_size() for t in [*model.parameters(), *biases])
     assert floats == E.float_tensor_bytes(shape, quant, weight_bytes=4)
-    adapted = attach_adapters(model, quant.target_modules, quant.rank, alpha=16.0, dropout=0.0)
+    adapted = attach_adapters(model, quant.target_modules, 8, alpha=16.0, dropout=0.0)
     trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
-    assert trainable == E.adapter_parameters(shape, quant)
+    assert trainable == E.adapter_parameters(shape, quant, 8)
 
 
 def test_parameter_count_of_llama2_7b():
@@ -130,10 +130,10 @@ def saved_tensor_bytes(model: nn.Module, input_ids, attention_mask, autocast: bo
 )
 def test_activations_match_what_autograd_keeps(family, precision, packing, dropout, checkpointing):
     B, T = 2, 64
-    quant = QuantConfig(bits=3, group_size=32, rank=8)
-    adapter = AdapterConfig(dropout=dropout)
+    quant = QuantConfig(bits=3, group_size=32)
+    adapter = AdapterConfig(rank=8, dropout=dropout)
     model = tiny_packed_model(family, quant)
-    model = attach_adapters(model, quant.target_modules, quant.rank, adapter.alpha, adapter.dropout)
+    model = attach_adapters(model, quant.target_modules, adapter.rank, adapter.alpha, adapter.dropout)
     use_lean_mlps(model)  # as the training module does
     model.get_base_model().lm_head = nn.Identity()  # the chunked loss takes the hidden states
     if precision == "bf16-true":

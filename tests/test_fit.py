@@ -30,20 +30,22 @@ CALIB = CalibrationConfig(nsamples=4, seqlen=64)
 
 
 def tiny_quant(**overrides) -> QuantConfig:
-    return QuantConfig(**{"method": "projq", "bits": 3, "group_size": 32, "rank": 8, "iters": 1, **overrides})
+    return QuantConfig(**{"method": "projq", "bits": 3, "group_size": 32, "iters": 1, **overrides})
 
 
-@pytest.mark.parametrize("init", ["projq", "standard"])
+@pytest.mark.parametrize("init", ["compensation", "standard"])
 def test_step0_model_is_the_quantized_model_plus_its_compensation(tmp_path, init):
     base = ModelConfig(config=TINY["llama"])
     model, base_id = prepare_model(
-        base, tiny_quant(), AdapterConfig(init=init, alpha=8.0), CALIB, tmp_path, torch.device("cpu")
+        base, tiny_quant(), AdapterConfig(rank=8, init=init, alpha=8.0), CALIB, tmp_path, torch.device("cpu")
     )
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
     from projq_train.artifact import load_artifact
 
     modules, meta = load_artifact(tmp_path / base_id)
-    reference = apply_quantized(load_model_and_tokenizer(base)[0], modules, with_adapter=init == "projq")
+    reference = apply_quantized(
+        load_model_and_tokenizer(base)[0], modules, with_adapter=init == "compensation"
+    )
     ids = torch.randint(0, 259, (2, 24))
     model.eval()
     with torch.no_grad():
@@ -60,7 +62,7 @@ def test_loss_decreases_when_overfitting_a_small_set(tmp_path, monkeypatch):
     module = ProjQModule(
         ModelConfig(config={**TINY["llama"], "initializer_range": 0.25}),
         tiny_quant(),
-        AdapterConfig(dropout=0.0),
+        AdapterConfig(rank=8, dropout=0.0),
         CALIB,
         artifact_dir=str(tmp_path),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
@@ -111,7 +113,7 @@ def fit_args(root: Path, steps: int) -> list[str]:
         "--model.calibration.nsamples=4",
         "--model.calibration.seqlen=64",
         "--model.quant.iters=1",
-        "--model.quant.rank=4",
+        "--model.adapter.rank=4",
     ]
 
 
@@ -201,7 +203,7 @@ def test_tiny_recipe_fits_checkpoints_adapters_only_and_resumes(tmp_path, capsys
 
 
 def test_module_refuses_a_checkpoint_for_another_base():
-    module = ProjQModule(ModelConfig(config=TINY["llama"]), tiny_quant(), AdapterConfig(), CALIB)
+    module = ProjQModule(ModelConfig(config=TINY["llama"]), tiny_quant(), AdapterConfig(rank=8), CALIB)
     module.base_id = "aaaa"
     with pytest.raises(ValueError, match="trained on quantized base bbbb"):
         module.on_load_checkpoint({"projq": {"base_id": "bbbb"}, "state_dict": {}})
@@ -213,8 +215,12 @@ def test_module_refuses_a_checkpoint_for_another_base():
         ("--model.quant.bits=5", "bits must be one of"),
         ("--model.quant.metod=gptq", "metod"),
         ("--model.quant.method=nf4", "nf4 is a 4-bit format"),
-        ("--model.adapter.init=standard --model.quant.mode=refresh", "needs adapter.init projq"),
-        ("--model.quant.rank=0", "must be > 0 to fine-tune"),
+        ("--model.adapter.init=standard --model.quant.mode=refresh", "needs adapter.init compensation"),
+        ("--model.adapter.rank=0", "must be > 0 to fine-tune"),
+        ("--model.quant.rank=8", "model.quant.rank is now model.adapter.rank"),
+        ("--model.quant.alpha=0.5", "model.quant.alpha is now model.quant.projection_strength"),
+        ("--model.adapter.init=projq", "model.adapter.init: projq is now compensation"),
+        ("--model.quant.bitz=3", "did you mean model.quant.bits?"),
         ("--model.optimizer.init_args.lr=0", "lr must be positive, got 0"),
         ("--data.init_args.batch_size=0", "error: data batch_size must be positive, got 0"),
         (
@@ -231,13 +237,28 @@ def test_bad_recipe_is_one_clear_error(override, message, capsys):
     assert message in capsys.readouterr().err + str(exit_info.value.code)
 
 
+def test_a_checkpoint_written_before_the_renames_is_refused_naming_them():
+    from projq_train.checkpoint import check_current_settings
+
+    old = {"hyper_parameters": {"quant": {"bits": 3, "rank": 8, "alpha": 1.0}, "adapter": {"init": "projq"}}}
+    renames = (
+        "quant.rank is now adapter.rank; quant.alpha is now quant.projection_strength; adapter.init: projq"
+    )
+    with pytest.raises(
+        ValueError, match=f"old.ckpt was written by an earlier projq-train \\({renames} is now"
+    ):
+        check_current_settings(old, "old.ckpt")
+    current = {"hyper_parameters": {"quant": {"bits": 3}, "adapter": {"rank": 8, "init": "compensation"}}}
+    check_current_settings(current, "new.ckpt")  # nothing to refuse
+
+
 def test_print_config_shows_the_full_recipe(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli("--print_config")
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["class_path"] == "projq_train.data.instruct.InstructionData"
-    assert printed["model"]["quant"]["bits"] == 3 and printed["model"]["adapter"]["init"] == "projq"
+    assert printed["model"]["quant"]["bits"] == 3 and printed["model"]["adapter"]["init"] == "compensation"
 
 
 class ParseOnly(lightning_cli.ProjQCLI):
@@ -282,7 +303,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(tmp_path):
     grads = []
     for checkpointing in (False, True):
         model, _ = prepare_model(
-            base, tiny_quant(), AdapterConfig(dropout=0.0), CALIB, tmp_path, torch.device("cpu")
+            base, tiny_quant(), AdapterConfig(rank=8, dropout=0.0), CALIB, tmp_path, torch.device("cpu")
         )
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -302,7 +323,7 @@ def test_nf4_baseline_wraps_bitsandbytes_layers_with_zero_init_adapters(tmp_path
     base = ModelConfig(config=TINY["llama"])
     quant = tiny_quant(method="nf4", bits=4)
     model, base_id = prepare_model(
-        base, quant, AdapterConfig(init="standard"), CALIB, tmp_path, torch.device("cpu")
+        base, quant, AdapterConfig(rank=8, init="standard"), CALIB, tmp_path, torch.device("cpu")
     )
     assert base_id.startswith("nf4-") and not any(tmp_path.iterdir())  # no calibration, no artifact
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -374,7 +395,7 @@ def test_nan_guard_skips_up_to_the_allowed_bad_steps(tmp_path, monkeypatch):
     module = ProjQModule(
         ModelConfig(config=TINY["llama"]),
         tiny_quant(),
-        AdapterConfig(dropout=0.0),
+        AdapterConfig(rank=8, dropout=0.0),
         CALIB,
         artifact_dir=str(tmp_path),
         skip_nonfinite_steps=1,
@@ -409,7 +430,7 @@ def test_nan_guard_skips_up_to_the_allowed_bad_steps(tmp_path, monkeypatch):
     module = ProjQModule(
         ModelConfig(config=TINY["llama"]),
         tiny_quant(),
-        AdapterConfig(dropout=0.0),
+        AdapterConfig(rank=8, dropout=0.0),
         CALIB,
         str(tmp_path),
         skip_nonfinite_steps=1,

@@ -51,10 +51,10 @@ def artifact_model(path: str | Path, adapter_init: bool) -> tuple[nn.Module, Any
     """The packed base of an artifact, with adapters set to its compensation (``Q + BA``) if asked."""
     model, tokenizer, modules, meta = load_quantized_model(path)
     if adapter_init:
-        quant = meta["recipe"]["quant"]
-        if quant["rank"] == 0:
+        targets, rank = meta["recipe"]["quant"]["target_modules"], meta["recipe"]["adapter"]["rank"]
+        if rank == 0:
             raise ValueError(f"{path} has no compensation (rank 0) to initialize an adapter from")
-        model = attach_adapters(model, quant["target_modules"], quant["rank"], quant["rank"], 0.0)
+        model = attach_adapters(model, targets, rank, rank, 0.0)
         init_from_compensation(model, modules)
     return model, tokenizer
 
@@ -208,7 +208,9 @@ def stage_models(ckpt_path: str, artifact_dir: str | None) -> dict[str, Callable
     return {
         "float": lambda: (*load_model_and_tokenizer(ckpt.base), template),
         "quantized": lambda: (*artifact_model(artifact, False), template),
-        "initialized": (lambda: (*artifact_model(artifact, True), template)) if init == "projq" else None,
+        "initialized": (
+            (lambda: (*artifact_model(artifact, True), template)) if init == "compensation" else None
+        ),
         "fine-tuned": fine_tuned,
     }
 

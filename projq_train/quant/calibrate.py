@@ -72,8 +72,9 @@ def target_linears(layer: nn.Module, targets: list[str]) -> dict[str, nn.Linear]
     return {n.rsplit(".", 1)[-1]: m for n, m in layer.named_modules() if n.rsplit(".", 1)[-1] in targets}
 
 
-def check_model_settings(model: nn.Module, cfg: QuantConfig) -> None:
-    """Fail before any calibration if a module cannot be quantized with these settings."""
+def check_model_settings(model: nn.Module, cfg: QuantConfig, rank: int) -> None:
+    """Fail before any calibration if a module cannot be quantized with these settings and
+    compensated at ``rank``."""
     for li, layer in enumerate(decoder_layers(model)):
         found = target_linears(layer, cfg.target_modules)
         if not found:
@@ -81,7 +82,7 @@ def check_model_settings(model: nn.Module, cfg: QuantConfig) -> None:
         for name, mod in found.items():
             try:
                 check_grid(cfg.bits, cfg.group_size, mod.in_features)
-                check_rank(cfg.rank, mod.out_features, mod.in_features)
+                check_rank(rank, mod.out_features, mod.in_features)
             except ValueError as e:
                 raise ValueError(f"layer {li} {name}: {e}") from None
 
@@ -173,22 +174,23 @@ def _method_options(cfg: QuantConfig, sqrt_pair: tuple[Tensor, Tensor] | None) -
         return {}
     opts = {"block_size": cfg.block_size, "damp": cfg.damp, "act_order": cfg.act_order, "clip": cfg.clip}
     if cfg.method == "projq":
-        opts.update(tol=cfg.tol, alpha=cfg.alpha, mode=cfg.mode, sqrt_pair=sqrt_pair)
+        opts.update(tol=cfg.tol, alpha=cfg.projection_strength, mode=cfg.mode, sqrt_pair=sqrt_pair)
     return opts
 
 
-def quantize_module(W: Tensor, H: Tensor, cfg: QuantConfig) -> QuantizedModule:
-    """Quantize one weight ``W (out, in)`` with its Hessian and compute the compensation."""
+def quantize_module(W: Tensor, H: Tensor, cfg: QuantConfig, rank: int) -> QuantizedModule:
+    """Quantize one weight ``W (out, in)`` with its Hessian and compute the rank-``rank``
+    compensation."""
     W = W.float()
-    if cfg.rank == 0:  # no adapter: nothing to shape the error for or to compensate
+    if rank == 0:  # no adapter: nothing to shape the error for or to compensate
         qw = quantize_weight(W, H, cfg.method, cfg.bits, cfg.group_size, 0, 0, **_method_options(cfg, None))
         return QuantizedModule(
             PackedWeight.from_quantized(qw), W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
         )
     sqrt_pair = hessian_sqrt(H)  # shared by ProjQ and the compensation
     opts = _method_options(cfg, sqrt_pair)
-    qw = quantize_weight(W, H, cfg.method, cfg.bits, cfg.group_size, cfg.rank, cfg.iters, **opts)
-    B, A = lowrank_compensation(W - qw.dequantize(), H, cfg.rank, sqrt_pair)
+    qw = quantize_weight(W, H, cfg.method, cfg.bits, cfg.group_size, rank, cfg.iters, **opts)
+    B, A = lowrank_compensation(W - qw.dequantize(), H, rank, sqrt_pair)
     return QuantizedModule(PackedWeight.from_quantized(qw), B, A)
 
 
@@ -197,12 +199,14 @@ def quantize_model(
     model: nn.Module,
     ids: Tensor,
     cfg: QuantConfig,
+    rank: int,
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     progress: bool = True,
     source: WeightSource | None = None,
 ) -> tuple[dict[str, QuantizedModule], list[ModuleReport]]:
-    """Quantize every target linear of ``model`` (on CPU) in place, calibrating on ``ids (n, seqlen)``.
+    """Quantize every target linear of ``model`` (on CPU) in place, calibrating on ``ids (n, seqlen)``,
+    for adapters of rank ``rank`` (0: no compensation).
 
     After this the model's target weights hold ``Q + BA`` (the adapted model at step 0), and
     the next layer was calibrated on those outputs. With ``source``, ``model`` may be a skeleton
@@ -211,7 +215,7 @@ def quantize_model(
     its outputs are computed; the model is left on the meta device. Returns the quantized modules,
     on CPU and keyed by their full module name, and one report row per module.
     """
-    check_model_settings(model, cfg)
+    check_model_settings(model, cfg, rank)
     if ids.numel() == 0:
         raise ValueError("the calibration set is empty: no token windows to calibrate on")
     device = torch.device(device)
@@ -242,7 +246,7 @@ def quantize_model(
             for short, mod in members.items():
                 t0 = time.perf_counter()
                 W, H = mod.weight.float(), hessians[short]
-                qm = quantize_module(W, H, cfg)
+                qm = quantize_module(W, H, cfg, rank)
                 step0 = qm.step0_weight()
                 wn = _hnorm(W, H)
                 err_q, err_c = _hnorm(W - qm.weight.dequantize(), H) / wn, _hnorm(W - step0, H) / wn

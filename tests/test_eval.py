@@ -186,6 +186,24 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny):
     assert batched == alone and all(batched)
 
 
+def test_generation_stays_within_the_models_maximum_length(monkeypatch):
+    model, tok = load_model_and_tokenizer(
+        ModelConfig(config={**TINY["llama"], "max_position_embeddings": 48})
+    )
+    lengths, real_generate = [], model.generate
+
+    def recording(**kwargs):
+        out = real_generate(**kwargs)
+        lengths.append((kwargs["input_ids"].shape[1], out.shape[1]))
+        return out
+
+    monkeypatch.setattr(model, "generate", recording)
+    prompts = ["a long question " * 20, "short"]  # the first alone is longer than 48 tokens
+    replies = harness.generate(model, tok, prompts, "alpaca", max_new_tokens=32, batch_size=1)
+    assert len(replies) == 2 and lengths[0][0] == 47  # the prompt's end, with room for one token
+    assert all(total <= 48 for _, total in lengths) and lengths[1][1] > lengths[1][0]
+
+
 def test_evaluate_reports_each_kind_of_task(tiny, data_root, monkeypatch):
     model, tok = tiny
     tasks = [resolve_task(t, data_root) for t in ("wikitext2", "boolq", "gsm8k")]

@@ -202,20 +202,25 @@ def generate(
     progress: bool = False,
     desc: str = "generate",
 ) -> list[str]:
-    """Greedy replies (special tokens dropped) to ``prompts``, in order."""
+    """Greedy replies (special tokens dropped) to ``prompts``, in order. Prompt and reply stay
+    within the model's maximum length (``max_position_embeddings``): a longer prompt keeps its
+    end (the question), and a reply is cut where the length runs out."""
     device = next(model.parameters()).device
+    limit = getattr(model.config, "max_position_embeddings", None) or float("inf")
     encoded = [_encode(tokenizer, p, template) for p in prompts]
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=_pad_id(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    encoded = [e[-(limit - 1) :] if len(e) >= limit else e for e in encoded]
+    pad_id = _pad_id(tokenizer)
     replies = [""] * len(prompts)
     for batch in tqdm(
         list(_batches(len(encoded), batch_size, [len(e) for e in encoded])), desc=desc, disable=not progress
     ):
-        ids, mask, _ = _pad_left([encoded[i] for i in batch], config.pad_token_id, device)
+        ids, mask, _ = _pad_left([encoded[i] for i in batch], pad_id, device)
+        config = GenerationConfig(
+            max_new_tokens=min(max_new_tokens, limit - ids.shape[1]),
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         for b, i in enumerate(batch):
             replies[i] = tokenizer.decode(out[b, ids.shape[1] :], skip_special_tokens=True)

@@ -46,7 +46,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -199,17 +198,10 @@ def run_worker(mode: str, cli_args: list[str]) -> dict:
         return json.loads(result.read_text())
 
 
-def run_dir_args(recipe: dict, run_dir: Path) -> list[str]:
-    """Overrides that send this run's logs and checkpoints to ``run_dir``."""
-    trainer = recipe.get("trainer", {})
-    args = [f"--trainer.default_root_dir={run_dir}", "--trainer.enable_progress_bar=false"]
-    logger = trainer.get("logger")
-    if isinstance(logger, dict) and "save_dir" in logger.get("init_args", {}):
-        args.append(f"--trainer.logger.init_args.save_dir={run_dir}")
-    callbacks = trainer.get("callbacks") or []
-    if callbacks and "dirpath" in callbacks[-1].get("init_args", {}):
-        args.append(f"--trainer.callbacks.init_args.dirpath={run_dir}/checkpoints")
-    return args
+def run_dir_args(run_dir: Path) -> list[str]:
+    """Overrides that send this run's logs and checkpoints to ``run_dir`` (both follow
+    ``trainer.default_root_dir``)."""
+    return [f"--trainer.default_root_dir={run_dir}", "--trainer.enable_progress_bar=false"]
 
 
 def describe(config, command: str, device: str) -> dict:
@@ -293,14 +285,13 @@ def main() -> None:
         print_table([r for f in args.table_from for r in json.loads(f.read_text())])
         return
     command = shlex.join(["python", "benchmarks/finetune.py", *sys.argv[1:]])
-    recipe = yaml.safe_load(args.recipe.read_text())
     stamp = time.strftime("%Y%m%d-%H%M%S")
     steps = ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
     jobs = {}
     for name in args.variants:  # parse every variant first: a bad override fails before any work
         run_dir = (args.runs_dir / stamp / name.replace("+", "_")).resolve()
         cli_args = [
-            "--config", str(args.recipe.resolve()), *VARIANTS[name], *steps, *run_dir_args(recipe, run_dir),
+            "--config", str(args.recipe.resolve()), *VARIANTS[name], *steps, *run_dir_args(run_dir),
             "--trainer.num_sanity_val_steps=0", *overrides,
         ]  # fmt: skip
         jobs[name] = cli_args, build_cli(cli_args, parse_only=True).config

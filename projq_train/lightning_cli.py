@@ -45,12 +45,34 @@ class ProjQArgumentParser(LightningArgumentParser):
         error_line_first(self, message, ex)
 
 
+def place_outputs(trainer: Namespace) -> None:
+    """Make ``trainer.default_root_dir`` decide where a run writes: a ``ModelCheckpoint`` without
+    a ``dirpath`` writes to ``<default_root_dir>/checkpoints``, one folder for every run of the
+    recipe (the one ``--ckpt_path last`` looks in), not into the logger's new version folder.
+    Lightning's own logger (``logger: true``) writes under ``default_root_dir`` already."""
+    root = Path(trainer.default_root_dir or ".")  # Lightning's default root is the working directory
+    for callback in trainer.callbacks or []:
+        args = getattr(callback, "init_args", None)
+        if (
+            callback.class_path.endswith("ModelCheckpoint")
+            and args is not None
+            and args.get("dirpath") is None
+        ):
+            args.dirpath = str(root / "checkpoints")
+
+
 class ProjQCLI(LightningCLI):
-    """LightningCLI whose data module gets the model's tokenizer, and whose invalid settings
-    (checked when the classes are built, before any work) end in one parser error."""
+    """LightningCLI whose data module gets the model's tokenizer, whose outputs follow
+    ``trainer.default_root_dir`` (:func:`place_outputs`), and whose invalid settings (checked
+    when the classes are built, before any work) end in one parser error."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        if self.config.get("subcommand"):
+            place_outputs(self.config[self.config.subcommand].trainer)
 
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's, which overwrote the recipe's model settings with the

@@ -104,9 +104,7 @@ def fit_args(root: Path, steps: int) -> list[str]:
     return [
         f"--trainer.max_steps={steps}",
         "--trainer.val_check_interval=2",
-        f"--trainer.default_root_dir={root}",
-        f"--trainer.logger.init_args.save_dir={root}",
-        f"--trainer.callbacks.init_args.dirpath={root}/checkpoints",
+        f"--trainer.default_root_dir={root}",  # checkpoints and logs follow it
         "--trainer.callbacks.init_args.every_n_train_steps=2",
         "--trainer.enable_progress_bar=false",
         f"--model.artifact_dir={root}/artifacts",

@@ -25,6 +25,7 @@ import torch
 
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
+from projq_train.eval import harness
 from projq_train.models import load_model_and_tokenizer
 from projq_train.quant.calibrate import apply_quantized, quantize_model
 
@@ -40,15 +41,11 @@ VARIANTS = {
 SETTINGS = ("group_size", "nsamples", "seqlen", "ppl_windows")  # stored with the rows, shown in the table
 
 
-@torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token loss) over non-overlapping windows (n, seqlen)."""
-    total, count = 0.0, 0
-    for batch in windows.split(batch_size):
-        loss = model(input_ids=batch, labels=batch).loss
-        n = batch.numel() - batch.shape[0]
-        total, count = total + loss.item() * n, count + n
-    return math.exp(total / count)
+    """Perplexity over the non-overlapping windows ``(n, seqlen)``, each read on its own."""
+    return harness.perplexity(model, windows.flatten(), windows.shape[1], windows.shape[1], batch_size)[
+        "perplexity"
+    ]
 
 
 def main() -> None:

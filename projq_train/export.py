@@ -39,6 +39,7 @@ from projq_train.artifact import load_quantized_model
 from projq_train.checkpoint import Trained, load_trained
 from projq_train.config import CalibrationConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
+from projq_train.eval.harness import perplexity
 from projq_train.integrity import verify_export_checksums, write_export_checksums
 from projq_train.lora import ADAPTER, adapter_layers, with_quant_linear
 from projq_train.quant.calibrate import quantize_model
@@ -228,7 +229,6 @@ def load_quantized_export(path: str | Path) -> nn.Module:
 def fidelity(trained: nn.Module, exported: nn.Module, ids: Tensor, batch_size: int = 4) -> dict[str, float]:
     """Compare the exported model's logits with the trained model's on ``ids (n, T)``."""
     diff = ref = agree = count = 0.0
-    nll = {"trained": 0.0, "exported": 0.0}
     for batch in ids.split(batch_size):
         zt = trained(input_ids=batch).logits.float()  # (B, T, V)
         ze = exported(input_ids=batch).logits.float()
@@ -236,16 +236,16 @@ def fidelity(trained: nn.Module, exported: nn.Module, ids: Tensor, batch_size: i
         ref += zt.pow(2).sum().item()
         agree += (ze.argmax(-1) == zt.argmax(-1)).sum().item()
         count += batch.numel()
-        for key, z in (("trained", zt), ("exported", ze)):
-            nll[key] += torch.nn.functional.cross_entropy(
-                z[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
-            ).item()
-    tokens = ids.numel() - ids.shape[0]
+    T = ids.shape[1]  # the windows, one after the other: each is read and scored on its own
+    ppl = {
+        key: perplexity(m, ids.flatten(), T, T, batch_size)["perplexity"]
+        for key, m in (("trained", trained), ("exported", exported))
+    }
     return {
         "logit_rel_error": math.sqrt(diff / ref),
         "top1_agreement": agree / count,
-        "ppl_trained": math.exp(nll["trained"] / tokens),
-        "ppl_exported": math.exp(nll["exported"] / tokens),
+        "ppl_trained": ppl["trained"],
+        "ppl_exported": ppl["exported"],
         "windows": ids.shape[0],
         "tokens": ids.numel(),
     }

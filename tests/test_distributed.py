@@ -179,9 +179,9 @@ def test_task_metrics_under_ddp_sum_every_ranks_share(tmp_path, single_run):
     task_eval = "--trainer.callbacks.init_args."  # options of the callback added last
     for devices in (1, 2):
         args = [
-            *fit_args(single_run, 4),  # the reference run's checkpoint
+            *fit_args(single_run, 4),
             f"--trainer.default_root_dir={tmp_path}",
-            "--ckpt_path=last",
+            f"--ckpt_path={single_run}/checkpoints/last.ckpt",  # the reference run's checkpoint
             "--data.init_args.limit=8",  # the data settings of the checkpoint (the optimizer may differ)
             "--data.init_args.val_fraction=0.1",
             f"--trainer.devices={devices}",

@@ -24,9 +24,13 @@ def logits_mse(model, ref, ids):
         return (model(ids).logits - ref).pow(2).mean().item()
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "projq"])
-def test_step0_adapter_is_closer_to_float_than_quantized(tiny_model_config, method):
-    model, tok = load_model_and_tokenizer(tiny_model_config)
+# every family with ProjQ, every method on Llama (the methods share the calibration code)
+@pytest.mark.parametrize(
+    ("family", "method"),
+    [*((family, "projq") for family in sorted(TINY)), ("llama", "rtn"), ("llama", "gptq")],
+)
+def test_step0_adapter_is_closer_to_float_than_quantized(family, method):
+    model, tok = load_model_and_tokenizer(ModelConfig(config=TINY[family]))
     ids = calibration_tokens(CalibrationConfig(nsamples=8, seqlen=64), tok)
     held_out = calibration_tokens(CalibrationConfig(nsamples=2, seqlen=64, seed=1), tok)
     with torch.no_grad():

@@ -38,7 +38,7 @@ from projq_train.artifact import quantize_or_load
 from projq_train.config import AdapterConfig, CalibrationConfig, ModelConfig, QuantConfig, ScheduleConfig
 from projq_train.data.calibration import load_rows
 from projq_train.data.instruct import InstructionData
-from projq_train.eval.harness import evaluate
+from projq_train.eval.harness import EvalSettings, evaluate
 from projq_train.eval.run import artifact_model
 from projq_train.eval.tasks import resolve_task
 from projq_train.models import load_model_and_tokenizer
@@ -79,19 +79,10 @@ def training_file(out: Path, rows_per_set: int, seed: int = 0) -> Path:
 def score(model, tokenizer, args) -> dict:
     tasks = [resolve_task(t, SHARED / "datasets") for t in ("wikitext2", *COMMONSENSE)]
     t0 = time.perf_counter()
-    text = evaluate(
-        model,
-        tokenizer,
-        tasks[:1],
-        limit=args.ppl_windows,
-        seqlen=args.seqlen,
-        stride=args.seqlen,
-        batch_size=4,
-        progress=False,
-    )
-    choice = evaluate(
-        model, tokenizer, tasks[1:], limit=args.rows, choice_mode="loglik", batch_size=8, progress=False
-    )
+    windows = EvalSettings(limit=args.ppl_windows, seqlen=args.seqlen, stride=args.seqlen, batch_size=4)
+    text = evaluate(model, tokenizer, tasks[:1], settings=windows, progress=False)
+    rows = EvalSettings(limit=args.rows, choice_mode="loglik", batch_size=8)
+    choice = evaluate(model, tokenizer, tasks[1:], settings=rows, progress=False)
     results = {**text, **choice}
     mean = sum(choice[t]["acc_loglik"] for t in COMMONSENSE) / len(COMMONSENSE)
     results["commonsense_mean"] = {"acc_loglik": mean}

@@ -212,7 +212,8 @@ def test_evaluate_reports_each_kind_of_task(tiny, data_root, monkeypatch):
         "gsm8k (generate)": ["2 + 3 = 5", "It is 1234.0"],
     }
     monkeypatch.setattr(harness, "generate", lambda *a: replies[a[-1]])
-    results = harness.evaluate(model, tok, tasks, seqlen=64, batch_size=2, progress=False)
+    settings = harness.EvalSettings(choice_mode="both", seqlen=64, batch_size=2)
+    results = harness.evaluate(model, tok, tasks, settings=settings, progress=False)
     assert results["wikitext2"]["tokens"] > 0 and results["wikitext2"]["perplexity"] > 1
     items = load_items(tasks[1], "alpaca", tok, None)
     scores = harness.choice_logprobs(model, tok, items, "alpaca", 2)
@@ -223,7 +224,7 @@ def test_evaluate_reports_each_kind_of_task(tiny, data_root, monkeypatch):
         {"acc_loglik": loglik / 4, "acc_generate": 2 / 4, "unparsed": 1 / 4, "n": 4}
     )
     assert results["gsm8k"] == pytest.approx({"accuracy": 1.0, "unparsed": 0.0, "n": 2})
-    limited = harness.evaluate(model, tok, tasks[1:2], limit=2, choice_mode="loglik", progress=False)
+    limited = harness.evaluate(model, tok, tasks[1:2], settings=harness.EvalSettings(limit=2), progress=False)
     assert limited["boolq"]["n"] == 2 and set(limited["boolq"]) == {"acc_loglik", "n"}
 
 
@@ -302,7 +303,7 @@ def test_task_eval_callback_logs_task_metrics_in_validate(checkpoint, data_root)
     tasks = [resolve_task(t, data_root) for t in ("boolq", "wikitext2")]
     trained = load_trained(checkpoint)
     expected = harness.evaluate(
-        trained.model, trained.tokenizer, tasks, seqlen=64, choice_mode="loglik", progress=False
+        trained.model, trained.tokenizer, tasks, settings=harness.EvalSettings(seqlen=64), progress=False
     )
     task_eval = "--trainer.callbacks.init_args."  # options of the callback added last
     args = [

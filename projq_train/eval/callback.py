@@ -15,7 +15,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from projq_train.eval.harness import ChoiceMode, evaluate
+from projq_train.eval.harness import ChoiceMode, EvalSettings, evaluate
 from projq_train.eval.run import COUNTS, DATA_ROOT
 from projq_train.eval.tasks import Task, check_task_name, resolve_task
 
@@ -49,8 +49,8 @@ class TaskEval(Callback):
             check_task_name(spec)
         self.specs, self.data_root = tasks, data_root
         self.tasks: list[Task] = []
-        self.limit, self.choice_mode, self.seqlen, self.stride = limit, choice_mode, seqlen, stride
-        self.batch_size, self.on_validation = batch_size, on_validation
+        self.settings = EvalSettings(limit, choice_mode, seqlen, stride, batch_size)
+        self.on_validation = on_validation
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Find the task data before any work of a stage that scores (before training, for fit)."""
@@ -65,11 +65,7 @@ class TaskEval(Callback):
                 pl_module.tokenizer,
                 self.tasks,
                 template,
-                self.limit,
-                self.choice_mode,
-                self.seqlen,
-                self.stride,
-                self.batch_size,
+                self.settings,
                 rank=trainer.global_rank,
                 world_size=trainer.world_size,
                 progress=trainer.is_global_zero,

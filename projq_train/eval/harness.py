@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -265,25 +266,39 @@ def _math_metrics(model, tokenizer, items, template, new_tokens, batch_size, sho
     return {"accuracy": _mean(hits, device), "unparsed": _mean([float(x is None) for x in numbers], device)}
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How :func:`evaluate` scores the tasks (the options of ``projq-train eval`` and ``report``
+    and of the :class:`~projq_train.eval.callback.TaskEval` callback)."""
+
+    limit: int | None = None
+    """Only the first rows of each choice/math task and the first windows of each text."""
+    choice_mode: ChoiceMode = "loglik"
+    """Multiple choice by answer log-likelihood (fast), by generation, or both."""
+    seqlen: int | None = None
+    """Perplexity window length (default: the model's context, at most 2048 tokens)."""
+    stride: int | None = None
+    """Perplexity window step (default ``seqlen // 2``)."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    choice_new_tokens: int = 32
+    """Generated tokens per multiple-choice reply."""
+    math_new_tokens: int = 256
+    """Generated tokens per math reply."""
+
+
 def evaluate(
     model: nn.Module,
     tokenizer,
     tasks: list[Task],
     template: Literal["alpaca", "chat"] = "alpaca",
-    limit: int | None = None,
-    choice_mode: ChoiceMode = "both",
-    seqlen: int | None = None,
-    stride: int | None = None,
-    batch_size: int = 8,
-    choice_new_tokens: int = 32,
-    math_new_tokens: int = 256,
+    settings: EvalSettings = EvalSettings(),
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of ``model`` on every task (``limit``: the first rows of each choice/math task, the
-    first windows of each text). With ``world_size > 1`` each rank scores its share of the items
-    and every rank returns the totals.
+    """Metrics of ``model`` on every task, scored as ``settings`` say. With ``world_size > 1``
+    each rank scores its share of the items and every rank returns the totals.
 
     Per kind: perplexity → ``perplexity``, ``tokens``; choice → ``acc_loglik`` and/or
     ``acc_generate`` (``unparsed``: the share of replies naming no label), ``n``;
@@ -292,6 +307,7 @@ def evaluate(
     model.eval()
     show = progress and rank == 0
     results: dict[str, dict[str, float]] = {}
+    s = settings
     # on CPU the packed layers have no fused kernel: unpack each weight once, not on every batch
     on_cpu = next(model.parameters()).device.type == "cpu"
     try:
@@ -300,18 +316,18 @@ def evaluate(
                 log.info("evaluating %s (%s, %s)", task.name, task.kind, task.source)
                 if task.kind == "perplexity":
                     ids = torch.tensor(tokenizer(load_text(task), add_special_tokens=False)["input_ids"])
-                    window = seqlen or min(2048, getattr(model.config, "max_position_embeddings", 2048))
-                    step = stride or max(1, window // 2)
-                    args = (window, step, batch_size, limit, rank, world_size, show)
+                    window = s.seqlen or min(2048, getattr(model.config, "max_position_embeddings", 2048))
+                    step = s.stride or max(1, window // 2)
+                    args = (window, step, s.batch_size, s.limit, rank, world_size, show)
                     results[task.name] = perplexity(model, ids, *args)
                     continue
-                items = load_items(task, template, tokenizer, limit)
+                items = load_items(task, template, tokenizer, s.limit)
                 mine, name = items[rank::world_size], f"{task.name} (generate)"
                 if task.kind == "choice":
-                    args = (choice_mode, choice_new_tokens, batch_size, show, name)
+                    args = (s.choice_mode, s.choice_new_tokens, s.batch_size, show, name)
                     out = _choice_metrics(model, tokenizer, mine, template, *args)
                 else:
-                    args = (math_new_tokens, batch_size, show, name)
+                    args = (s.math_new_tokens, s.batch_size, show, name)
                     out = _math_metrics(model, tokenizer, mine, template, *args)
                 results[task.name] = out | {"n": len(items)}
     finally:

@@ -28,7 +28,7 @@ from torch import nn
 from projq_train.artifact import check_base, load_quantized_model
 from projq_train.checkpoint import build_trained, load_trained, read_fit_checkpoint
 from projq_train.config import ModelConfig
-from projq_train.eval.harness import ChoiceMode, evaluate
+from projq_train.eval.harness import ChoiceMode, EvalSettings, evaluate
 from projq_train.eval.tasks import Task, resolve_task
 from projq_train.export import load_quantized_export
 from projq_train.lora import attach_adapters, init_from_compensation
@@ -138,9 +138,8 @@ def run_eval(
         net, tokenizer = hf_model(model, gguf_file)
     template = trained_template if template == "auto" else template
     net = place(net, resolve_device(device), dtype)
-    results = evaluate(
-        net, tokenizer, resolved, template, limit, choice_mode, seqlen, stride, batch_size, progress=True
-    )
+    settings = EvalSettings(limit, choice_mode, seqlen, stride, batch_size)
+    results = evaluate(net, tokenizer, resolved, template, settings, progress=True)
     print(scores_table({ckpt_path or artifact or model: results}))
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +245,7 @@ def run_report(
         dtype: Compute dtype; ``auto``: bfloat16 on CUDA, float32 elsewhere.
     """
     resolved = [resolve_task(spec, data_root) for spec in tasks]
-    settings = (device, dtype, limit, choice_mode, seqlen, stride, batch_size)
+    settings = EvalSettings(limit, choice_mode, seqlen, stride, batch_size)
     plotting = importlib.util.find_spec("matplotlib") is not None
     if not plotting:
         log.warning("matplotlib is not installed: no recovery.png (pip install 'projq-train[plots]')")
@@ -256,7 +255,7 @@ def run_report(
         if loader is None:
             stages[stage] = stages["quantized"]
         else:
-            stages[stage] = evaluate_loaded(loader, resolved, *settings)
+            stages[stage] = evaluate_loaded(loader, resolved, device, dtype, settings)
     report = {"checkpoint": ckpt_path, "stages": stages, "gap_closed": gap_closed(stages)}
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,16 +271,12 @@ def evaluate_loaded(
     tasks: list[Task],
     device: str,
     dtype: str,
-    limit: int | None,
-    choice_mode: ChoiceMode,
-    seqlen: int | None,
-    stride: int | None,
-    batch_size: int,
+    settings: EvalSettings,
 ) -> dict[str, dict[str, float]]:
     """Build a model, score it, and free it before the next one is built."""
     model, tokenizer, template = loader()
     model = place(model, resolve_device(device), dtype)
-    results = evaluate(model, tokenizer, tasks, template, limit, choice_mode, seqlen, stride, batch_size)
+    results = evaluate(model, tokenizer, tasks, template, settings)
     del model
     gc.collect()
     return results

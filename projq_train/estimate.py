@@ -19,8 +19,7 @@ intermediate size, ``L`` decoder layers, ``V`` vocabulary, ``r`` adapter rank):
   (:func:`layer_activation_bytes`), with and without gradient checkpointing;
 - logits and loss: the chunked linear + cross-entropy of :mod:`projq_train.loss` keeps no logits:
   the final hidden states, the rows with a target and their gradient (3 ``t h``), and about three
-  fp32 ``(chunk_rows, V)`` buffers, ``chunk_rows`` = 2**24 // V on a GPU and 2**22 // V on a CPU
-  (:func:`projq_train.loss.default_chunk_tokens`);
+  fp32 ``(chunk_rows, V)`` buffers with ``chunk_rows = max(1, 2**24 // V)``;
 - quantize (streamed, one decoder layer at a time): that layer's float weights in the recipe
   dtype, fp32 working copies of its largest module and its ``(in, in)`` Hessian matrices, the
   embeddings, the calibration activations (inputs and outputs of the current layer, in the
@@ -63,7 +62,7 @@ from projq_train.config import (
     QuantConfig,
     check_adapter_settings,
 )
-from projq_train.loss import default_chunk_tokens
+from projq_train.loss import LOGITS_PER_CHUNK
 from projq_train.quant.calibrate import SEQUENTIAL_GROUPS
 from projq_train.quant.pack import packed_length
 from projq_train.quant.rtn import check_grid
@@ -451,7 +450,7 @@ def activation_bytes(
 def logits_loss_bytes(shape: ModelShape, tokens: int, num: Numerics) -> int:
     """The chunked linear + cross-entropy: final hidden states, the rows with a target, their
     gradient (each ``(tokens, h)``), and three fp32 ``(chunk_rows, V)`` buffers."""
-    chunk_rows = min(tokens, default_chunk_tokens(shape.vocab, "cuda" if num.on_gpu else "cpu"))
+    chunk_rows = min(tokens, max(1, LOGITS_PER_CHUNK // shape.vocab))
     return 3 * tokens * shape.hidden * num.stream + LOSS_CHUNK_BUFFERS * chunk_rows * shape.vocab * FP32
 
 

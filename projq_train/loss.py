@@ -18,15 +18,7 @@ from torch import Tensor
 
 from projq_train.data.instruct import IGNORE_INDEX
 
-# fp32 elements of one chunk's logits when chunk_tokens is unset: 64 MiB on a GPU, where wider
-# chunks keep the matmuls efficient; 16 MiB on a CPU, where the three chunk buffers are part of a
-# small model's peak (1B Llama, 1 x 128 tokens: 192 MiB of them at 2**24)
-LOGITS_PER_CHUNK = {"cuda": 2**24, "cpu": 2**22}
-
-
-def default_chunk_tokens(vocab: int, device_type: str) -> int:
-    """Rows per chunk of :func:`linear_cross_entropy` when none is given."""
-    return max(1, LOGITS_PER_CHUNK.get(device_type, LOGITS_PER_CHUNK["cuda"]) // vocab)
+LOGITS_PER_CHUNK = 2**24  # fp32 elements of one chunk's logits (64 MiB) when chunk_tokens is unset
 
 
 def _full_weight(weight: Tensor) -> Tensor:
@@ -111,8 +103,8 @@ def linear_cross_entropy(
             with ``full_tensor()`` first.
         targets: ``(N,)`` long class indices in ``[0, V)``; -100 marks a row without a target (it adds
             nothing to the loss and gets a zero gradient).
-        chunk_tokens: rows per chunk; default :func:`default_chunk_tokens`: one chunk's fp32
-            logits hold about 2**24 elements (64 MiB) on a GPU, 2**22 (16 MiB) on a CPU.
+        chunk_tokens: rows per chunk; default ``max(1, 2**24 // V)``, so that one chunk's fp32
+            logits hold about 2**24 elements (64 MiB).
 
     Returns:
         A scalar fp32 tensor ``Σ_i [logsumexp(W h_i) - (W h_i)_{y_i}]`` over the rows with a target.
@@ -140,7 +132,7 @@ def linear_cross_entropy(
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must be ({hidden.shape[0]},), got {tuple(targets.shape)}")
     if chunk_tokens is None:
-        chunk_tokens = default_chunk_tokens(weight.shape[0], hidden.device.type)
+        chunk_tokens = max(1, LOGITS_PER_CHUNK // weight.shape[0])
     elif chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
     grad_enabled = torch.is_grad_enabled()

@@ -207,9 +207,9 @@ def generate(
     within the model's maximum length (``max_position_embeddings``): a longer prompt keeps its
     end (the question), and a reply is cut where the length runs out."""
     device = next(model.parameters()).device
-    limit = getattr(model.config, "max_position_embeddings", None) or float("inf")
+    max_length = getattr(model.config, "max_position_embeddings", None) or float("inf")
     encoded = [_encode(tokenizer, p, template) for p in prompts]
-    encoded = [e[-(limit - 1) :] if len(e) >= limit else e for e in encoded]
+    encoded = [e[-(max_length - 1) :] if len(e) >= max_length else e for e in encoded]
     pad_id = _pad_id(tokenizer)
     replies = [""] * len(prompts)
     for batch in tqdm(
@@ -217,7 +217,7 @@ def generate(
     ):
         ids, mask, _ = _pad_left([encoded[i] for i in batch], pad_id, device)
         config = GenerationConfig(
-            max_new_tokens=min(max_new_tokens, limit - ids.shape[1]),
+            max_new_tokens=min(max_new_tokens, max_length - ids.shape[1]),
             do_sample=False,
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,

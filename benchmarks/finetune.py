@@ -41,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -60,15 +59,9 @@ log = logging.getLogger("finetune-bench")
 def build_cli(cli_args: list[str], parse_only: bool = False):
     """The fit job's CLI objects (``cli.model``, ``cli.datamodule``, ``cli.trainer``), not run.
     ``parse_only``: parse and type-check the recipe, build nothing (``cli.config`` only)."""
-    from projq_train.lightning_cli import ProjQCLI
-    from projq_train.module import ProjQModule
+    from projq_train.lightning_cli import trainer_cli
 
-    warnings.filterwarnings("ignore", "LightningCLI's args parameter")  # sys.argv holds the benchmark's
-    cls = ProjQCLI
-    if parse_only:
-        cls = type("ParseOnlyCLI", (ProjQCLI,), {"instantiate_classes": lambda self: None})
-    return cls(ProjQModule, L.LightningDataModule, subclass_mode_data=True, run=False,
-               save_config_kwargs={"overwrite": True}, args=cli_args)  # fmt: skip
+    return trainer_cli(cli_args, run=False, build=not parse_only)
 
 
 def artifact_key(config) -> str:

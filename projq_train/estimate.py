@@ -49,7 +49,6 @@ import logging
 import math
 import re
 import sys
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -717,32 +716,12 @@ def _estimate_arguments(parser: Any) -> None:
 
 def parse_fit(argv: list[str]) -> tuple[dict[str, Any], Any]:
     """Parse a fit recipe and overrides as ``projq-train fit`` does, without building anything."""
-    import lightning as L
+    from projq_train.lightning_cli import trainer_cli
 
-    from projq_train.lightning_cli import ProjQCLI
-    from projq_train.module import ProjQModule
-
-    class ParseOnly(ProjQCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            super().add_arguments_to_parser(parser)
-            _estimate_arguments(parser)
-
-        def _set_seed(self) -> None:  # nothing runs: no seed to set (or to log)
-            pass
-
-        def instantiate_classes(self) -> None:
-            pass
-
-    with warnings.catch_warnings():  # args= given while sys.argv holds `estimate ...`: intended
-        warnings.filterwarnings("ignore", message=".*args parameter is intended")
-        cfg = ParseOnly(
-            ProjQModule,
-            L.LightningDataModule,
-            subclass_mode_data=True,
-            run=False,
-            args=argv,
-            parser_kwargs={"prog": "projq-train estimate", "exit_on_error": False},
-        ).config
+    parser_kwargs = {"prog": "projq-train estimate", "exit_on_error": False}
+    cfg = trainer_cli(
+        argv, run=False, build=False, add_arguments=_estimate_arguments, parser_kwargs=parser_kwargs
+    ).config
     model = cfg.model
     base, quant = ModelConfig(**model.base.as_dict()), QuantConfig(**model.quant.as_dict())
     adapter = AdapterConfig(**model.adapter.as_dict())

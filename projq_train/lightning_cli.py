@@ -7,6 +7,8 @@ from __future__ import annotations
 import resource
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -64,10 +66,30 @@ def place_outputs(trainer: Namespace) -> None:
 class ProjQCLI(LightningCLI):
     """LightningCLI whose data module gets the model's tokenizer, whose outputs follow
     ``trainer.default_root_dir`` (:func:`place_outputs`), and whose invalid settings (checked
-    when the classes are built, before any work) end in one parser error."""
+    when the classes are built, before any work) end in one parser error. Built by
+    :func:`trainer_cli` only.
+
+    ``build=False``: parse and check the recipe, build nothing (``config`` only, no seed set);
+    ``add_arguments``: adds options of a command that reads the recipe (``estimate``)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        build: bool = True,
+        add_arguments: Callable[[LightningArgumentParser], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._build, self._extra_arguments = build, add_arguments
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="instantiate")
+        if self._extra_arguments is not None:
+            self._extra_arguments(parser)
+
+    def _set_seed(self) -> None:
+        if self._build:  # nothing is built from a recipe that is only parsed: no seed to set or log
+            super()._set_seed()
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -144,6 +166,8 @@ class ProjQCLI(LightningCLI):
             print(fit_summary(self.trainer, time.monotonic() - self._fit_started))
 
     def instantiate_classes(self) -> None:
+        if not self._build:
+            return
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as err:
@@ -187,16 +211,33 @@ def fit_summary(trainer: L.Trainer, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def trainer_cli(argv: list[str]) -> ProjQCLI:
+def trainer_cli(
+    argv: list[str],
+    run: bool = True,
+    build: bool = True,
+    add_arguments: Callable[[LightningArgumentParser], None] | None = None,
+    parser_kwargs: dict[str, Any] | None = None,
+) -> ProjQCLI:
+    """The one way ``fit``, ``validate`` and ``test`` are built, for the command line, benchmarks
+    and tests. ``run``: ``argv`` starts with the subcommand, which runs; otherwise ``argv`` is a
+    fit recipe and overrides, and the model, data module and trainer are built but not run.
+    ``build=False``: only parse and check (``.config``); ``add_arguments``, ``parser_kwargs``:
+    what a command reading the same recipes adds (``estimate``)."""
     try:
-        return ProjQCLI(
-            ProjQModule,
-            L.LightningDataModule,
-            subclass_mode_data=True,
-            parser_class=ProjQArgumentParser,
-            save_config_kwargs={"overwrite": True},
-            args=argv,
-        )
+        with warnings.catch_warnings():  # args= given while sys.argv holds another command: intended
+            warnings.filterwarnings("ignore", message=".*args parameter is intended")
+            return ProjQCLI(
+                ProjQModule,
+                L.LightningDataModule,
+                subclass_mode_data=True,
+                parser_class=ProjQArgumentParser,
+                save_config_kwargs={"overwrite": True},
+                args=argv,
+                run=run,
+                build=build,
+                add_arguments=add_arguments,
+                parser_kwargs=parser_kwargs or {},
+            )
     except NonFiniteTrainingError as err:
         sys.exit(f"error: {err}")
     except FileNotFoundError as err:  # an input that is not there

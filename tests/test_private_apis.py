@@ -38,3 +38,7 @@ def test_model_parallel_strategy_keeps_its_data_parallel_size():  # ProjQFSDPStr
 
 def test_lightning_cli_reads_the_checkpoint_path_in_a_method_we_replace():  # ProjQCLI._parse_ckpt_path
     assert "self._parse_ckpt_path()" in inspect.getsource(LightningCLI.__init__)
+
+
+def test_lightning_cli_sets_the_seed_in_a_method_we_skip_when_only_parsing():  # ProjQCLI._set_seed
+    assert "self._set_seed()" in inspect.getsource(LightningCLI.__init__)

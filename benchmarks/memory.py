@@ -289,6 +289,14 @@ def quant_settings(args, name: str) -> tuple[dict, dict]:
     return quant, calibration
 
 
+def as_recipe(settings: dict) -> str:
+    """YAML of a recipe whose paths (relative to the working directory, the repo root) are made
+    absolute: a recipe's relative paths would resolve against its own folder."""
+    from projq_train.cli import resolve_recipe_paths
+
+    return yaml.safe_dump(resolve_recipe_paths(settings, Path.cwd()), sort_keys=False)
+
+
 def write_recipes(args, name: str, device: str) -> tuple[Path, dict[str, Path]]:
     """Write the model's quantize recipe and one fit recipe per shape under ``<runs-dir>/<name>``."""
     mdir = args.runs_dir / name
@@ -304,7 +312,7 @@ def write_recipes(args, name: str, device: str) -> tuple[Path, dict[str, Path]]:
         "device": device,
     }
     mdir.mkdir(parents=True, exist_ok=True)
-    (mdir / "quantize.yaml").write_text(yaml.safe_dump(quantize, sort_keys=False))
+    (mdir / "quantize.yaml").write_text(as_recipe(quantize))
     fits = {}
     for shape in args.shapes:
         batch, tokens = parse_shape(shape)
@@ -358,7 +366,7 @@ def write_recipes(args, name: str, device: str) -> tuple[Path, dict[str, Path]]:
         }
         sdir.mkdir(parents=True, exist_ok=True)
         fits[shape] = sdir / "fit.yaml"
-        fits[shape].write_text(yaml.safe_dump(fit, sort_keys=False))
+        fits[shape].write_text(as_recipe(fit))
     return mdir / "quantize.yaml", fits
 
 

@@ -203,5 +203,20 @@ def identity_differences(
     return [
         f"{key}: {saved[key]!r} -> {given[key]!r}"
         for key in sorted(saved.keys() & given.keys())
-        if not key.startswith(ignored) and saved[key] != given[key]
+        if not key.startswith(ignored) and not same_setting(saved[key], given[key])
     ]
+
+
+def same_setting(saved: Any, given: Any) -> bool:
+    """Equal, or one local path: checkpoints written before recipe paths were resolved against the
+    recipe (:func:`projq_train.cli.resolve_recipe_paths`) hold them relative to the working
+    directory, as given then."""
+    if saved == given:
+        return True
+    return (
+        isinstance(saved, str)
+        and isinstance(given, str)
+        and Path(given).is_absolute()
+        and Path(saved).exists()
+        and Path(saved).resolve() == Path(given)
+    )

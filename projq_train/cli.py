@@ -19,13 +19,15 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import os
 import re
 import sys
 from importlib import import_module
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import jsonargparse
+import yaml
 from jsonargparse import Namespace
 
 from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig, renamed_setting_hint
@@ -49,6 +51,75 @@ SUBCOMMAND_HELP = {
     "eval": "score a checkpoint, an artifact or a model on perplexity, commonsense and math",
     "report": "the recovery report: float, quantized, initialized and fine-tuned, side by side",
 }
+
+
+# Recipe settings that name a file or folder, by the last part of their key (a key means one thing
+# in every subcommand). Relative ones in a recipe file resolve against the file's directory.
+LOCAL_PATH_KEYS = frozenset(
+    {
+        "default_root_dir",
+        "dirpath",
+        "save_dir",
+        "artifact_dir",
+        "data_root",
+        "ckpt_path",
+        "output",
+        "artifact",
+    }
+)
+HUB_OR_LOCAL_KEYS = frozenset({"name_or_path", "dataset", "path", "val_path", "test_path", "model"})
+CHECKPOINT_ALIASES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt", ".csv", ".gguf", ".safetensors", ".ckpt")
+
+
+def looks_local(value: str, base: Path) -> bool:
+    """Whether a model or dataset setting names a local path rather than a hub name: it starts
+    with ``.``, ``/`` or ``~``, ends in a file suffix, or exists under ``base``; ``builtin:...``
+    and URLs never."""
+    if ":" in value:
+        return False
+    return value.startswith((".", "/", "~")) or value.endswith(LOCAL_SUFFIXES) or (base / value).exists()
+
+
+def resolve_recipe_paths(settings: Any, base: Path) -> Any:
+    """``settings`` (a recipe's parsed YAML) with every relative path made absolute against
+    ``base``: the values of :data:`LOCAL_PATH_KEYS`, and of :data:`HUB_OR_LOCAL_KEYS` where they
+    :func:`looks_local`. Other values, hub names and checkpoint aliases are kept."""
+    if isinstance(settings, list):
+        return [resolve_recipe_paths(item, base) for item in settings]
+    if not isinstance(settings, dict):
+        return settings
+    resolved = {}
+    for key, value in settings.items():
+        if isinstance(value, str) and (
+            (key in LOCAL_PATH_KEYS and value not in CHECKPOINT_ALIASES)
+            or (key in HUB_OR_LOCAL_KEYS and looks_local(value, base))
+        ):
+            value = str((base / Path(value).expanduser()).resolve())
+        resolved[key] = resolve_recipe_paths(value, base)
+    return resolved
+
+
+class RecipeParsing:
+    """What every projq-train parser does: a recipe file's relative paths resolve against the
+    file's directory (:func:`resolve_recipe_paths`), so a recipe works from any working directory
+    (values on the command line stay relative to the working directory), and a bad option or
+    setting is its error line first (:func:`error_line_first`)."""
+
+    def parse_path(self, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Namespace:
+        content = Path(path).read_text()
+        try:
+            settings = yaml.safe_load(content)
+        except yaml.YAMLError:  # jsonargparse's own parse of the text reports it
+            settings = None
+        if isinstance(settings, dict):
+            content = yaml.safe_dump(
+                resolve_recipe_paths(settings, Path(path).resolve().parent), sort_keys=False
+            )
+        return self.parse_string(content, os.path.basename(path), *args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        error_line_first(self, message, ex)
 
 
 # where jsonargparse's messages name a setting it refused (and the value, for a bad choice)
@@ -112,11 +183,8 @@ def error_line_first(
     sys.exit(2)
 
 
-class ArgumentParser(jsonargparse.ArgumentParser):
-    """jsonargparse's parser with :func:`error_line_first`."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        error_line_first(self, message, ex)
+class ArgumentParser(RecipeParsing, jsonargparse.ArgumentParser):
+    """jsonargparse's parser with :class:`RecipeParsing`."""
 
 
 def usage() -> str:

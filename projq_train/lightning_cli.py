@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import lightning as L
 import torch
@@ -25,7 +25,7 @@ from projq_train.checkpoint import (
     newest_last_checkpoint,
     read_checkpoint_file,
 )
-from projq_train.cli import error_line_first
+from projq_train.cli import RecipeParsing
 from projq_train.integrity import verify_checkpoint
 from projq_train.module import NonFiniteTrainingError, ProjQModule
 
@@ -40,11 +40,8 @@ def first_cause(message: str) -> str:
     return message
 
 
-class ProjQArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser with :func:`~projq_train.cli.error_line_first`."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        error_line_first(self, message, ex)
+class ProjQArgumentParser(RecipeParsing, LightningArgumentParser):
+    """LightningCLI's parser with :class:`~projq_train.cli.RecipeParsing`."""
 
 
 def place_outputs(trainer: Namespace) -> None:

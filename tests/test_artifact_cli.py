@@ -233,6 +233,59 @@ def test_quantize_command_writes_then_reuses(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
 
 
+def test_a_recipe_run_from_any_working_directory_finds_its_artifact(tmp_path, monkeypatch, capsys):
+    recipes = tmp_path / "project" / "recipes"
+    recipes.mkdir(parents=True)
+    recipe = recipes / "quantize.yaml"
+    recipe.write_text(TINY_RECIPE.read_text())  # artifact_dir: ../artifacts
+    found = []
+    for cwd in (tmp_path / "project", recipes, tmp_path):
+        monkeypatch.chdir(cwd)
+        cli.main(["quantize", "--config", str(recipe), "--quant.iters", "1"])
+        found.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["artifact"])
+        monkeypatch.setattr(artifact, "quantize_model", None)  # the later runs must not quantize
+    made = list((tmp_path / "project" / "artifacts").iterdir())
+    assert len(made) == 1 and found == [str(made[0])] * 3
+    assert [p.name for p in tmp_path.iterdir()] == ["project"]  # nothing written where it ran
+    assert sorted(p.name for p in (tmp_path / "project").iterdir()) == ["artifacts", "recipes"]
+    assert [p.name for p in recipes.iterdir()] == ["quantize.yaml"]
+
+
+def test_recipe_paths_become_absolute_and_hub_names_builtins_and_aliases_stay(tmp_path):
+    (tmp_path / "rows").mkdir()
+    settings = {
+        "trainer": {
+            "default_root_dir": "../runs/x",
+            "callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"dirpath": "ckpts", "every": 2}}],
+        },
+        "model": {
+            "base": {"name_or_path": "Qwen/Qwen2.5-7B", "dtype": "bfloat16"},
+            "calibration": {"dataset": "builtin:sample"},
+            "artifact_dir": "/elsewhere/artifacts",
+        },
+        "data": {
+            "class_path": "projq_train.data.instruct.InstructionData",
+            "init_args": {"path": "rows", "val_path": "yahma/alpaca-cleaned", "test_path": "data/test.jsonl"},
+        },
+        "ckpt_path": "last",
+    }
+    resolved = cli.resolve_recipe_paths(settings, tmp_path)
+    assert resolved["trainer"]["default_root_dir"] == str(tmp_path.parent / "runs" / "x")
+    assert resolved["trainer"]["callbacks"][0]["init_args"] == {
+        "dirpath": str(tmp_path / "ckpts"),
+        "every": 2,
+    }
+    assert resolved["model"] == settings["model"]  # a hub name, a builtin, an absolute path
+    assert resolved["data"]["init_args"] == {
+        "path": str(tmp_path / "rows"),  # exists next to the recipe
+        "val_path": "yahma/alpaca-cleaned",  # a hub dataset
+        "test_path": str(tmp_path / "data" / "test.jsonl"),  # a file name, even where it is missing
+    }
+    assert (
+        resolved["ckpt_path"] == "last" and resolved["data"]["class_path"] == settings["data"]["class_path"]
+    )
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

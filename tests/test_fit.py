@@ -250,6 +250,32 @@ def test_a_checkpoint_written_before_the_renames_is_refused_naming_them():
     check_current_settings(current, "new.ckpt")  # nothing to refuse
 
 
+def test_a_recipes_relative_paths_resolve_against_its_folder_from_any_working_directory(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run_cli("--print_config", "--data.init_args.val_path=rows.jsonl")
+    printed = yaml.safe_load(capsys.readouterr().out)
+    root = RECIPES.parent.resolve()
+    assert printed["trainer"]["default_root_dir"] == str(root / "runs" / "tiny-cpu")
+    assert printed["model"]["artifact_dir"] == str(root / "artifacts")
+    assert printed["model"]["calibration"]["dataset"] == "builtin:sample"  # not a path: kept
+    assert printed["data"]["init_args"]["val_path"] == "rows.jsonl"  # the command line's: as given
+
+
+def test_a_checkpoint_holding_a_path_relative_to_where_it_ran_matches_the_resolved_one(tmp_path, monkeypatch):
+    from projq_train.checkpoint import identity_differences
+
+    (tmp_path / "rows.jsonl").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    old = {"datamodule_hyper_parameters": {"path": "rows.jsonl", "max_seq_length": 64}}
+    assert identity_differences(old, {}, {"path": str(tmp_path / "rows.jsonl"), "max_seq_length": 64}) == []
+    assert identity_differences(old, {}, {"path": str(tmp_path / "other.jsonl"), "max_seq_length": 64}) == [
+        f"data.path: 'rows.jsonl' -> '{tmp_path / 'other.jsonl'}'"
+    ]
+
+
 def test_print_config_shows_the_full_recipe(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli("--print_config")

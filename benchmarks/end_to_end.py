@@ -39,7 +39,7 @@ from projq_train.config import AdapterConfig, CalibrationConfig, ModelConfig, Qu
 from projq_train.data.calibration import load_rows
 from projq_train.data.instruct import InstructionData
 from projq_train.eval.harness import EvalSettings, evaluate
-from projq_train.eval.run import artifact_model
+from projq_train.eval.models import artifact_model
 from projq_train.eval.tasks import resolve_task
 from projq_train.models import load_model_and_tokenizer
 from projq_train.module import ProjQModule

@@ -13,7 +13,8 @@ from projq_train.artifact import load_quantized_model
 from projq_train.config import ModelConfig
 from projq_train.eval import harness
 from projq_train.eval.callback import TaskEval
-from projq_train.eval.run import gap_closed, run_eval, run_report
+from projq_train.eval.run import run_eval, run_report
+from projq_train.eval.tables import gap_closed
 from projq_train.eval.tasks import (
     ChoiceItem,
     choice_item,
@@ -281,7 +282,7 @@ def test_recovery_report_follows_the_checkpoint_through_its_stages(
         loads.append(path)
         return load_quantized_model(path)
 
-    for module in ("projq_train.eval.run", "projq_train.checkpoint"):
+    for module in ("projq_train.eval.models", "projq_train.checkpoint"):
         monkeypatch.setattr(f"{module}.load_quantized_model", counted_load)
     report = run_report(
         str(checkpoint), ["wikitext2", "boolq"], str(tmp_path / "rep"), data_root=str(data_root), seqlen=64

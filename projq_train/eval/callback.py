@@ -15,9 +15,8 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from projq_train.eval.harness import ChoiceMode, EvalSettings, evaluate
-from projq_train.eval.run import COUNTS, DATA_ROOT
-from projq_train.eval.tasks import Task, check_task_name, resolve_task
+from projq_train.eval.harness import COUNTS, ChoiceMode, EvalSettings, evaluate
+from projq_train.eval.tasks import DATA_ROOT, Task, check_task_name, resolve_task
 
 
 class TaskEval(Callback):

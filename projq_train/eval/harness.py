@@ -41,6 +41,7 @@ from projq_train.quant.linear import dequantize_once
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
+COUNTS = ("n", "tokens")  # result entries that are sizes, not metrics
 ChoiceMode = Literal["loglik", "generate", "both"]
 # a scoring request: input ids and, per (question, label) it scores, the (position, token) pairs
 # whose log-probabilities sum to that label's score; the logits at `position` predict `token`

@@ -22,6 +22,7 @@ A task is named on the command line as ``name`` (found under ``data_root`` in th
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ DEFAULT_FILES: dict[str, tuple[Kind, str]] = {
     "gsm8k": ("gsm8k", "gsm8k/test.jsonl"),
     **{name: ("choice", f"llm-adapters/dataset/{name}/test.json") for name in COMMONSENSE},
 }
+DATA_ROOT = os.environ.get("PROJQ_DATA_ROOT", "data")  # where task names find their data
 TEXT_SUFFIXES = (".txt", ".raw")
 ANSWER_FORMAT = re.compile(r"Answer format:\s*(\S+)", re.IGNORECASE)
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

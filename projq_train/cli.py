@@ -30,7 +30,13 @@ import jsonargparse
 import yaml
 from jsonargparse import Namespace
 
-from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig, renamed_setting_hint
+from projq_train.config import (
+    AdapterConfig,
+    CalibrationConfig,
+    ModelConfig,
+    QuantConfig,
+    renamed_setting_hint,
+)
 from projq_train.quiet import silence_known_noise
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
@@ -238,10 +244,9 @@ def run_quantize(cfg: Namespace) -> Path:
         raise ValueError(
             "quant.method nf4 is quantized by bitsandbytes when `fit` loads the model; nothing to do"
         )
-    if cfg.adapter.rank < 0:
-        raise ValueError(f"adapter.rank must be >= 0, got {cfg.adapter.rank}")
+    rank = AdapterConfig(rank=cfg.adapter.rank).rank  # checked as fit checks it
     device = resolve_device(cfg.device)
-    return find_or_quantize(cfg.model, cfg.quant, cfg.adapter.rank, cfg.calibration, cfg.artifact_dir, device)
+    return find_or_quantize(cfg.model, cfg.quant, rank, cfg.calibration, cfg.artifact_dir, device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,9 +79,12 @@ class QuantConfig:
     projection_strength: float = 1.0
     """ProjQ in ``paper`` mode: how far the Hessian is projected onto the complement of the error's
     top-r subspace (1.0 is the paper's algorithm, 0.0 plain GPTQ)."""
-    mode: Literal["paper", "refresh"] = "paper"
+    mode: Literal["paper", "refresh", "srr"] = "paper"
     """ProjQ loop: ``paper`` re-runs GPTQ against the projected Hessian; ``refresh`` quantizes
-    ``W − L`` with ``L`` the current best rank-r compensation, starting from the top-r part of W."""
+    ``W − L`` with ``L`` the current best rank-r compensation, starting from the top-r part of W;
+    ``srr`` (SRR's rank split) keeps the top-k H-weighted part of W out of the grid, k per layer
+    by SRR's criterion (shown in the report), and runs the paper loop on the rest at rank r − k.
+    ``refresh`` and ``srr`` put part of W in the adapter: they need ``adapter.init: compensation``."""
     clip: bool = False
     """GPTQ/ProjQ: pick each group's range by an activation-weighted MSE search over shrunk
     min-max ranges instead of plain min-max."""
@@ -175,9 +178,9 @@ def check_adapter_settings(quant: QuantConfig, adapter: AdapterConfig) -> None:
         raise ValueError(
             "adapter.init compensation needs a compensation from rtn/gptq/projq; use `standard` with nf4"
         )
-    if adapter.init == "standard" and quant.method == "projq" and quant.mode == "refresh":
+    if adapter.init == "standard" and quant.method == "projq" and quant.mode in ("refresh", "srr"):
         raise ValueError(
-            "quant.mode refresh moves the weight's dominant rank-r part into the adapter, so Q alone is "
+            f"quant.mode {quant.mode} moves the weight's dominant part into the adapter, so Q alone is "
             "far from W; it needs adapter.init compensation (or use quant.mode paper for a standard-init "
             "comparison)"
         )

@@ -50,6 +50,26 @@ def test_step0_adapter_is_closer_to_float_than_quantized(family, method):
     assert "mean" in format_report(reports).splitlines()[-1]
 
 
+def test_srr_reports_the_rank_it_preserves_in_each_module():
+    model, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    ids = calibration_tokens(CalibrationConfig(nsamples=8, seqlen=64), tok)
+    cfg = QuantConfig(method="projq", mode="srr", bits=2, group_size=32, iters=1)
+    modules, reports = quantize_model(model, ids, cfg, 8, progress=False)
+    assert all(0 <= r.preserved_rank <= 8 and r.err_compensated < r.err_quant for r in reports)
+    assert [m.preserved_rank for m in modules.values()] == [r.preserved_rank for r in reports]
+    table = format_report(reports).splitlines()
+    assert table[0].split()[:3] == ["module", "shape", "k"]
+    assert table[1].split()[2] == str(reports[0].preserved_rank)
+    _, plain = quantize_model(
+        load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))[0],
+        ids,
+        QuantConfig(method="gptq", bits=2, group_size=32),
+        8,
+        progress=False,
+    )
+    assert format_report(plain).splitlines()[0].split()[:3] == ["module", "shape", "err"]  # no k column
+
+
 def test_calibration_feeds_quantized_outputs_forward():
     """Layer 1 is calibrated on the outputs of the already-quantized layer 0, not the float one."""
     cfg = QuantConfig(method="gptq", bits=2, group_size=32)

@@ -214,6 +214,10 @@ def test_module_refuses_a_checkpoint_for_another_base():
         ("--model.quant.metod=gptq", "metod"),
         ("--model.quant.method=nf4", "nf4 is a 4-bit format"),
         ("--model.adapter.init=standard --model.quant.mode=refresh", "needs adapter.init compensation"),
+        (
+            "--model.adapter.init=standard --model.quant.mode=srr",
+            "quant.mode srr moves the weight's dominant",
+        ),
         ("--model.adapter.rank=0", "must be > 0 to fine-tune"),
         ("--model.quant.rank=8", "model.quant.rank is now model.adapter.rank"),
         ("--model.quant.alpha=0.5", "model.quant.alpha is now model.quant.projection_strength"),

@@ -11,7 +11,7 @@ from projq_train.quant import (
     rtn_quantize,
     spectral_tail,
 )
-from projq_train.quant.projq import error_subspace, hessian_sqrt, projected_hessian
+from projq_train.quant.projq import error_subspace, hessian_sqrt, projected_hessian, srr_preserved_rank
 from projq_train.quant.rtn import clipped_params, minmax_params, quantize_to_grid
 
 
@@ -218,7 +218,58 @@ def test_refresh_mode_lowers_compensated_error_on_structured_weight(layer):
     assert min(tails) < gptq_tail
 
 
-def test_unknown_projq_mode_is_refused(layer):
+def test_unknown_projq_mode_or_preserved_rank_is_refused(layer):
     W, _, H = layer
-    with pytest.raises(ValueError, match="mode must be 'paper' or 'refresh'"):
+    with pytest.raises(ValueError, match="mode must be 'paper', 'refresh' or 'srr'"):
         projq_quantize(W, H, 3, 32, rank=8, mode="loftq")
+    with pytest.raises(ValueError, match=r"preserved_rank must be in \[0, rank\] = \[0, 8\], got 9"):
+        projq_quantize(W, H, 3, 32, rank=8, mode="srr", preserved_rank=9)
+
+
+def with_structure(W: torch.Tensor, strength: float, rank: int = 4) -> torch.Tensor:
+    """``W`` plus a rank-``rank`` part: the dominant structure real weights have."""
+    g = torch.Generator().manual_seed(3)
+    return W + strength * torch.randn(W.shape[0], rank, generator=g) @ torch.randn(
+        rank, W.shape[1], generator=g
+    )
+
+
+def test_srr_preserving_nothing_is_the_paper_loop_and_everything_refreshs_first_round(layer):
+    W, _, H = layer
+    W, r = with_structure(W, 2.0), 8
+
+    def srr(k: int, iters: int):
+        return projq_quantize(W, H, 3, 32, rank=r, iters=iters, mode="srr", preserved_rank=k)[0]
+
+    # k = 0: plain GPTQ, and its compensation the plain one; with rounds, the paper's loop
+    assert torch.equal(srr(0, 0).codes, gptq_quantize(W, H, 3, 32).codes)
+    assert torch.equal(srr(0, 2).codes, projq_quantize(W, H, 3, 32, rank=r, iters=2)[0].codes)
+    # k = r: W's best rank-r part in the H-norm, U_r U_rᵀ W, stays out of the grid (no rounds left)
+    whole = srr(r, 3)
+    _, refresh_tails = projq_quantize(W, H, 3, 32, rank=r, iters=1, mode="refresh")
+    assert spectral_tail(W - whole.dequantize(), H, r) == pytest.approx(refresh_tails[0], rel=1e-9)
+    lam, V = torch.linalg.eigh(H.double())
+    U = torch.linalg.svd(W.double() @ (V * lam.clamp_min(1e-12).sqrt()) @ V.T)[0][:, :r]
+    expected = gptq_quantize((W.double() - U @ U.T @ W.double()).float(), H, 3, 32)
+    assert (whole.codes == expected.codes).float().mean() > 0.99  # the same up to float round-off
+
+
+@pytest.mark.parametrize(("strength", "expected_k"), [(0.0, 0), (4.0, 4)])
+def test_srr_criterion_keeps_the_low_rank_structure_of_a_weight_and_nothing_of_noise(
+    layer, strength, expected_k
+):
+    W, _, H = layer
+    W, r = with_structure(W, strength), 8
+    assert srr_preserved_rank(W, H, r, 3, 32) == expected_k
+    tails = {
+        k: spectral_tail(
+            W - projq_quantize(W, H, 3, 32, rank=r, iters=0, mode="srr", preserved_rank=k)[0].dequantize(),
+            H,
+            r,
+        )
+        for k in range(r + 1)
+    }
+    assert tails[expected_k] <= 1.1 * min(tails.values())  # the split it picks is (near) the best one
+    if strength:
+        assert tails[expected_k] < tails[0] / 10  # keeping the structure out of the grid pays
+    assert srr_preserved_rank(W, H, 0, 3, 32) == 0

@@ -24,7 +24,7 @@ from projq_train.host_memory import release_freed_memory, return_free_pages
 from projq_train.models import decoder_layers
 from projq_train.quant import lowrank_compensation, quantize_weight
 from projq_train.quant.pack import PackedWeight
-from projq_train.quant.projq import check_rank, hessian_sqrt
+from projq_train.quant.projq import check_rank, hessian_sqrt, srr_preserved_rank
 from projq_train.quant.rtn import check_grid
 from projq_train.weights import WeightSource, materialize
 
@@ -42,6 +42,7 @@ class QuantizedModule:
     weight: PackedWeight
     lora_B: Tensor  # (out, r)
     lora_A: Tensor  # (r, in)
+    preserved_rank: int | None = None  # srr: the k top directions of W kept out of the grid
 
     def step0_weight(self) -> Tensor:
         """``Q + B A``: the weight the adapted model computes with before training."""
@@ -58,6 +59,7 @@ class ModuleReport:
     err_compensated: float  # ‖W − Q − BA‖_H² / ‖W‖_H²
     tail_fraction: float  # share of the quantization error the adapter cannot remove
     seconds: float
+    preserved_rank: int | None = None  # srr: k of the rank r holds W's top part, r − k the error
 
 
 class _StopForward(Exception):
@@ -189,9 +191,11 @@ def quantize_module(W: Tensor, H: Tensor, cfg: QuantConfig, rank: int) -> Quanti
         )
     sqrt_pair = hessian_sqrt(H)  # shared by ProjQ and the compensation
     opts = _method_options(cfg, sqrt_pair)
+    if opts.get("mode") == "srr":
+        opts["preserved_rank"] = srr_preserved_rank(W, H, rank, cfg.bits, cfg.group_size, cfg.damp, sqrt_pair)
     qw = quantize_weight(W, H, cfg.method, cfg.bits, cfg.group_size, rank, cfg.iters, **opts)
     B, A = lowrank_compensation(W - qw.dequantize(), H, rank, sqrt_pair)
-    return QuantizedModule(PackedWeight.from_quantized(qw), B, A)
+    return QuantizedModule(PackedWeight.from_quantized(qw), B, A, opts.get("preserved_rank"))
 
 
 @torch.no_grad()
@@ -259,10 +263,13 @@ def quantize_model(
                         err_c,
                         err_c / max(err_q, 1e-30),
                         time.perf_counter() - t0,
+                        qm.preserved_rank,
                     )
                 )
                 mod.weight.copy_(step0.to(mod.weight.dtype))
-                result[name] = QuantizedModule(qm.weight.to("cpu"), qm.lora_B.cpu(), qm.lora_A.cpu())
+                result[name] = QuantizedModule(
+                    qm.weight.to("cpu"), qm.lora_B.cpu(), qm.lora_A.cpu(), qm.preserved_rank
+                )
             del hessians
             release_freed_memory()  # the group's forward and working matrices
         inputs = _run_layer(layer, inputs, kwargs)
@@ -286,17 +293,26 @@ def apply_quantized(
 
 
 def format_report(reports: list[ModuleReport]) -> str:
-    """A fixed-width table of the per-module report with a mean row."""
-    lines = [f"{'module':<40} {'shape':>12} {'err Q':>9} {'err Q+BA':>9} {'tail %':>7} {'sec':>6}"]
+    """A fixed-width table of the per-module report with a mean row; with srr, the preserved rank
+    ``k`` of each module too."""
+    srr = any(r.preserved_rank is not None for r in reports)
+
+    def k(value: int | None) -> str:  # the srr column
+        return f" {'' if value is None else value:>4}" if srr else ""
+
+    head = f" {'k':>4}" if srr else ""
+    lines = [f"{'module':<40} {'shape':>12}{head} {'err Q':>9} {'err Q+BA':>9} {'tail %':>7} {'sec':>6}"]
     for r in reports:
         shape = f"{r.shape[0]}x{r.shape[1]}"
         lines.append(
-            f"{r.name:<40} {shape:>12} {r.err_quant:9.5f} {r.err_compensated:9.5f} "
+            f"{r.name:<40} {shape:>12}{k(r.preserved_rank)} {r.err_quant:9.5f} {r.err_compensated:9.5f} "
             f"{100 * r.tail_fraction:7.2f} {r.seconds:6.2f}"
         )
     n = max(len(reports), 1)
+    ks = [r.preserved_rank for r in reports if r.preserved_rank is not None]
+    mean_k = f" {sum(ks) / len(ks):4.1f}" if ks else k(None)
     lines.append(
-        f"{'mean':<40} {'':>12} {sum(r.err_quant for r in reports) / n:9.5f} "
+        f"{'mean':<40} {'':>12}{mean_k} {sum(r.err_quant for r in reports) / n:9.5f} "
         f"{sum(r.err_compensated for r in reports) / n:9.5f} "
         f"{100 * sum(r.tail_fraction for r in reports) / n:7.2f} {sum(r.seconds for r in reports):6.2f}"
     )

@@ -14,6 +14,10 @@ No calibration ``X`` is stored and no ``N × N`` matrix is formed.
 Hessian it refreshes the compensation inside the loop, starting from the H-weighted
 top-r SVD of ``W``.
 
+``mode="srr"`` splits the rank as SRR does ("Preserve-Then-Quantize", 2026): the H-weighted top-k
+part of ``W`` is kept out of the grid (the adapter holds it), the residual is quantized with the
+paper's loop at rank ``r − k``; ``k`` per weight by :func:`srr_preserved_rank`.
+
 Phase 2 (``lowrank_compensation``): ``B A`` = best rank-r approximation of ``E`` in the
 H-norm, from the SVD of ``E H^{1/2}``.
 """
@@ -25,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from projq_train.quant.gptq import gptq_quantize
+from projq_train.quant.gptq import gptq_quantize, inverse_cholesky
 from projq_train.quant.rtn import QuantizedWeight
 
 
@@ -77,6 +81,73 @@ def spectral_tail(E: Tensor, H: Tensor, rank: int) -> float:
     return lam[rank:].sum().item()
 
 
+def top_part(W: Tensor, Hh: Tensor, Hih: Tensor, Z: Tensor) -> Tensor:
+    """``W H^{1/2} Z Zᵀ H^{-1/2} (out, in)``: the part of ``W`` along the right singular vectors
+    ``Z (in, k)`` of ``W H^{1/2}``; for its top-k ones, the best rank-k part of ``W`` in the H-norm
+    (``U_k U_kᵀ W``)."""
+    return ((W.to(Hh.dtype) @ Hh @ Z) @ (Z.T @ Hih)).to(W.dtype)
+
+
+def grid_noise(W: Tensor, bits: int, group_size: int) -> Tensor:
+    """The rounding-noise variance of each group of ``W (out, in)`` on its min-max grid,
+    ``Δ² / 12`` with ``Δ = range / (2^bits − 1)``: ``(out, groups)``."""
+    out_f, in_f = W.shape
+    g = in_f if group_size == -1 else group_size
+    Wg = W.reshape(out_f, in_f // g, g)
+    step = (Wg.amax(dim=2) - Wg.amin(dim=2)) / (2**bits - 1)
+    return step**2 / 12
+
+
+def srr_preserved_rank(
+    W: Tensor,
+    H: Tensor,
+    rank: int,
+    bits: int,
+    group_size: int,
+    damp: float = 0.01,
+    sqrt_pair: tuple[Tensor, Tensor] | None = None,
+    seed: int = 0,
+) -> int:
+    """SRR's split of the rank ``r``: how many top H-weighted directions of ``W`` to keep out of
+    the grid (``k``) so that the error the remaining ``r − k`` cannot reconstruct is smallest,
+    balancing the energy quantization exposes against what stays unrecoverable.
+
+    GPTQ rounds column ``j`` with an error of variance ``var = Δ² / 12`` (``Δ``: its group's
+    step) and leaves ``Err = (W − Q) U⁻¹`` with ``U`` the upper Cholesky factor of ``H⁻¹``, so
+    ``(W − Q) H^{1/2} = Err · (U H^{1/2})`` with ``U H^{1/2}`` orthogonal: the error's H-norm
+    spectrum is that of ``Err``, independent entries of variance ``var / U_jj²``. Hence
+    - exposed energy ``ε(k) = Σ var_k / U_jj²`` of the residual ``W − U_k U_kᵀ W`` (its groups'
+      ranges shrink as dominant directions leave the grid, :func:`grid_noise`);
+    - the share ``ρ(m)`` a rank-m reconstruction removes, read off one random probe shaped like
+      ``Err`` (``Σ_{i≤m} s_i² / Σ s_i²``);
+    - ``J(k) = ε(k) (1 − ρ(r − k))``, ``k = argmin J``. ``k = 0`` is plain compensation,
+      ``k = r`` the first round of ``refresh``.
+    ``damp``: GPTQ's dampening; ``seed``: the probe's.
+    """
+    check_rank(rank, *W.shape)
+    if rank == 0:
+        return 0
+    Hh, _ = sqrt_pair if sqrt_pair is not None else hessian_sqrt(H)
+    W = W.to(Hh.dtype)
+    U = torch.linalg.svd(W @ Hh, full_matrices=False)[0][:, :rank]  # (out, r)
+    components = U.T @ W  # (r, in): W's part along each u_i
+    g = W.shape[1] if group_size == -1 else group_size
+    column_weight = inverse_cholesky(H.to(W.dtype), damp).diagonal() ** -2  # (in,) 1 / U_jj²
+    group_weight = column_weight.reshape(-1, g).sum(dim=1)  # (groups,)
+    noise_var = grid_noise(W, bits, group_size)  # (out, groups), of W itself
+    residual, exposed = W.clone(), [(noise_var * group_weight).sum()]
+    for k in range(1, rank + 1):
+        residual -= U[:, k - 1 : k] @ components[k - 1 : k]
+        exposed.append((grid_noise(residual, bits, group_size) * group_weight).sum())
+    gen = torch.Generator(device=W.device).manual_seed(seed)
+    probe = torch.randn(W.shape, generator=gen, device=W.device, dtype=W.dtype)
+    probe *= (noise_var.repeat_interleave(g, dim=1) * column_weight).sqrt()  # shaped like Err
+    s2 = torch.linalg.svdvals(probe) ** 2
+    captured = torch.cat([s2.new_zeros(1), s2.cumsum(0)[:rank] / s2.sum().clamp_min(1e-30)])  # ρ(0..r)
+    unrecoverable = torch.stack(exposed) * (1 - captured.flip(0))  # J(k) = ε(k) (1 − ρ(r − k))
+    return int(unrecoverable.argmin())
+
+
 def projected_hessian(H: Tensor, Hh: Tensor, Z: Tensor, alpha: float = 1.0) -> Tensor:
     """``H_perp = H − α G Gᵀ`` with ``G = H^{1/2} Z (in, r)``.
 
@@ -114,8 +185,9 @@ def projq_quantize(
     iters: int = 5,
     tol: float = 1e-3,
     alpha: float = 1.0,
-    mode: Literal["paper", "refresh"] = "paper",
+    mode: Literal["paper", "refresh", "srr"] = "paper",
     sqrt_pair: tuple[Tensor, Tensor] | None = None,
+    preserved_rank: int | None = None,
     **gptq_kwargs,
 ) -> tuple[QuantizedWeight, list[float]]:
     """ProjQ phase 1: alternate quantizing and re-estimating the error subspace ``Z_r``.
@@ -126,6 +198,9 @@ def projq_quantize(
     ``Q ← GPTQ(W − L, H)`` with ``L = E H^{1/2} Z_r Z_rᵀ H^{-1/2}`` the best rank-r part of the
     current error ``E`` in the H-norm, starting from ``L`` = the best rank-r part of ``W``
     itself: the adapter takes the dominant structure, the grid fits what is left.
+    ``mode="srr"``: ``Q ← paper loop(W − L_k)`` at rank ``r − k``, with ``L_k`` the best rank-k
+    part of ``W`` in the H-norm and ``k = preserved_rank`` (None: :func:`srr_preserved_rank`);
+    ``Q`` then approximates ``W − L_k``, and the rank-r compensation of ``W − Q`` holds ``L_k``.
 
     Args:
         rank: adapter rank r (0: plain GPTQ).
@@ -134,14 +209,29 @@ def projq_quantize(
             or when the subspace moves by less than this (relative Frobenius distance).
         alpha: projection strength in paper mode, ``H_perp = H − α G Gᵀ`` (1: the paper).
         sqrt_pair: ``hessian_sqrt(H)`` when the caller already has it.
+        preserved_rank: ``k`` in srr mode, in ``[0, rank]``.
         gptq_kwargs: passed to :func:`gptq_quantize` (block_size, damp, act_order, clip).
 
     Returns:
         The iterate with the smallest tail, and the tail of every iterate in order.
     """
     check_rank(rank, *W.shape)
-    if mode not in ("paper", "refresh"):
-        raise ValueError(f"mode must be 'paper' or 'refresh', got {mode!r}")
+    if mode not in ("paper", "refresh", "srr"):
+        raise ValueError(f"mode must be 'paper', 'refresh' or 'srr', got {mode!r}")
+    if mode == "srr" and rank > 0:
+        sqrt_pair = sqrt_pair if sqrt_pair is not None else hessian_sqrt(H)
+        damp = gptq_kwargs.get("damp", 0.01)
+        k = (
+            srr_preserved_rank(W, H, rank, bits, group_size, damp, sqrt_pair)
+            if preserved_rank is None
+            else preserved_rank
+        )
+        if not 0 <= k <= rank:
+            raise ValueError(f"preserved_rank must be in [0, rank] = [0, {rank}], got {k}")
+        kept = top_part(W, *sqrt_pair, error_subspace(W, sqrt_pair[0], k)[1]) if k else 0
+        return projq_quantize(
+            W - kept, H, bits, group_size, rank - k, iters, tol, alpha, "paper", sqrt_pair, **gptq_kwargs
+        )
     if rank == 0 or iters == 0:
         return gptq_quantize(W, H, bits, group_size, **gptq_kwargs), []
     Hh, Hih = sqrt_pair if sqrt_pair is not None else hessian_sqrt(H)
@@ -150,8 +240,7 @@ def projq_quantize(
         """Quantize given the dominant subspace ``Z (in, r)`` of the current error ``E``."""
         if mode == "paper":
             return gptq_quantize(W, projected_hessian(H, Hh, Z, alpha), bits, group_size, **gptq_kwargs)
-        L = ((E.to(Hh.dtype) @ Hh @ Z) @ (Z.T @ Hih)).to(W.dtype)  # (out, in), rank r
-        return gptq_quantize(W - L, H, bits, group_size, **gptq_kwargs)
+        return gptq_quantize(W - top_part(E, Hh, Hih, Z), H, bits, group_size, **gptq_kwargs)
 
     if mode == "paper":
         q = gptq_quantize(W, H, bits, group_size, **gptq_kwargs)

@@ -37,6 +37,7 @@ VARIANTS = {
     "projq": {"method": "projq"},  # the paper's algorithm
     "projq-clip": {"method": "projq", "clip": True},
     "projq-refresh": {"method": "projq", "mode": "refresh", "clip": True},  # our variant
+    "projq-srr": {"method": "projq", "mode": "srr", "clip": True},  # SRR's rank split, then the paper loop
 }
 SETTINGS = ("group_size", "nsamples", "seqlen", "ppl_windows")  # stored with the rows, shown in the table
 
@@ -115,6 +116,7 @@ def main() -> None:
                     "err_qba": sum(r.err_compensated for r in reports) / n,
                     "module_errors": {r.name: r.err_compensated for r in reports},
                     "quant_seconds": sum(r.seconds for r in reports),
+                    "preserved_rank": [r.preserved_rank for r in reports],
                     "wall_seconds": wall,
                     "ppl_qba": perplexity(model, windows),
                     "ppl_q": perplexity(apply_quantized(model, modules, with_adapter=False), windows),
@@ -161,9 +163,11 @@ def print_table(rows: list[dict], settings: dict) -> None:
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows[1:]:
         g = by.get((r["bits"], r["rank"], "gptq"))
+        ks = [k for k in r.get("preserved_rank") or [] if k is not None]
+        method = f"{r['variant']} (mean k {sum(ks) / len(ks):.1f})" if ks else r["variant"]
         tratio = f"{r['quant_seconds'] / g['quant_seconds']:.2f}x" if g else "-"
         print(
-            f"| {r['bits']} | {r['rank']} | {r['variant']} | {r['err_q']:.5f} | {r['err_qba']:.5f} "
+            f"| {r['bits']} | {r['rank']} | {method} | {r['err_q']:.5f} | {r['err_qba']:.5f} "
             f"| {error_ratio(g, r)} | {error_ratio(by.get((r['bits'], r['rank'], 'gptq-clip')), r)} "
             f"| {fmt_ppl(r['ppl_q'])} | {fmt_ppl(r['ppl_qba'])} | {r['quant_seconds']:.0f} | {tratio} |"
         )

@@ -11,8 +11,10 @@ needs, so it loads without the base model:
 - ``config.json`` (the model's ``transformers`` config) and ``tokenizer/``;
 - ``metadata.json``: format version, the full hash and the base's identity
   (:func:`projq_train.weights.base_identity`), the complete recipe, library versions,
-  per-module bits/group size/shape, the quantization report and the checksums of the two tensor
-  files, verified (with a check for non-finite values) before either is used.
+  per-module bits/group size/shape, the quantization report, the stored bits per weight, the
+  mixed-precision configuration (:class:`~projq_train.quant.allocate.BitConfiguration`: bits and
+  rank per module) when ``quant.budget_bits`` chose the widths, and the checksums of the two
+  tensor files, verified (with a check for non-finite values) before either is used.
 
 The hash covers the base's identity, the calibration token ids and the quantization settings,
 so a recipe that would produce the same result finds the existing artifact without reading
@@ -59,7 +61,15 @@ from projq_train.data.calibration import calibration_tokens
 from projq_train.host_memory import large_blocks_mapped, release_freed_memory
 from projq_train.integrity import CorruptFileError, file_checksums, verify_file_checksums
 from projq_train.models import build_skeleton, load_tokenizer, model_config, tie_and_check
-from projq_train.quant.calibrate import QuantizedModule, check_model_settings, format_report, quantize_model
+from projq_train.quant.calibrate import (
+    QuantizedModule,
+    check_model_settings,
+    format_report,
+    format_storage,
+    quantize_model,
+    quantize_under_budget,
+    stored_bits_per_weight,
+)
 from projq_train.quant.linear import swap_in_quant_linears
 from projq_train.quant.pack import PackedWeight
 from projq_train.weights import (
@@ -365,12 +375,19 @@ def find_or_quantize(
         with large_blocks_mapped():  # the quantizer's transients never fragment the host heap
             source = weight_source(model_cfg, skeleton)
             release_freed_memory()
-            modules, reports = quantize_model(
-                skeleton, ids, quant, rank, device, calibration.batch_size, source=source
-            )
+            args = (skeleton, ids, quant, rank, device, calibration.batch_size)
+            configuration = None
+            if quant.budget_bits is None:
+                modules, reports = quantize_model(*args, source=source)
+            else:
+                modules, reports, configuration = quantize_under_budget(*args, source=source)
             skeleton.tie_weights()  # a tied head is the embedding again, stored once
             floats = float_tensors(skeleton, source, set(modules))
-        log.info("quantization report\n%s", format_report(reports))
+        log.info(
+            "quantization report\n%s\n%s",
+            format_report(reports),
+            format_storage(modules, quant.group_size, quant.budget_bits),
+        )
         meta = {
             "base_identity": identity,
             "recipe": {
@@ -382,6 +399,8 @@ def find_or_quantize(
             "calibration_tokens": list(ids.shape),
             "device": str(device),
             "report": [asdict(r) for r in reports],
+            "configuration": configuration.to_dict() if configuration is not None else None,
+            "storage_bits_per_weight": stored_bits_per_weight(modules),
         }
         path = save_artifact(artifact_dir, full_hash, modules, meta, floats, config, tokenizer)
         log.info("wrote artifact %s", path)

@@ -68,8 +68,13 @@ class QuantConfig:
     """``rtn`` round-to-nearest, ``gptq``, or ``projq`` (GPTQ with the error pushed into the
     adapter's subspace); ``nf4`` is the QLoRA baseline (bitsandbytes 4-bit NormalFloat, no
     calibration, ``fit`` only)."""
-    bits: int = 3
-    """Bits per weight: 2, 3 or 4."""
+    bits: int | None = None
+    """Bits per weight: 2, 3 or 4 (3 when neither this nor ``budget_bits`` is set)."""
+    budget_bits: float | None = None
+    """Mixed precision instead of ``bits``: the average stored bits per quantized weight, scales
+    and zeros included (uniform 3 bits at group 64 store about 3.3). Each module gets 2, 3 or 4
+    bits, chosen from its measured compensated error at each width; the choice is recorded in
+    the artifact and shown in the quantization report."""
     group_size: int = 128
     """Input columns sharing one scale/zero point; -1 for one group per output row."""
     iters: int = 5
@@ -101,8 +106,19 @@ class QuantConfig:
     """Linear modules (by attribute name) to quantize."""
 
     def __post_init__(self):
-        if self.bits not in SUPPORTED_BITS:
+        if self.budget_bits is not None and self.bits is not None:
+            raise ValueError(
+                f"quant.budget_bits replaces quant.bits: give one of them (got bits {self.bits} and "
+                f"budget_bits {self.budget_bits}; set bits: null to use the budget)"
+            )
+        if self.budget_bits is None and self.bits is None:
+            self.bits = 3
+        if self.bits is not None and self.bits not in SUPPORTED_BITS:
             raise ValueError(f"quant.bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.budget_bits is not None and self.method == "nf4":
+            raise ValueError(
+                "quant.method nf4 is a uniform 4-bit format; quant.budget_bits needs rtn/gptq/projq"
+            )
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"quant.group_size must be positive or -1, got {self.group_size}")
         if self.iters < 0:

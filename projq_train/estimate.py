@@ -55,6 +55,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from projq_train.config import (
+    SUPPORTED_BITS,
     AdapterConfig,
     CalibrationConfig,
     ModelConfig,
@@ -282,6 +283,26 @@ def packed_linear_bytes(in_features: int, out_features: int, bits: int, group_si
     return qweight + qzeros + scales + in_features * 4  # g_idx int32
 
 
+def bit_widths(quant: QuantConfig) -> str:
+    """``3-bit``, or the budget of a mixed-precision recipe."""
+    if quant.budget_bits is None:
+        return f"{quant.bits}-bit"
+    budget = quant.budget_bits
+    return f"2/3/4-bit under a budget of {budget:g} bits per weight (widths chosen when quantizing)"
+
+
+def quantized_linear_bytes(in_features: int, out_features: int, quant: QuantConfig) -> int:
+    """Bytes of one quantized linear under ``quant``: packed at ``bits``; under ``budget_bits``
+    at most the budget's average (the widths are chosen when quantizing) plus ``g_idx``; NF4."""
+    if quant.method == "nf4":
+        return nf4_linear_bytes(in_features, out_features)
+    if quant.budget_bits is None:
+        return packed_linear_bytes(in_features, out_features, quant.bits, quant.group_size)
+    for bits in SUPPORTED_BITS:
+        check_grid(bits, quant.group_size, in_features)
+    return math.ceil(quant.budget_bits * in_features * out_features / 8) + in_features * 4
+
+
 def nf4_linear_bytes(in_features: int, out_features: int) -> int:
     """bitsandbytes NF4 (``Linear4bit`` with nested statistics): 4-bit codes, an 8-bit absmax per
     64 weights, an fp32 absmax per 256 of those."""
@@ -295,13 +316,10 @@ def packed_weight_bytes(shape: ModelShape, quant: QuantConfig) -> int:
     per_layer = 0
     for name in quant.target_modules:
         n_in, n_out, _ = linears[name]
-        if quant.method == "nf4":
-            per_layer += nf4_linear_bytes(n_in, n_out)
-        else:
-            try:
-                per_layer += packed_linear_bytes(n_in, n_out, quant.bits, quant.group_size)
-            except ValueError as err:
-                raise ValueError(f"{name}: {err}") from None
+        try:
+            per_layer += quantized_linear_bytes(n_in, n_out, quant)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
     return shape.layers * per_layer
 
 
@@ -545,7 +563,7 @@ def estimate_quantize(
         "layer_forward": batch_tokens * ((3 * shape.intermediate + 4 * shape.hidden) * w + widest * FP32),
     }
     results = shape.layers * sum(
-        packed_linear_bytes(linears[n][0], linears[n][1], quant.bits, quant.group_size)
+        quantized_linear_bytes(linears[n][0], linears[n][1], quant)
         + rank * (linears[n][0] + linears[n][1]) * FP32
         for n in quant.target_modules
     )
@@ -581,7 +599,10 @@ def alternatives(
     if not fit.gradient_checkpointing:
         change = "--model.gradient_checkpointing true"
         options.append(("gradient checkpointing", change, {"gradient_checkpointing": True}, {}))
-    if quant.method != "nf4" and quant.bits > 2:
+    if quant.budget_bits is not None and quant.budget_bits > 2.6:
+        change = "--model.quant.budget_bits 2.5"
+        options.append(("a smaller bit budget", change, {}, {"budget_bits": 2.5}))
+    elif quant.method != "nf4" and quant.bits is not None and quant.bits > 2:
         options.append(("2-bit weights", "--model.quant.bits 2", {}, {"bits": 2}))
     if "8bit" not in fit.optimizer.lower():
         opt = "bitsandbytes.optim.PagedAdamW8bit"
@@ -881,7 +902,7 @@ def run(argv: list[str]) -> tuple[dict[str, Any], bool]:
             "description": shape.describe(),
         },
         "quant_summary": (
-            f"{quant.method} {quant.bits}-bit, group {quant.group_size}, rank {recipe['rank']} on "
+            f"{quant.method} {bit_widths(quant)}, group {quant.group_size}, rank {recipe['rank']} on "
             f"{', '.join(quant.target_modules)}"
         ),
         "device": recipe["device"],

@@ -24,7 +24,9 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from projq_train.artifact import load_quantized_model
+from projq_train.artifact import load_quantized_model, read_metadata
 from projq_train.checkpoint import Trained, load_trained
 from projq_train.config import CalibrationConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
@@ -146,18 +148,22 @@ def export_quantized(
     trained: Trained,
     output: Path,
     method: Literal["gptq", "rtn"],
-    bits: int,
+    bits: int | dict[str, int],
     group_size: int,
     device: torch.device,
 ) -> nn.Module:
-    """Quantize the merged model again (no adapter) and write the GPTQ layout; returns the loaded export."""
+    """Quantize the merged model again (no adapter) and write the GPTQ layout; returns the loaded
+    export. ``bits``: one width, or one per module (a mixed-precision base's), written as the most
+    common width plus GPTQModel's ``dynamic`` per-module overrides."""
     model = merged_model(trained, torch.float32)
+    widths = bits if isinstance(bits, dict) else None
+    default_bits = Counter(widths.values()).most_common(1)[0][0] if widths else bits
     quant = QuantConfig(
-        method=method, bits=bits, group_size=group_size, target_modules=trained.quant.target_modules
+        method=method, bits=default_bits, group_size=group_size, target_modules=trained.quant.target_modules
     )
     ids = calibration_tokens(trained.calibration, trained.tokenizer)
     batch_size = trained.calibration.batch_size
-    modules, _ = quantize_model(model, ids, quant, 0, device, batch_size, progress=False)
+    modules, _ = quantize_model(model, ids, quant, 0, device, batch_size, progress=False, bits=widths)
     tensors, seen = {}, set()
     for k, v in model.state_dict().items():  # tied weights (e.g. lm_head = embeddings) are saved once
         if k.removesuffix(".weight") not in modules and v.data_ptr() not in seen:
@@ -168,7 +174,8 @@ def export_quantized(
     gs = next(iter(modules.values())).weight.group_size
     qconfig = {
         "quant_method": "gptq",
-        "bits": bits,
+        "bits": default_bits,
+        **({"dynamic": dynamic_bits(widths, default_bits)} if widths else {}),
         "group_size": gs,
         "desc_act": quant.act_order,
         "sym": False,
@@ -187,6 +194,20 @@ def export_quantized(
     trained.tokenizer.save_pretrained(output)
     write_export_checksums(output)
     return load_quantized_export(output)
+
+
+def dynamic_bits(widths: dict[str, int], default_bits: int) -> dict[str, dict[str, int]]:
+    """GPTQModel's ``dynamic`` overrides for the modules not at ``default_bits``:
+    ``{"+:^<escaped name>$": {"bits": b}}``."""
+    return {f"+:^{re.escape(n)}$": {"bits": b} for n, b in widths.items() if b != default_bits}
+
+
+def module_bits(name: str, qconfig: dict[str, Any]) -> int:
+    """A module's width in a GPTQ config: its first matching positive ``dynamic`` rule's, else ``bits``."""
+    for rule, override in (qconfig.get("dynamic") or {}).items():
+        if rule.startswith("+:") and re.match(rule[2:], name) and "bits" in override:
+            return override["bits"]
+    return qconfig["bits"]
 
 
 def load_quantized_export(path: str | Path) -> nn.Module:
@@ -208,7 +229,7 @@ def load_quantized_export(path: str | Path) -> nn.Module:
         layer = model.get_submodule(name)
         parts = {key: tensors.pop(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "g_idx")}
         weights[name] = PackedWeight.from_tensors(
-            parts, qconfig["bits"], qconfig["group_size"], layer.in_features, layer.out_features
+            parts, module_bits(name, qconfig), qconfig["group_size"], layer.in_features, layer.out_features
         )
     swap_in_quant_linears(model, weights)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -291,7 +312,7 @@ def run_export(
         write_export_checksums(output)
         exported = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
     else:
-        bits = bits or trained.quant.bits
+        bits = bits or trained.quant.bits or read_metadata(trained.artifact)["configuration"]["bits"]
         group_size = group_size or trained.quant.group_size
         exported = export_quantized(trained, output, method, bits, group_size, torch.device(device))
     report = {

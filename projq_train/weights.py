@@ -253,6 +253,18 @@ def weight_source(cfg: ModelConfig, skeleton: nn.Module) -> WeightSource:
     return SafetensorsSource(files)
 
 
+def release_weights(module: nn.Module) -> None:
+    """Move ``module``'s weights (parameters and persistent buffers) to the meta device, where
+    :func:`materialize` can fill them again; computed buffers (a rotary embedding's ``inv_freq``,
+    not in the checkpoint) stay."""
+    stored = module.state_dict(keep_vars=True)
+    computed = {name: b for name, b in module.named_buffers() if name not in stored}
+    module.to("meta")
+    for name, buffer in computed.items():
+        owner, _, leaf = name.rpartition(".")
+        module.get_submodule(owner).register_buffer(leaf, buffer, persistent=False)
+
+
 def materialize(module: nn.Module, prefix: str, source: WeightSource, dtype: torch.dtype) -> None:
     """Fill every tensor of ``module`` still on the meta device from ``source`` (names under
     ``prefix``), in ``dtype``. Tensors already materialized are left alone; a tensor shared under

@@ -247,3 +247,22 @@ def test_flipped_bits_in_checkpoints_and_exports_are_refused_naming_the_file(che
     flip_a_bit_of(adapter, next(v for k, v in load_file(str(adapter)).items() if "lora_B" in k))
     with pytest.raises(ValueError, match="adapter_model.safetensors: its contents differ"):
         load_peft_export(tmp_path / "peft")
+
+
+def test_a_mixed_precision_base_packs_trains_resumes_and_exports(tmp_path):
+    mixed = ["--model.quant.bits=null", "--model.quant.budget_bits=3.0", "--model.quant.method=gptq"]
+    cli.main(["fit", "--config", str(TINY_FIT), *fit_args(tmp_path, 2), *mixed])
+    cli.main(["fit", "--config", str(TINY_FIT), *fit_args(tmp_path, 4), *mixed, "--ckpt_path=last"])
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 4
+    trained = load_trained(checkpoint)
+    widths = {m.bits for m in trained.model.modules() if isinstance(m, QuantLinear)}
+    assert widths == {2, 3}  # packed layers of two widths in one model
+    report = export(checkpoint, tmp_path, "quantized")
+    qconfig = json.loads((tmp_path / "quantized" / "quantize_config.json").read_text())
+    assert qconfig["dynamic"] and all(rule.startswith("+:^model\\.layers") for rule in qconfig["dynamic"])
+    reloaded = load_quantized_export(tmp_path / "quantized")
+    assert {m.bits for m in reloaded.modules() if isinstance(m, QuantLinear)} == widths
+    all_2_bit = export(checkpoint, tmp_path / "2", "quantized", bits=2)
+    assert report["logit_rel_error"] < all_2_bit["logit_rel_error"]  # its 3-bit modules are kept
+    assert export(checkpoint, tmp_path, "peft")["logit_rel_error"] < 1e-6

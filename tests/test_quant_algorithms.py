@@ -273,3 +273,67 @@ def test_srr_criterion_keeps_the_low_rank_structure_of_a_weight_and_nothing_of_n
     if strength:
         assert tails[expected_k] < tails[0] / 10  # keeping the structure out of the grid pays
     assert srr_preserved_rank(W, H, 0, 3, 32) == 0
+
+
+def allocation_problem(seed: int = 0):
+    """Six modules of different shapes, each error falling with its bit width."""
+    g = torch.Generator().manual_seed(seed)
+    outs, ins = torch.tensor([64, 128, 192]), torch.tensor([64, 128, 256])
+    shapes = {
+        f"m{i}": (
+            int(outs[torch.randint(3, (1,), generator=g)]),
+            int(ins[torch.randint(3, (1,), generator=g)]),
+        )
+        for i in range(6)
+    }
+    errors = {}
+    for n in shapes:
+        e2 = 0.05 + 0.25 * torch.rand(1, generator=g).item()
+        e3 = e2 * (0.2 + 0.3 * torch.rand(1, generator=g).item())
+        errors[n] = {2: e2, 3: e3, 4: e3 * (0.2 + 0.3 * torch.rand(1, generator=g).item())}
+    return shapes, errors
+
+
+def test_bit_allocation_meets_the_budget_is_optimal_and_a_larger_budget_never_errs_more():
+    import itertools
+
+    from projq_train.quant.allocate import allocate_bits, storage_bits_per_weight, uniform_storage
+    from projq_train.quant.pack import PackedWeight
+    from projq_train.quant.rtn import rtn_quantize
+
+    shapes, errors = allocation_problem()
+    uniform = uniform_storage(shapes, 64)
+    weights = sum(o * i for o, i in shapes.values())
+    previous = float("inf")
+    for budget in [uniform[2], 2.5, 2.8, 3.0, uniform[3], 3.6, 4.0, uniform[4]]:
+        chosen = allocate_bits(errors, shapes, 64, budget)
+        packed = {
+            n: PackedWeight.from_quantized(rtn_quantize(torch.randn(o, i), chosen[n], 64))
+            for n, (o, i) in shapes.items()
+        }
+        stored = sum(w.storage_bits for w in packed.values()) / weights  # counted from the packed tensors
+        assert stored == pytest.approx(storage_bits_per_weight(shapes, chosen, 64), rel=1e-12)
+        assert stored <= budget * (1 + 1e-12)
+        total = sum(errors[n][b] for n, b in chosen.items())
+        best = min(
+            sum(errors[n][b] for n, b in zip(shapes, widths, strict=True))
+            for widths in itertools.product((2, 3, 4), repeat=len(shapes))
+            if storage_bits_per_weight(shapes, dict(zip(shapes, widths, strict=True)), 64)
+            <= budget * (1 + 1e-12)
+        )
+        assert total == pytest.approx(best, rel=1e-12)  # exact: the knapsack's units divide every cost
+        assert total <= previous
+        previous = total
+    assert set(allocate_bits(errors, shapes, 64, uniform[3]).values()) <= {2, 3, 4}
+
+
+def test_a_budget_outside_what_2_to_4_bits_store_is_one_clear_error():
+    from projq_train.quant.allocate import allocate_bits
+
+    shapes, errors = allocation_problem()
+    for budget in (2.0, 4.5):
+        with pytest.raises(
+            ValueError,
+            match=r"quant.budget_bits .* is outside .*: 2\.\d{3} \(all 2-bit\) to 4\.\d{3} \(all 4-bit\)",
+        ):
+            allocate_bits(errors, shapes, 64, budget)

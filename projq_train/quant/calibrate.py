@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from projq_train.config import QuantConfig
+from projq_train.config import SUPPORTED_BITS, QuantConfig
 from projq_train.host_memory import release_freed_memory, return_free_pages
 from projq_train.models import decoder_layers
 from projq_train.quant import lowrank_compensation, quantize_weight
+from projq_train.quant.allocate import BitConfiguration, allocate_bits, check_budget, uniform_storage
 from projq_train.quant.pack import PackedWeight
 from projq_train.quant.projq import check_rank, hessian_sqrt, srr_preserved_rank
 from projq_train.quant.rtn import check_grid
-from projq_train.weights import WeightSource, materialize
+from projq_train.weights import WeightSource, materialize, release_weights
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ class ModuleReport:
     tail_fraction: float  # share of the quantization error the adapter cannot remove
     seconds: float
     preserved_rank: int | None = None  # srr: k of the rank r holds W's top part, r − k the error
+    bits: int | None = None  # the module's bit width
+    err_by_bits: dict[int, float] | None = None  # mixed precision: err Q+BA measured at each width
 
 
 class _StopForward(Exception):
@@ -77,16 +81,30 @@ def target_linears(layer: nn.Module, targets: list[str]) -> dict[str, nn.Linear]
 def check_model_settings(model: nn.Module, cfg: QuantConfig, rank: int) -> None:
     """Fail before any calibration if a module cannot be quantized with these settings and
     compensated at ``rank``."""
+    widths = SUPPORTED_BITS if cfg.budget_bits is not None else (cfg.bits,)
     for li, layer in enumerate(decoder_layers(model)):
         found = target_linears(layer, cfg.target_modules)
         if not found:
             raise ValueError(f"decoder layer {li} has none of the target modules {cfg.target_modules}")
         for name, mod in found.items():
             try:
-                check_grid(cfg.bits, cfg.group_size, mod.in_features)
+                for width in widths:
+                    check_grid(width, cfg.group_size, mod.in_features)
                 check_rank(rank, mod.out_features, mod.in_features)
             except ValueError as e:
                 raise ValueError(f"layer {li} {name}: {e}") from None
+    if cfg.budget_bits is not None:
+        check_budget(cfg.budget_bits, target_shapes(model, cfg.target_modules), cfg.group_size)
+
+
+def target_shapes(model: nn.Module, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of every module to quantize, by full module name."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return {
+        names[id(mod)]: (mod.out_features, mod.in_features)
+        for layer in decoder_layers(model)
+        for mod in target_linears(layer, targets).values()
+    }
 
 
 @torch.no_grad()
@@ -180,20 +198,20 @@ def _method_options(cfg: QuantConfig, sqrt_pair: tuple[Tensor, Tensor] | None) -
     return opts
 
 
-def quantize_module(W: Tensor, H: Tensor, cfg: QuantConfig, rank: int) -> QuantizedModule:
-    """Quantize one weight ``W (out, in)`` with its Hessian and compute the rank-``rank``
-    compensation."""
+def quantize_module(W: Tensor, H: Tensor, cfg: QuantConfig, rank: int, bits: int) -> QuantizedModule:
+    """Quantize one weight ``W (out, in)`` to ``bits`` with its Hessian and compute the
+    rank-``rank`` compensation."""
     W = W.float()
     if rank == 0:  # no adapter: nothing to shape the error for or to compensate
-        qw = quantize_weight(W, H, cfg.method, cfg.bits, cfg.group_size, 0, 0, **_method_options(cfg, None))
+        qw = quantize_weight(W, H, cfg.method, bits, cfg.group_size, 0, 0, **_method_options(cfg, None))
         return QuantizedModule(
             PackedWeight.from_quantized(qw), W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
         )
     sqrt_pair = hessian_sqrt(H)  # shared by ProjQ and the compensation
     opts = _method_options(cfg, sqrt_pair)
     if opts.get("mode") == "srr":
-        opts["preserved_rank"] = srr_preserved_rank(W, H, rank, cfg.bits, cfg.group_size, cfg.damp, sqrt_pair)
-    qw = quantize_weight(W, H, cfg.method, cfg.bits, cfg.group_size, rank, cfg.iters, **opts)
+        opts["preserved_rank"] = srr_preserved_rank(W, H, rank, bits, cfg.group_size, cfg.damp, sqrt_pair)
+    qw = quantize_weight(W, H, cfg.method, bits, cfg.group_size, rank, cfg.iters, **opts)
     B, A = lowrank_compensation(W - qw.dequantize(), H, rank, sqrt_pair)
     return QuantizedModule(PackedWeight.from_quantized(qw), B, A, opts.get("preserved_rank"))
 
@@ -208,9 +226,13 @@ def quantize_model(
     batch_size: int = 8,
     progress: bool = True,
     source: WeightSource | None = None,
+    bits: dict[str, int] | None = None,
+    measure_bits: tuple[int, ...] = (),
 ) -> tuple[dict[str, QuantizedModule], list[ModuleReport]]:
     """Quantize every target linear of ``model`` (on CPU) in place, calibrating on ``ids (n, seqlen)``,
-    for adapters of rank ``rank`` (0: no compensation).
+    for adapters of rank ``rank`` (0: no compensation), at ``cfg.bits`` or at ``bits[module name]``.
+    With ``measure_bits``, each module is also quantized at those widths (from the same inputs)
+    and its compensated error at each is reported (``err_by_bits``).
 
     After this the model's target weights hold ``Q + BA`` (the adapted model at step 0), and
     the next layer was calibrated on those outputs. With ``source``, ``model`` may be a skeleton
@@ -232,11 +254,12 @@ def quantize_model(
     inputs, kwargs = capture_layer_inputs(model, ids, device, batch_size)
     if source is not None:  # the embeddings served their purpose: the layers run on `inputs`
         for m in others:
-            m.to("meta")
+            release_weights(m)
     groups = SEQUENTIAL_GROUPS if cfg.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
     result: dict[str, QuantizedModule] = {}
     reports: list[ModuleReport] = []
-    bar = tqdm(decoder_layers(model), desc=f"{cfg.method} w{cfg.bits}", disable=not progress)
+    widths = f"w{cfg.bits}" if bits is None else "mixed bits"
+    bar = tqdm(decoder_layers(model), desc=f"{cfg.method} {widths}", disable=not progress)
     for layer in bar:
         if source is not None:
             materialize(layer, f"{layer_names[id(layer)]}.", source, dtype)
@@ -249,12 +272,15 @@ def quantize_model(
             hessians = accumulate_hessians(layer, members, inputs, kwargs)
             for short, mod in members.items():
                 t0 = time.perf_counter()
-                W, H = mod.weight.float(), hessians[short]
-                qm = quantize_module(W, H, cfg, rank)
-                step0 = qm.step0_weight()
+                W, H, name = mod.weight.float(), hessians[short], layer_names[id(mod)]
+                width = cfg.bits if bits is None else bits[name]
                 wn = _hnorm(W, H)
+                measured = {b: quantize_module(W, H, cfg, rank, b) for b in measure_bits}
+                qm = measured[width] if width in measured else quantize_module(W, H, cfg, rank, width)
+                step0 = qm.step0_weight()
                 err_q, err_c = _hnorm(W - qm.weight.dequantize(), H) / wn, _hnorm(W - step0, H) / wn
-                name = layer_names[id(mod)]
+                err_by_bits = {b: _hnorm(W - m.step0_weight(), H) / wn for b, m in measured.items()} or None
+                del measured
                 reports.append(
                     ModuleReport(
                         name,
@@ -264,6 +290,8 @@ def quantize_model(
                         err_c / max(err_q, 1e-30),
                         time.perf_counter() - t0,
                         qm.preserved_rank,
+                        width,
+                        err_by_bits,
                     )
                 )
                 mod.weight.copy_(step0.to(mod.weight.dtype))
@@ -273,11 +301,71 @@ def quantize_model(
             del hessians
             release_freed_memory()  # the group's forward and working matrices
         inputs = _run_layer(layer, inputs, kwargs)
-        layer.to("meta" if source is not None else "cpu")
+        if source is not None:
+            release_weights(layer)
+        else:
+            layer.to("cpu")
         release_freed_memory()  # the layer's forward, before the next layer's weights arrive
         bar.set_postfix(err=f"{sum(r.err_compensated for r in reports[-len(linears) :]) / len(linears):.4f}")
-    log.info("quantized %d modules with %s at %d bits", len(result), cfg.method, cfg.bits)
+    log.info("quantized %d modules with %s at %s", len(result), cfg.method, widths)
     return result, reports
+
+
+def quantize_under_budget(
+    model: nn.Module,
+    ids: Tensor,
+    cfg: QuantConfig,
+    rank: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+    source: WeightSource | None = None,
+) -> tuple[dict[str, QuantizedModule], list[ModuleReport], BitConfiguration]:
+    """Mixed precision under ``cfg.budget_bits`` (average stored bits per weight): a first pass
+    quantizes every module at 2, 3 and 4 bits from the same inputs (the next layer is calibrated
+    on the width whose uniform storage is nearest the budget) and measures its compensated error
+    at each; :func:`~projq_train.quant.allocate.allocate_bits` picks the widths; a second pass
+    quantizes at them, as :func:`quantize_model` does. Without a weight ``source`` the target
+    weights are copied once for the second pass. Each report row keeps the errors measured."""
+    check_model_settings(model, cfg, rank)
+    shapes = target_shapes(model, cfg.target_modules)
+    uniform = uniform_storage(shapes, cfg.group_size)
+    nearest = min(SUPPORTED_BITS, key=lambda b: abs(uniform[b] - cfg.budget_bits))
+    originals = None if source is not None else {n: model.get_submodule(n).weight.clone() for n in shapes}
+    first = replace(cfg, bits=nearest, budget_bits=None)
+    _, measured = quantize_model(
+        model, ids, first, rank, device, batch_size, progress, source, measure_bits=SUPPORTED_BITS
+    )
+    errors = {r.name: r.err_by_bits for r in measured}
+    chosen = allocate_bits(errors, shapes, cfg.group_size, cfg.budget_bits)
+    with torch.no_grad():
+        for name, weight in (originals or {}).items():
+            model.get_submodule(name).weight.copy_(weight)
+    del originals
+    modules, reports = quantize_model(
+        model, ids, cfg, rank, device, batch_size, progress, source, bits=chosen
+    )
+    for r in reports:
+        r.err_by_bits = errors[r.name]
+    return modules, reports, BitConfiguration(bits=chosen, ranks=dict.fromkeys(shapes, rank))
+
+
+def stored_bits_per_weight(modules: dict[str, QuantizedModule]) -> float:
+    """Average bits per weight the packed tensors hold (codes, zeros, scales)."""
+    weights = sum(qm.weight.in_features * qm.weight.out_features for qm in modules.values())
+    return sum(qm.weight.storage_bits for qm in modules.values()) / weights
+
+
+def format_storage(modules: dict[str, QuantizedModule], group_size: int, budget_bits: float | None) -> str:
+    """The storage the packed weights reached, counted from their tensors, against the budget
+    and what uniform 2, 3 and 4 bits would store."""
+    stored = stored_bits_per_weight(modules)
+    shapes = {n: (qm.weight.out_features, qm.weight.in_features) for n, qm in modules.items()}
+    uniform = " / ".join(f"{v:.3f}" for v in uniform_storage(shapes, group_size).values())
+    budget = f" (budget {budget_bits:g})" if budget_bits is not None else ""
+    counts = Counter(qm.weight.bits for qm in modules.values())
+    mix = "modules: " + ", ".join(f"{counts[b]} at {b} bits" for b in sorted(counts))
+    return f"storage: {stored:.3f} bits per weight{budget}, {mix}; uniform 2 / 3 / 4 bits store {uniform}"
 
 
 def apply_quantized(
@@ -296,23 +384,28 @@ def format_report(reports: list[ModuleReport]) -> str:
     """A fixed-width table of the per-module report with a mean row; with srr, the preserved rank
     ``k`` of each module too."""
     srr = any(r.preserved_rank is not None for r in reports)
+    mixed = len({r.bits for r in reports}) > 1
 
     def k(value: int | None) -> str:  # the srr column
         return f" {'' if value is None else value:>4}" if srr else ""
 
-    head = f" {'k':>4}" if srr else ""
+    def width(value: int | None) -> str:  # the mixed-precision column
+        return f" {value:>4}" if mixed else ""
+
+    head = (f" {'bits':>4}" if mixed else "") + (f" {'k':>4}" if srr else "")
     lines = [f"{'module':<40} {'shape':>12}{head} {'err Q':>9} {'err Q+BA':>9} {'tail %':>7} {'sec':>6}"]
     for r in reports:
         shape = f"{r.shape[0]}x{r.shape[1]}"
         lines.append(
-            f"{r.name:<40} {shape:>12}{k(r.preserved_rank)} {r.err_quant:9.5f} {r.err_compensated:9.5f} "
-            f"{100 * r.tail_fraction:7.2f} {r.seconds:6.2f}"
+            f"{r.name:<40} {shape:>12}{width(r.bits)}{k(r.preserved_rank)} {r.err_quant:9.5f} "
+            f"{r.err_compensated:9.5f} {100 * r.tail_fraction:7.2f} {r.seconds:6.2f}"
         )
     n = max(len(reports), 1)
     ks = [r.preserved_rank for r in reports if r.preserved_rank is not None]
     mean_k = f" {sum(ks) / len(ks):4.1f}" if ks else k(None)
+    mean_bits = f" {'':>4}" if mixed else ""
     lines.append(
-        f"{'mean':<40} {'':>12}{mean_k} {sum(r.err_quant for r in reports) / n:9.5f} "
+        f"{'mean':<40} {'':>12}{mean_bits}{mean_k} {sum(r.err_quant for r in reports) / n:9.5f} "
         f"{sum(r.err_compensated for r in reports) / n:9.5f} "
         f"{100 * sum(r.tail_fraction for r in reports) / n:7.2f} {sum(r.seconds for r in reports):6.2f}"
     )

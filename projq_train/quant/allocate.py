@@ -1,0 +1,116 @@
+"""Mixed precision under a storage budget: which modules get 2, 3 or 4 bits.
+
+A :class:`BitConfiguration` maps each quantized module to its bit width and adapter rank; it
+is recorded in the artifact, shown in the quantization report, and is what a
+configuration-aware adapter takes as input. :func:`allocate_bits` picks it from each module's
+measured compensated error at every width: a multiple-choice knapsack solved exactly by dynamic
+programming over the storage above all-2-bit, counted in units fixed by the model's shapes (not
+by the budget), so a larger budget never gives a larger total error. The unit is the greatest
+common divisor of the choices' costs (exact: uniform 3 bits fits a budget of its own storage)
+unless that makes the axis longer than :data:`MAX_UNITS_PER_MODULE` per module; costs are then
+rounded up to coarser units, and the budget still holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from projq_train.config import SUPPORTED_BITS
+from projq_train.quant.pack import packed_storage_bits
+
+MAX_UNITS_PER_MODULE = 200  # the storage axis, at most; coarser units round costs up (< 0.5 % of the room)
+
+
+@dataclass(frozen=True)
+class BitConfiguration:
+    """Bit width and adapter rank of every quantized module (full module name → value)."""
+
+    bits: dict[str, int]
+    ranks: dict[str, int]
+
+    def to_dict(self) -> dict[str, dict[str, int]]:
+        return {"bits": dict(self.bits), "ranks": dict(self.ranks)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, dict[str, int]]) -> BitConfiguration:
+        return cls(bits=dict(d["bits"]), ranks=dict(d["ranks"]))
+
+
+def storage_bits_per_weight(
+    shapes: dict[str, tuple[int, int]], bits: dict[str, int], group_size: int
+) -> float:
+    """Average stored bits per weight of the modules ``shapes`` (name → (out, in)) at ``bits``."""
+    stored = sum(packed_storage_bits(o, i, bits[n], group_size) for n, (o, i) in shapes.items())
+    return stored / sum(o * i for o, i in shapes.values())
+
+
+def uniform_storage(shapes: dict[str, tuple[int, int]], group_size: int) -> dict[int, float]:
+    """What uniform 2, 3 and 4 bits would store per weight."""
+    return {b: storage_bits_per_weight(shapes, dict.fromkeys(shapes, b), group_size) for b in SUPPORTED_BITS}
+
+
+def check_budget(budget_bits: float, shapes: dict[str, tuple[int, int]], group_size: int) -> None:
+    """Refuse a budget below all-2-bit storage or above all-4-bit, naming the possible range."""
+    uniform = uniform_storage(shapes, group_size)
+    low, high = uniform[min(SUPPORTED_BITS)], uniform[max(SUPPORTED_BITS)]
+    if not low <= budget_bits <= high:
+        raise ValueError(
+            f"quant.budget_bits {budget_bits:g} is outside what 2 to 4 bits can store for this model at "
+            f"group size {group_size}: {math.ceil(low * 1000) / 1000:.3f} (all 2-bit) to "
+            f"{math.floor(high * 1000) / 1000:.3f} (all 4-bit)"
+        )
+
+
+def allocate_bits(
+    errors: dict[str, dict[int, float]],
+    shapes: dict[str, tuple[int, int]],
+    group_size: int,
+    budget_bits: float,
+) -> dict[str, int]:
+    """The bit width of each module that minimizes the total error ``Σ errors[module][bits]``
+    with the average stored bits per weight (:func:`storage_bits_per_weight`) at most
+    ``budget_bits``. Exact up to the storage units (costs are rounded up, so the budget holds)."""
+    check_budget(budget_bits, shapes, group_size)
+    names = list(shapes)
+    widths = sorted(SUPPORTED_BITS)
+    cost = torch.tensor(
+        [[packed_storage_bits(*shapes[n], b, group_size) for b in widths] for n in names], dtype=torch.float64
+    )
+    extra = cost - cost[:, :1]  # storage above the module's 2-bit one
+    most = extra[:, -1].sum().item()
+    unit = float(math.gcd(*(int(c) for c in extra[:, 1:].flatten())))
+    if most / unit > MAX_UNITS_PER_MODULE * len(names):
+        unit = math.ceil(most / (MAX_UNITS_PER_MODULE * len(names)))
+    weights = sum(o * i for o, i in shapes.values())
+    room = math.floor(budget_bits * weights * (1 + 1e-12)) - cost[:, 0].sum().item()  # bits above all-2
+    slots = int(room // unit)
+    steps = torch.ceil(extra / unit).long()  # (modules, widths) units each choice takes
+    err = torch.tensor([[errors[n][b] for b in widths] for n in names], dtype=torch.float64)
+    best = torch.zeros(
+        slots + 1, dtype=torch.float64
+    )  # best[s]: least error of the modules so far in s units
+    choices = torch.empty(len(names), slots + 1, dtype=torch.int8)
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    for m in range(len(names)):
+        options = torch.stack(
+            [
+                torch.cat(
+                    [
+                        inf.expand(min(int(steps[m, c]), slots + 1)),
+                        best[: max(slots + 1 - int(steps[m, c]), 0)],
+                    ]
+                )
+                + err[m, c]
+                for c in range(len(widths))
+            ]
+        )  # (widths, slots + 1)
+        best, choices[m] = options.min(dim=0)
+    chosen, s = {}, slots
+    for m in reversed(range(len(names))):
+        c = int(choices[m, s])
+        chosen[names[m]] = widths[c]
+        s -= int(steps[m, c])
+    return {n: chosen[n] for n in names}

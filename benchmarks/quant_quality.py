@@ -8,13 +8,20 @@ time spent quantizing modules (the calibration forward passes are the same for e
 and not counted).
 
     python benchmarks/quant_quality.py --bits 2 3 4 --ranks 32 64 --json quant_quality.json
+    # mixed precision under storage budgets (average bits per weight, scales and zeros included)
+    # against NF4 (bitsandbytes, CPU) and uniform 3 bits, on the first 40 WikiText-2 windows
+    python benchmarks/quant_quality.py --bits 3 --variants gptq-clip nf4 --budgets 3.3 2.8 \
+        --budget-variants gptq-clip --ppl-windows 40 --json budget.json
 
-Prints a markdown table (the one quoted in README).
+``storage``: average stored bits per quantized weight, counted from the packed tensors (NF4: codes,
+8-bit absmax per 64 weights, fp32 absmax per 256 blocks). Prints a markdown table (the one
+quoted in README).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -23,11 +30,18 @@ from pathlib import Path
 
 import torch
 
-from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
+from projq_train.config import DEFAULT_TARGETS, CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
+from projq_train.estimate import nf4_linear_bytes
 from projq_train.eval import harness
 from projq_train.models import load_model_and_tokenizer
-from projq_train.quant.calibrate import apply_quantized, quantize_model
+from projq_train.module import swap_in_nf4
+from projq_train.quant.calibrate import (
+    apply_quantized,
+    quantize_model,
+    quantize_under_budget,
+    stored_bits_per_weight,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VARIANTS = {
@@ -38,6 +52,7 @@ VARIANTS = {
     "projq-clip": {"method": "projq", "clip": True},
     "projq-refresh": {"method": "projq", "mode": "refresh", "clip": True},  # our variant
     "projq-srr": {"method": "projq", "mode": "srr", "clip": True},  # SRR's rank split, then the paper loop
+    "nf4": {"method": "nf4"},  # bitsandbytes NF4 4-bit (QLoRA's base; its adapter starts at B = 0)
 }
 SETTINGS = ("group_size", "nsamples", "seqlen", "ppl_windows")  # stored with the rows, shown in the table
 
@@ -59,6 +74,8 @@ def main() -> None:
         "--group-size", type=int, default=64, help="128 does not divide SmolLM2's hidden size 576"
     )
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--budgets", nargs="*", type=float, default=[], help="quant.budget_bits rows")
+    ap.add_argument("--budget-variants", nargs="+", default=["gptq-clip"], choices=list(VARIANTS))
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ppl-windows", type=int, default=16)
@@ -71,7 +88,7 @@ def main() -> None:
         order = {v: i for i, v in enumerate(VARIANTS)}
         rest = sorted(
             (r for r in rows if r["variant"] != "fp"),
-            key=lambda r: (r["bits"], r["rank"], order[r["variant"]]),
+            key=lambda r: (r["bits"], r["rank"], order.get(r["variant"].removesuffix(" budget"), len(order))),
         )
         print_table(fp + rest, fp[0].get("settings") or {k: vars(args)[k] for k in SETTINGS})
         return
@@ -98,48 +115,82 @@ def main() -> None:
     ]
     print(f"float reference perplexity {rows[0]['ppl_q']:.2f}", flush=True)
 
-    for bits in args.bits:
-        for rank in args.ranks:
-            for name in args.variants:
-                model.load_state_dict(fp_state)
-                cfg = QuantConfig(bits=bits, group_size=args.group_size, iters=args.iters, **VARIANTS[name])
-                t0 = time.perf_counter()
-                modules, reports = quantize_model(model, ids, cfg, rank, progress=False)
-                wall = time.perf_counter() - t0
-                n = len(reports)
-                row = {
-                    "bits": bits,
-                    "rank": rank,
-                    "variant": name,
-                    "config": asdict(cfg),
-                    "err_q": sum(r.err_quant for r in reports) / n,
-                    "err_qba": sum(r.err_compensated for r in reports) / n,
-                    "module_errors": {r.name: r.err_compensated for r in reports},
-                    "quant_seconds": sum(r.seconds for r in reports),
-                    "preserved_rank": [r.preserved_rank for r in reports],
-                    "wall_seconds": wall,
-                    "ppl_qba": perplexity(model, windows),
-                    "ppl_q": perplexity(apply_quantized(model, modules, with_adapter=False), windows),
-                }
-                rows.append(row)
-                print(
-                    f"w{bits} r{rank} {name}: err {row['err_q']:.5f} -> {row['err_qba']:.5f}, "
-                    f"ppl {row['ppl_q']:.2f} -> {row['ppl_qba']:.2f}, {row['quant_seconds']:.0f}s",
-                    flush=True,
-                )
-                if args.json:
-                    args.json.write_text(json.dumps(rows, indent=1))
+    runs = [(bits, rank, name, None) for bits in args.bits for rank in args.ranks for name in args.variants]
+    runs += [(b, rank, name, b) for b in args.budgets for rank in args.ranks for name in args.budget_variants]
+    for bits, rank, name, budget in runs:
+        model.load_state_dict(fp_state)
+        if name == "nf4":
+            rows.append(nf4_row(model, windows, rank))
+        else:
+            rows.append(quantized_row(model, ids, windows, name, bits, rank, budget, args))
+        r = rows[-1]
+        print(
+            f"{r['variant']} w{r['bits']} r{rank}: err {r['err_q']:.5f} -> {r['err_qba']:.5f}, "
+            f"ppl {r['ppl_q']:.2f} -> {r['ppl_qba']:.2f}, {r['quant_seconds']:.0f}s",
+            flush=True,
+        )
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
 
     print_table(rows, settings)
+
+
+def quantized_row(model, ids, windows, name: str, bits: float, rank: int, budget: float | None, args) -> dict:
+    """Quantize ``model`` in place with a variant (at ``bits``, or under ``budget``) and score it."""
+    widths = {"bits": None, "budget_bits": budget} if budget is not None else {"bits": int(bits)}
+    cfg = QuantConfig(**widths, group_size=args.group_size, iters=args.iters, **VARIANTS[name])
+    t0 = time.perf_counter()
+    if budget is None:
+        modules, reports = quantize_model(model, ids, cfg, rank, progress=False)
+    else:
+        modules, reports, _ = quantize_under_budget(model, ids, cfg, rank, progress=False)
+    wall = time.perf_counter() - t0
+    n = len(reports)
+    return {
+        "bits": bits,
+        "rank": rank,
+        "variant": name if budget is None else f"{name} budget",
+        "config": asdict(cfg),
+        "err_q": sum(r.err_quant for r in reports) / n,
+        "err_qba": sum(r.err_compensated for r in reports) / n,
+        "module_errors": {r.name: r.err_compensated for r in reports},
+        "quant_seconds": sum(r.seconds for r in reports),
+        "preserved_rank": [r.preserved_rank for r in reports],
+        "module_bits": {r.name: r.bits for r in reports},
+        "storage": stored_bits_per_weight(modules),
+        "wall_seconds": wall,
+        "ppl_qba": perplexity(model, windows),
+        "ppl_q": perplexity(apply_quantized(model, modules, with_adapter=False), windows),
+    }
+
+
+def nf4_row(model, windows, rank: int) -> dict:
+    """bitsandbytes NF4 on a copy of ``model`` (its adapter starts at ``B = 0``: step 0 is ``Q``)."""
+    nf4 = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    swap_in_nf4(nf4, list(DEFAULT_TARGETS), torch.float32, torch.device("cpu"))
+    seconds = time.perf_counter() - t0
+    shapes = [(m.in_features, m.out_features) for m in nf4.modules() if type(m).__name__ == "Linear4bit"]
+    storage = 8 * sum(nf4_linear_bytes(i, o) for i, o in shapes) / sum(i * o for i, o in shapes)
+    ppl = perplexity(nf4, windows)
+    nan = float("nan")
+    return {
+        "bits": 4, "rank": rank, "variant": "nf4", "err_q": nan, "err_qba": nan, "module_errors": {},
+        "quant_seconds": seconds, "storage": storage, "ppl_q": ppl, "ppl_qba": ppl,
+    }  # fmt: skip
 
 
 def error_ratio(base: dict | None, row: dict) -> str:
     """base/row compensated error: the mean over modules, and in brackets the geometric mean of
     the per-module ratios (a check that one module does not dominate)."""
-    if base is None:
+    if base is None or not row["module_errors"]:
         return "-"
     per = [base["module_errors"][k] / v for k, v in row["module_errors"].items()]
     return f"{base['err_qba'] / row['err_qba']:.2f} ({math.exp(sum(map(math.log, per)) / len(per)):.2f})"
+
+
+def fmt_err(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.5f}"
 
 
 def fmt_ppl(x: float) -> str:
@@ -157,17 +208,19 @@ def print_table(rows: list[dict], settings: dict) -> None:
         f"(fp: {rows[0]['ppl_q']:.2f})\n"
     )
     print(
-        "| bits | rank | method | err Q | err Q+BA | GPTQ / method | GPTQ-clip / method "
+        "| bits | rank | method | storage | err Q | err Q+BA | GPTQ / method | GPTQ-clip / method "
         "| ppl Q | ppl Q+BA | quant s | vs GPTQ time |"
     )
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows[1:]:
         g = by.get((r["bits"], r["rank"], "gptq"))
         ks = [k for k in r.get("preserved_rank") or [] if k is not None]
         method = f"{r['variant']} (mean k {sum(ks) / len(ks):.1f})" if ks else r["variant"]
+        storage = f"{r['storage']:.3f}" if "storage" in r else "-"
         tratio = f"{r['quant_seconds'] / g['quant_seconds']:.2f}x" if g else "-"
         print(
-            f"| {r['bits']} | {r['rank']} | {method} | {r['err_q']:.5f} | {r['err_qba']:.5f} "
+            f"| {r['bits']} | {r['rank']} | {method} | {storage} "
+            f"| {fmt_err(r['err_q'])} | {fmt_err(r['err_qba'])} "
             f"| {error_ratio(g, r)} | {error_ratio(by.get((r['bits'], r['rank'], 'gptq-clip')), r)} "
             f"| {fmt_ppl(r['ppl_q'])} | {fmt_ppl(r['ppl_qba'])} | {r['quant_seconds']:.0f} | {tratio} |"
         )

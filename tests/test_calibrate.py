@@ -111,6 +111,21 @@ def test_calibration_feeds_quantized_outputs_forward():
     assert not torch.equal(from_quantized, from_float)
 
 
+def test_modules_reading_one_input_share_one_hessian():
+    model, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    ids = calibration_tokens(CalibrationConfig(nsamples=4, seqlen=64), tok)
+    inputs, kwargs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=2)
+    layer = model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    members = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj, "o_proj": attn.o_proj}
+    members |= {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}
+    H = accumulate_hessians(layer, members, inputs, kwargs)
+    assert H["q_proj"] is H["k_proj"] is H["v_proj"] and H["gate_proj"] is H["up_proj"]
+    assert len({id(h) for h in H.values()}) == 4  # q/k/v, o, gate/up, down
+    alone = accumulate_hessians(layer, {"v_proj": attn.v_proj}, inputs, kwargs)["v_proj"]
+    torch.testing.assert_close(H["v_proj"], alone)
+
+
 def test_unsupported_architecture_is_refused():
     with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
         load_model_and_tokenizer(

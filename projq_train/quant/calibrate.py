@@ -158,17 +158,24 @@ def accumulate_hessians(
     layer: nn.Module, modules: dict[str, nn.Linear], inputs: list[Tensor], kwargs: list[dict]
 ) -> dict[str, Tensor]:
     """``H = XᵀX / N`` (in, in) fp32 of each module's inputs over all batches; each forward stops
-    as soon as every module of ``modules`` has seen its input."""
+    as soon as every module of ``modules`` has seen its input. Modules that read the same input
+    tensor (q/k/v, gate/up) get one shared ``H``, accumulated once."""
     H = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in modules.items()}
     count = dict.fromkeys(modules, 0)
     seen: set[str] = set()
+    shares: dict[str, str] = {}  # module -> the module whose H it reuses
+    readers: dict[int, tuple[Tensor, str]] = {}  # this batch: id(input) -> (input, kept alive; first reader)
 
     def hook(name):
         def fn(mod, args, _out):
-            x = args[0].reshape(-1, mod.in_features).float()  # (tokens, in)
-            H[name] += x.T @ x
-            count[name] += x.shape[0]
             seen.add(name)
+            first = readers.setdefault(id(args[0]), (args[0], name))[1]
+            if first != name:
+                shares[name] = first
+            else:
+                x = args[0].reshape(-1, mod.in_features).float()  # (tokens, in)
+                H[name] += x.T @ x
+                count[name] += x.shape[0]
             if len(seen) == len(modules):
                 raise _StopForward
 
@@ -178,15 +185,18 @@ def accumulate_hessians(
     try:
         for h, kw in zip(inputs, kwargs, strict=True):
             seen.clear()
+            readers.clear()
             try:
                 layer(h, **kw)
             except _StopForward:
                 pass
+            readers.clear()
             _release_batch(h)
     finally:
         for hd in handles:
             hd.remove()
-    return {n: H[n] / max(count[n], 1) for n in modules}
+    own = {n: H[n] / max(count[n], 1) for n in modules if n not in shares}
+    return {n: own[shares.get(n, n)] for n in modules}
 
 
 def _method_options(cfg: QuantConfig, sqrt_pair: tuple[Tensor, Tensor] | None) -> dict:
@@ -198,16 +208,23 @@ def _method_options(cfg: QuantConfig, sqrt_pair: tuple[Tensor, Tensor] | None) -
     return opts
 
 
-def quantize_module(W: Tensor, H: Tensor, cfg: QuantConfig, rank: int, bits: int) -> QuantizedModule:
+def quantize_module(
+    W: Tensor,
+    H: Tensor,
+    cfg: QuantConfig,
+    rank: int,
+    bits: int,
+    sqrt_pair: tuple[Tensor, Tensor] | None = None,
+) -> QuantizedModule:
     """Quantize one weight ``W (out, in)`` to ``bits`` with its Hessian and compute the
-    rank-``rank`` compensation."""
+    rank-``rank`` compensation; ``sqrt_pair``: ``hessian_sqrt(H)`` if the caller has it."""
     W = W.float()
     if rank == 0:  # no adapter: nothing to shape the error for or to compensate
         qw = quantize_weight(W, H, cfg.method, bits, cfg.group_size, 0, 0, **_method_options(cfg, None))
         return QuantizedModule(
             PackedWeight.from_quantized(qw), W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
         )
-    sqrt_pair = hessian_sqrt(H)  # shared by ProjQ and the compensation
+    sqrt_pair = sqrt_pair if sqrt_pair is not None else hessian_sqrt(H)  # for ProjQ and the compensation
     opts = _method_options(cfg, sqrt_pair)
     if opts.get("mode") == "srr":
         opts["preserved_rank"] = srr_preserved_rank(W, H, rank, bits, cfg.group_size, cfg.damp, sqrt_pair)
@@ -270,13 +287,17 @@ def quantize_model(
             if not members:
                 continue
             hessians = accumulate_hessians(layer, members, inputs, kwargs)
+            roots: dict[int, tuple[Tensor, Tensor]] = {}  # hessian_sqrt per distinct H (q/k/v share one)
             for short, mod in members.items():
                 t0 = time.perf_counter()
                 W, H, name = mod.weight.float(), hessians[short], layer_names[id(mod)]
                 width = cfg.bits if bits is None else bits[name]
                 wn = _hnorm(W, H)
-                measured = {b: quantize_module(W, H, cfg, rank, b) for b in measure_bits}
-                qm = measured[width] if width in measured else quantize_module(W, H, cfg, rank, width)
+                if rank > 0 and id(H) not in roots:
+                    roots[id(H)] = hessian_sqrt(H)
+                root = roots.get(id(H))
+                measured = {b: quantize_module(W, H, cfg, rank, b, root) for b in measure_bits}
+                qm = measured[width] if width in measured else quantize_module(W, H, cfg, rank, width, root)
                 step0 = qm.step0_weight()
                 err_q, err_c = _hnorm(W - qm.weight.dequantize(), H) / wn, _hnorm(W - step0, H) / wn
                 err_by_bits = {b: _hnorm(W - m.step0_weight(), H) / wn for b, m in measured.items()} or None
@@ -298,7 +319,7 @@ def quantize_model(
                 result[name] = QuantizedModule(
                     qm.weight.to("cpu"), qm.lora_B.cpu(), qm.lora_A.cpu(), qm.preserved_rank
                 )
-            del hessians
+            del hessians, roots
             release_freed_memory()  # the group's forward and working matrices
         inputs = _run_layer(layer, inputs, kwargs)
         if source is not None:

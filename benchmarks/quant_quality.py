@@ -67,7 +67,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=SHARED)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     ap.add_argument("--ranks", nargs="+", type=int, default=[32, 64])
     ap.add_argument(

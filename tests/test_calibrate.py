@@ -47,7 +47,15 @@ def test_step0_adapter_is_closer_to_float_than_quantized(family, method):
     err_quant = logits_mse(apply_quantized(model, modules, with_adapter=False), ref, held_out)
     assert err_adapted < err_quant
     assert all(r.err_compensated < r.err_quant for r in reports)
-    assert "mean" in format_report(reports).splitlines()[-1]
+    table = format_report(reports).splitlines()
+    assert table[-2].startswith("mean") and table[-1].startswith("time per phase: calibration forwards")
+    phases = [r.phase_seconds for r in reports]
+    assert set(phases[0]) == {
+        "calibration forwards", "Hessian square roots", "quantization", "compensation", "errors and packing"
+    }  # fmt: skip
+    assert sum(sum(p.values()) - p["calibration forwards"] for p in phases) == pytest.approx(
+        sum(r.seconds for r in reports)
+    )
 
 
 def test_srr_reports_the_rank_it_preserves_in_each_module():

@@ -64,6 +64,7 @@ class ModuleReport:
     preserved_rank: int | None = None  # srr: k of the rank r holds W's top part, r − k the error
     bits: int | None = None  # the module's bit width
     err_by_bits: dict[int, float] | None = None  # mixed precision: err Q+BA measured at each width
+    phase_seconds: dict[str, float] | None = None  # of `seconds` and the layer's forwards, by phase
 
 
 class _StopForward(Exception):
@@ -215,9 +216,13 @@ def quantize_module(
     rank: int,
     bits: int,
     sqrt_pair: tuple[Tensor, Tensor] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> QuantizedModule:
     """Quantize one weight ``W (out, in)`` to ``bits`` with its Hessian and compute the
-    rank-``rank`` compensation; ``sqrt_pair``: ``hessian_sqrt(H)`` if the caller has it."""
+    rank-``rank`` compensation; ``sqrt_pair``: ``hessian_sqrt(H)`` if the caller has it;
+    ``timings``: seconds of ``quantization`` and ``compensation`` are added to it."""
+    timings = timings if timings is not None else {}
+    t0 = time.perf_counter()
     W = W.float()
     if rank == 0:  # no adapter: nothing to shape the error for or to compensate
         qw = quantize_weight(W, H, cfg.method, bits, cfg.group_size, 0, 0, **_method_options(cfg, None))
@@ -229,7 +234,10 @@ def quantize_module(
     if opts.get("mode") == "srr":
         opts["preserved_rank"] = srr_preserved_rank(W, H, rank, bits, cfg.group_size, cfg.damp, sqrt_pair)
     qw = quantize_weight(W, H, cfg.method, bits, cfg.group_size, rank, cfg.iters, **opts)
+    t1 = time.perf_counter()
     B, A = lowrank_compensation(W - qw.dequantize(), H, rank, sqrt_pair)
+    timings["quantization"] = timings.get("quantization", 0.0) + t1 - t0
+    timings["compensation"] = timings.get("compensation", 0.0) + time.perf_counter() - t1
     return QuantizedModule(PackedWeight.from_quantized(qw), B, A, opts.get("preserved_rank"))
 
 
@@ -282,26 +290,35 @@ def quantize_model(
             materialize(layer, f"{layer_names[id(layer)]}.", source, dtype)
         layer.to(device)
         linears = target_linears(layer, cfg.target_modules)
+        layer_reports = []
         for group in groups:
             members = {n: linears[n] for n in group if n in linears}
             if not members:
                 continue
+            t_group = time.perf_counter()
             hessians = accumulate_hessians(layer, members, inputs, kwargs)
+            forwards = (time.perf_counter() - t_group) / len(members)  # the group's forwards, shared
             roots: dict[int, tuple[Tensor, Tensor]] = {}  # hessian_sqrt per distinct H (q/k/v share one)
             for short, mod in members.items():
                 t0 = time.perf_counter()
                 W, H, name = mod.weight.float(), hessians[short], layer_names[id(mod)]
                 width = cfg.bits if bits is None else bits[name]
                 wn = _hnorm(W, H)
+                phases = {"calibration forwards": forwards, "Hessian square roots": 0.0}
                 if rank > 0 and id(H) not in roots:
                     roots[id(H)] = hessian_sqrt(H)
+                    phases["Hessian square roots"] = time.perf_counter() - t0
                 root = roots.get(id(H))
-                measured = {b: quantize_module(W, H, cfg, rank, b, root) for b in measure_bits}
-                qm = measured[width] if width in measured else quantize_module(W, H, cfg, rank, width, root)
+                measured = {b: quantize_module(W, H, cfg, rank, b, root, phases) for b in measure_bits}
+                if width not in measured:
+                    measured[width] = quantize_module(W, H, cfg, rank, width, root, phases)
+                qm = measured[width]
                 step0 = qm.step0_weight()
                 err_q, err_c = _hnorm(W - qm.weight.dequantize(), H) / wn, _hnorm(W - step0, H) / wn
-                err_by_bits = {b: _hnorm(W - m.step0_weight(), H) / wn for b, m in measured.items()} or None
+                err_by_bits = {b: _hnorm(W - measured[b].step0_weight(), H) / wn for b in measure_bits}
                 del measured
+                seconds = time.perf_counter() - t0
+                phases["errors and packing"] = seconds - sum(phases.values()) + forwards
                 reports.append(
                     ModuleReport(
                         name,
@@ -309,19 +326,24 @@ def quantize_model(
                         err_q,
                         err_c,
                         err_c / max(err_q, 1e-30),
-                        time.perf_counter() - t0,
+                        seconds,
                         qm.preserved_rank,
                         width,
-                        err_by_bits,
+                        err_by_bits or None,
+                        phases,
                     )
                 )
+                layer_reports.append(reports[-1])
                 mod.weight.copy_(step0.to(mod.weight.dtype))
                 result[name] = QuantizedModule(
                     qm.weight.to("cpu"), qm.lora_B.cpu(), qm.lora_A.cpu(), qm.preserved_rank
                 )
             del hessians, roots
             release_freed_memory()  # the group's forward and working matrices
+        t_forward = time.perf_counter()
         inputs = _run_layer(layer, inputs, kwargs)
+        for r in layer_reports:  # the layer's forward for the next layer's inputs, shared
+            r.phase_seconds["calibration forwards"] += (time.perf_counter() - t_forward) / len(layer_reports)
         if source is not None:
             release_weights(layer)
         else:
@@ -430,4 +452,11 @@ def format_report(reports: list[ModuleReport]) -> str:
         f"{sum(r.err_compensated for r in reports) / n:9.5f} "
         f"{100 * sum(r.tail_fraction for r in reports) / n:7.2f} {sum(r.seconds for r in reports):6.2f}"
     )
+    phases = Counter()
+    for r in reports:
+        phases.update(r.phase_seconds or {})
+    if phases:
+        total = sum(phases.values())
+        spent = ", ".join(f"{name} {s:.1f} s ({100 * s / total:.0f} %)" for name, s in phases.items())
+        lines.append(f"time per phase: {spent}")
     return "\n".join(lines)

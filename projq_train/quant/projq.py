@@ -213,7 +213,8 @@ def projq_quantize(
         gptq_kwargs: passed to :func:`gptq_quantize` (block_size, damp, act_order, clip).
 
     Returns:
-        The iterate with the smallest tail, and the tail of every iterate in order.
+        The iterate with the smallest tail, and the tail of every iterate in order (srr: those of
+        the loop on ``W − L_k`` at rank ``r − k``).
     """
     check_rank(rank, *W.shape)
     if mode not in ("paper", "refresh", "srr"):

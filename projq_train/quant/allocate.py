@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from projq_train.config import SUPPORTED_BITS
 from projq_train.quant.pack import packed_storage_bits
@@ -64,6 +65,13 @@ def check_budget(budget_bits: float, shapes: dict[str, tuple[int, int]], group_s
         )
 
 
+def shifted(values: Tensor, by: int) -> Tensor:
+    """``values[s − by]`` at every ``s`` (``inf`` where ``s < by``)."""
+    return torch.cat(
+        [values.new_full((min(by, len(values)),), float("inf")), values[: max(len(values) - by, 0)]]
+    )
+
+
 def allocate_bits(
     errors: dict[str, dict[int, float]],
     shapes: dict[str, tuple[int, int]],
@@ -72,7 +80,8 @@ def allocate_bits(
 ) -> dict[str, int]:
     """The bit width of each module that minimizes the total error ``Σ errors[module][bits]``
     with the average stored bits per weight (:func:`storage_bits_per_weight`) at most
-    ``budget_bits``. Exact up to the storage units (costs are rounded up, so the budget holds)."""
+    ``budget_bits``. Exact when the units divide every cost (see the module docstring); with
+    coarser units the costs are rounded up, so the budget still holds."""
     check_budget(budget_bits, shapes, group_size)
     names = list(shapes)
     widths = sorted(SUPPORTED_BITS)
@@ -89,25 +98,12 @@ def allocate_bits(
     slots = int(room // unit)
     steps = torch.ceil(extra / unit).long()  # (modules, widths) units each choice takes
     err = torch.tensor([[errors[n][b] for b in widths] for n in names], dtype=torch.float64)
-    best = torch.zeros(
-        slots + 1, dtype=torch.float64
-    )  # best[s]: least error of the modules so far in s units
+    # best[s]: the least total error of the modules so far within s units; choices: their widths
+    best = torch.zeros(slots + 1, dtype=torch.float64)
     choices = torch.empty(len(names), slots + 1, dtype=torch.int8)
-    inf = torch.tensor(float("inf"), dtype=torch.float64)
     for m in range(len(names)):
-        options = torch.stack(
-            [
-                torch.cat(
-                    [
-                        inf.expand(min(int(steps[m, c]), slots + 1)),
-                        best[: max(slots + 1 - int(steps[m, c]), 0)],
-                    ]
-                )
-                + err[m, c]
-                for c in range(len(widths))
-            ]
-        )  # (widths, slots + 1)
-        best, choices[m] = options.min(dim=0)
+        options = torch.stack([shifted(best, int(steps[m, c])) + err[m, c] for c in range(len(widths))])
+        best, choices[m] = options.min(dim=0)  # of equal errors, the fewer bits
     chosen, s = {}, slots
     for m in reversed(range(len(names))):
         c = int(choices[m, s])

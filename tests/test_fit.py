@@ -529,4 +529,4 @@ def test_fit_help_shows_each_field_s_docstring(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["fit", "--help"])
     out = capsys.readouterr().out
-    assert done.value.code == 0 and "Bits per weight: 2, 3 or 4." in out and "LoRA scaling numerator" in out
+    assert done.value.code == 0 and "Bits per weight: 2, 3 or 4" in out and "LoRA scaling numerator" in out

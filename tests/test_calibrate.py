@@ -1,6 +1,7 @@
 """The layer-by-layer driver on tiny random models."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,10 +25,14 @@ def logits_mse(model, ref, ids):
         return (model(ids).logits - ref).pow(2).mean().item()
 
 
-# every family with ProjQ, every method on Llama (the methods share the calibration code)
+# every family with ProjQ but Mistral (the Llama architecture), every method on Llama (shared code)
 @pytest.mark.parametrize(
     ("family", "method"),
-    [*((family, "projq") for family in sorted(TINY)), ("llama", "rtn"), ("llama", "gptq")],
+    [
+        *((family, "projq") for family in sorted(TINY) if family != "mistral"),
+        ("llama", "rtn"),
+        ("llama", "gptq"),
+    ],
 )
 def test_step0_adapter_is_closer_to_float_than_quantized(family, method):
     model, tok = load_model_and_tokenizer(ModelConfig(config=TINY[family]))
@@ -68,13 +73,7 @@ def test_srr_reports_the_rank_it_preserves_in_each_module():
     table = format_report(reports).splitlines()
     assert table[0].split()[:3] == ["module", "shape", "k"]
     assert table[1].split()[2] == str(reports[0].preserved_rank)
-    _, plain = quantize_model(
-        load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))[0],
-        ids,
-        QuantConfig(method="gptq", bits=2, group_size=32),
-        8,
-        progress=False,
-    )
+    plain = [replace(r, preserved_rank=None) for r in reports]
     assert format_report(plain).splitlines()[0].split()[:3] == ["module", "shape", "err"]  # no k column
 
 

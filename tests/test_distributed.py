@@ -127,7 +127,11 @@ def test_fsdp_two_processes_shard_the_adapters_and_train_like_one_process(tmp_pa
 def test_fsdp_resumes_an_optimizer_without_state_exactly(tmp_path):
     """Plain SGD keeps no state, which Lightning's and torch's FSDP2 loaders cannot read; resuming
     must also restore the scheduled learning rate of the first resumed step."""
-    plain_sgd = ("--model.optimizer.init_args.momentum=0", "--trainer.strategy=projq_fsdp")
+    plain_sgd = (
+        "--model.optimizer.init_args.momentum=0",
+        "--trainer.strategy=projq_fsdp",
+        f"--model.artifact_dir={tmp_path}/artifacts",  # both runs: one quantization
+    )
     fit_in_subprocess(tmp_path / "straight", 1, 8, 4, *plain_sgd)
     fit_in_subprocess(tmp_path / "resumed", 1, 8, 2, *plain_sgd)
     fit_in_subprocess(tmp_path / "resumed", 1, 8, 4, *plain_sgd, "--ckpt_path=last")

@@ -39,7 +39,6 @@ from projq_train.module import swap_in_nf4
 from projq_train.quant.calibrate import (
     apply_quantized,
     quantize_model,
-    quantize_under_budget,
     stored_bits_per_weight,
 )
 
@@ -140,10 +139,7 @@ def quantized_row(model, ids, windows, name: str, bits: float, rank: int, budget
     widths = {"bits": None, "budget_bits": budget} if budget is not None else {"bits": int(bits)}
     cfg = QuantConfig(**widths, group_size=args.group_size, iters=args.iters, **VARIANTS[name])
     t0 = time.perf_counter()
-    if budget is None:
-        modules, reports = quantize_model(model, ids, cfg, rank, progress=False)
-    else:
-        modules, reports, _ = quantize_under_budget(model, ids, cfg, rank, progress=False)
+    modules, reports = quantize_model(model, ids, cfg, rank, progress=False)
     wall = time.perf_counter() - t0
     n = len(reports)
     return {

@@ -61,13 +61,13 @@ from projq_train.data.calibration import calibration_tokens
 from projq_train.host_memory import large_blocks_mapped, release_freed_memory
 from projq_train.integrity import CorruptFileError, file_checksums, verify_file_checksums
 from projq_train.models import build_skeleton, load_tokenizer, model_config, tie_and_check
+from projq_train.quant.allocate import BitConfiguration
 from projq_train.quant.calibrate import (
     QuantizedModule,
     check_model_settings,
     format_report,
     format_storage,
     quantize_model,
-    quantize_under_budget,
     stored_bits_per_weight,
 )
 from projq_train.quant.linear import swap_in_quant_linears
@@ -375,12 +375,9 @@ def find_or_quantize(
         with large_blocks_mapped():  # the quantizer's transients never fragment the host heap
             source = weight_source(model_cfg, skeleton)
             release_freed_memory()
-            args = (skeleton, ids, quant, rank, device, calibration.batch_size)
-            configuration = None
-            if quant.budget_bits is None:
-                modules, reports = quantize_model(*args, source=source)
-            else:
-                modules, reports, configuration = quantize_under_budget(*args, source=source)
+            modules, reports = quantize_model(
+                skeleton, ids, quant, rank, device, calibration.batch_size, source=source
+            )
             skeleton.tie_weights()  # a tied head is the embedding again, stored once
             floats = float_tensors(skeleton, source, set(modules))
         log.info(
@@ -399,7 +396,9 @@ def find_or_quantize(
             "calibration_tokens": list(ids.shape),
             "device": str(device),
             "report": [asdict(r) for r in reports],
-            "configuration": configuration.to_dict() if configuration is not None else None,
+            "configuration": (
+                BitConfiguration.of(modules, rank).to_dict() if quant.budget_bits is not None else None
+            ),
             "storage_bits_per_weight": stored_bits_per_weight(modules),
         }
         path = save_artifact(artifact_dir, full_hash, modules, meta, floats, config, tokenizer)

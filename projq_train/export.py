@@ -44,6 +44,7 @@ from projq_train.data.calibration import calibration_tokens
 from projq_train.eval.harness import perplexity
 from projq_train.integrity import verify_export_checksums, write_export_checksums
 from projq_train.lora import ADAPTER, adapter_layers, with_quant_linear
+from projq_train.quant.allocate import BitConfiguration
 from projq_train.quant.calibrate import quantize_model
 from projq_train.quant.linear import QuantLinear, swap_in_quant_linears
 from projq_train.quant.pack import PackedWeight
@@ -312,7 +313,9 @@ def run_export(
         write_export_checksums(output)
         exported = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
     else:
-        bits = bits or trained.quant.bits or read_metadata(trained.artifact)["configuration"]["bits"]
+        if bits is None and trained.quant.budget_bits is not None:  # keep each module's width
+            bits = BitConfiguration.from_dict(read_metadata(trained.artifact)["configuration"]).bits
+        bits = bits or trained.quant.bits
         group_size = group_size or trained.quant.group_size
         exported = export_quantized(trained, output, method, bits, group_size, torch.device(device))
     report = {

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import projq_train.cli as cli
+from projq_train.artifact import read_metadata
 from projq_train.checkpoint import load_trained
 from projq_train.config import ModelConfig
 from projq_train.export import load_peft_export, load_quantized_export, run_export
@@ -258,6 +259,8 @@ def test_a_mixed_precision_base_packs_trains_resumes_and_exports(tmp_path):
     trained = load_trained(checkpoint)
     widths = {m.bits for m in trained.model.modules() if isinstance(m, QuantLinear)}
     assert widths == {2, 3}  # packed layers of two widths in one model
+    configuration = read_metadata(trained.artifact)["configuration"]  # recorded with the artifact
+    assert set(configuration["bits"].values()) == widths and set(configuration["ranks"].values()) == {4}
     report = export(checkpoint, tmp_path, "quantized")
     qconfig = json.loads((tmp_path / "quantized" / "quantize_config.json").read_text())
     assert qconfig["dynamic"] and all(rule.startswith("+:^model\\.layers") for rule in qconfig["dynamic"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,6 +39,11 @@ class BitConfiguration:
     @classmethod
     def from_dict(cls, d: dict[str, dict[str, int]]) -> BitConfiguration:
         return cls(bits=dict(d["bits"]), ranks=dict(d["ranks"]))
+
+    @classmethod
+    def of(cls, modules: dict[str, Any], rank: int) -> BitConfiguration:
+        """The configuration quantized modules (name → ``QuantizedModule``) were made with."""
+        return cls(bits={n: m.weight.bits for n, m in modules.items()}, ranks=dict.fromkeys(modules, rank))
 
 
 def storage_bits_per_weight(

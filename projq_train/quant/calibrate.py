@@ -24,7 +24,7 @@ from projq_train.config import SUPPORTED_BITS, QuantConfig
 from projq_train.host_memory import release_freed_memory, return_free_pages
 from projq_train.models import decoder_layers
 from projq_train.quant import lowrank_compensation, quantize_weight
-from projq_train.quant.allocate import BitConfiguration, allocate_bits, check_budget, uniform_storage
+from projq_train.quant.allocate import allocate_bits, check_budget, uniform_storage
 from projq_train.quant.pack import PackedWeight
 from projq_train.quant.projq import check_rank, hessian_sqrt, srr_preserved_rank
 from projq_train.quant.rtn import check_grid
@@ -256,8 +256,10 @@ def quantize_model(
 ) -> tuple[dict[str, QuantizedModule], list[ModuleReport]]:
     """Quantize every target linear of ``model`` (on CPU) in place, calibrating on ``ids (n, seqlen)``,
     for adapters of rank ``rank`` (0: no compensation), at ``cfg.bits`` or at ``bits[module name]``.
-    With ``measure_bits``, each module is also quantized at those widths (from the same inputs)
-    and its compensated error at each is reported (``err_by_bits``).
+    Under ``cfg.budget_bits`` (and no ``bits``) a first pass chooses the widths
+    (:func:`allocate_under_budget`, four quantizations per module in all) and each report row
+    keeps the errors it measured (``err_by_bits``). With ``measure_bits``, each module is also
+    quantized at those widths (from the same inputs) and its compensated error at each reported.
 
     After this the model's target weights hold ``Q + BA`` (the adapted model at step 0), and
     the next layer was calibrated on those outputs. With ``source``, ``model`` may be a skeleton
@@ -270,6 +272,11 @@ def quantize_model(
     if ids.numel() == 0:
         raise ValueError("the calibration set is empty: no token windows to calibrate on")
     device = torch.device(device)
+    measured_errors = None
+    if cfg.budget_bits is not None and bits is None:
+        bits, measured_errors = allocate_under_budget(
+            model, ids, cfg, rank, device, batch_size, progress, source
+        )
     layer_names = {id(m): n for n, m in model.named_modules()}
     dtype = model.model.embed_tokens.weight.dtype
     others = [m for name, m in model.model.named_children() if name != "layers"]
@@ -350,27 +357,29 @@ def quantize_model(
             layer.to("cpu")
         release_freed_memory()  # the layer's forward, before the next layer's weights arrive
         bar.set_postfix(err=f"{sum(r.err_compensated for r in reports[-len(linears) :]) / len(linears):.4f}")
+    for r in reports if measured_errors is not None else ():
+        r.err_by_bits = measured_errors[r.name]
     log.info("quantized %d modules with %s at %s", len(result), cfg.method, widths)
     return result, reports
 
 
-def quantize_under_budget(
+@torch.no_grad()
+def allocate_under_budget(
     model: nn.Module,
     ids: Tensor,
     cfg: QuantConfig,
     rank: int,
-    device: torch.device | str = "cpu",
-    batch_size: int = 8,
-    progress: bool = True,
-    source: WeightSource | None = None,
-) -> tuple[dict[str, QuantizedModule], list[ModuleReport], BitConfiguration]:
-    """Mixed precision under ``cfg.budget_bits`` (average stored bits per weight): a first pass
-    quantizes every module at 2, 3 and 4 bits from the same inputs (the next layer is calibrated
-    on the width whose uniform storage is nearest the budget) and measures its compensated error
-    at each; :func:`~projq_train.quant.allocate.allocate_bits` picks the widths; a second pass
-    quantizes at them, as :func:`quantize_model` does. Without a weight ``source`` the target
-    weights are copied once for the second pass. Each report row keeps the errors measured."""
-    check_model_settings(model, cfg, rank)
+    device: torch.device,
+    batch_size: int,
+    progress: bool,
+    source: WeightSource | None,
+) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
+    """The first pass of mixed precision under ``cfg.budget_bits``: every module quantized at 2, 3
+    and 4 bits from the same inputs (the next layer calibrated on the width whose uniform storage
+    is nearest the budget), its compensated error measured at each, and
+    :func:`~projq_train.quant.allocate.allocate_bits`'s widths. The model's target weights are
+    left as they were (without a weight ``source`` they are copied once to restore them). Returns
+    the widths and the errors by module and width."""
     shapes = target_shapes(model, cfg.target_modules)
     uniform = uniform_storage(shapes, cfg.group_size)
     nearest = min(SUPPORTED_BITS, key=lambda b: abs(uniform[b] - cfg.budget_bits))
@@ -380,17 +389,9 @@ def quantize_under_budget(
         model, ids, first, rank, device, batch_size, progress, source, measure_bits=SUPPORTED_BITS
     )
     errors = {r.name: r.err_by_bits for r in measured}
-    chosen = allocate_bits(errors, shapes, cfg.group_size, cfg.budget_bits)
-    with torch.no_grad():
-        for name, weight in (originals or {}).items():
-            model.get_submodule(name).weight.copy_(weight)
-    del originals
-    modules, reports = quantize_model(
-        model, ids, cfg, rank, device, batch_size, progress, source, bits=chosen
-    )
-    for r in reports:
-        r.err_by_bits = errors[r.name]
-    return modules, reports, BitConfiguration(bits=chosen, ranks=dict.fromkeys(shapes, rank))
+    for name, weight in (originals or {}).items():
+        model.get_submodule(name).weight.copy_(weight)
+    return allocate_bits(errors, shapes, cfg.group_size, cfg.budget_bits), errors
 
 
 def stored_bits_per_weight(modules: dict[str, QuantizedModule]) -> float:

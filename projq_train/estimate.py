@@ -64,7 +64,7 @@ from projq_train.config import (
 )
 from projq_train.loss import LOGITS_PER_CHUNK
 from projq_train.quant.calibrate import SEQUENTIAL_GROUPS
-from projq_train.quant.pack import packed_length
+from projq_train.quant.pack import packed_storage_bits
 from projq_train.quant.rtn import check_grid
 
 # Peak RSS of `python -c "import torch, transformers, lightning, peft,
@@ -276,11 +276,9 @@ class MemoryEstimate:
 
 def packed_linear_bytes(in_features: int, out_features: int, bits: int, group_size: int) -> int:
     """Bytes of one :class:`QuantLinear`'s packed buffers (``qweight``, ``qzeros``, ``scales``, ``g_idx``)."""
-    groups = in_features // check_grid(bits, group_size, in_features)
-    qweight = packed_length(in_features, bits) * out_features * 4  # int32
-    qzeros = groups * packed_length(out_features, bits) * 4  # int32
-    scales = groups * out_features * 2  # fp16
-    return qweight + qzeros + scales + in_features * 4  # g_idx int32
+    check_grid(bits, group_size, in_features)
+    g_idx = in_features * 4  # int32
+    return packed_storage_bits(out_features, in_features, bits, group_size) // 8 + g_idx
 
 
 def bit_widths(quant: QuantConfig) -> str:

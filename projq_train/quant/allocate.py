@@ -3,9 +3,11 @@
 A :class:`BitConfiguration` maps each quantized module to its bit width and adapter rank; it
 is recorded in the artifact, shown in the quantization report, and is what a
 configuration-aware adapter takes as input. :func:`allocate_bits` picks it from each module's
-measured compensated error at every width: a multiple-choice knapsack solved exactly by dynamic
-programming over the storage above all-2-bit, counted in units fixed by the model's shapes (not
-by the budget), so a larger budget never gives a larger total error. The unit is the greatest
+measured cost at every width (the driver gives it the compensated error weighted by the output
+Fisher, an estimate of the loss it adds: :mod:`projq_train.quant.sensitivity`): a
+multiple-choice knapsack solved exactly by dynamic programming over the storage above all-2-bit,
+counted in units fixed by the model's shapes (not by the budget), so a larger budget never gives
+a larger total error. The unit is the greatest
 common divisor of the choices' costs (exact: uniform 3 bits fits a budget of its own storage)
 unless that makes the axis longer than :data:`MAX_UNITS_PER_MODULE` per module; costs are then
 rounded up to coarser units, and the budget still holds.
@@ -23,6 +25,7 @@ from torch import Tensor
 from projq_train.config import SUPPORTED_BITS
 from projq_train.quant.pack import packed_storage_bits
 
+ALLOCATION_OBJECTIVE = "fisher-weighted output error"  # what the errors given to allocate_bits are
 MAX_UNITS_PER_MODULE = 200  # the storage axis, at most; coarser units round costs up (< 0.5 % of the room)
 
 

@@ -28,6 +28,7 @@ from projq_train.quant.allocate import allocate_bits, check_budget, uniform_stor
 from projq_train.quant.pack import PackedWeight
 from projq_train.quant.projq import check_rank, hessian_sqrt, srr_preserved_rank
 from projq_train.quant.rtn import check_grid
+from projq_train.quant.sensitivity import output_sensitivities, weighted_error
 from projq_train.weights import WeightSource, materialize, release_weights
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class ModuleReport:
     preserved_rank: int | None = None  # srr: k of the rank r holds W's top part, r − k the error
     bits: int | None = None  # the module's bit width
     err_by_bits: dict[int, float] | None = None  # mixed precision: err Q+BA measured at each width
+    loss_by_bits: dict[int, float] | None = None  # and Σ_j F_j (E H Eᵀ)_jj, what the allocation weighs
     phase_seconds: dict[str, float] | None = None  # of `seconds` and the layer's forwards, by phase
 
 
@@ -253,13 +255,16 @@ def quantize_model(
     source: WeightSource | None = None,
     bits: dict[str, int] | None = None,
     measure_bits: tuple[int, ...] = (),
+    sensitivities: dict[str, Tensor] | None = None,
 ) -> tuple[dict[str, QuantizedModule], list[ModuleReport]]:
     """Quantize every target linear of ``model`` (on CPU) in place, calibrating on ``ids (n, seqlen)``,
     for adapters of rank ``rank`` (0: no compensation), at ``cfg.bits`` or at ``bits[module name]``.
     Under ``cfg.budget_bits`` (and no ``bits``) a first pass chooses the widths
     (:func:`allocate_under_budget`, four quantizations per module in all) and each report row
-    keeps the errors it measured (``err_by_bits``). With ``measure_bits``, each module is also
-    quantized at those widths (from the same inputs) and its compensated error at each reported.
+    keeps the errors it measured (``err_by_bits``, ``loss_by_bits``). With ``measure_bits``, each
+    module is also quantized at those widths (from the same inputs) and its compensated error at
+    each reported; with ``sensitivities`` (module name → output Fisher ``F``, see
+    :mod:`~projq_train.quant.sensitivity`) also its weighted error ``Σ_j F_j (E H Eᵀ)_jj``.
 
     After this the model's target weights hold ``Q + BA`` (the adapted model at step 0), and
     the next layer was calibrated on those outputs. With ``source``, ``model`` may be a skeleton
@@ -272,11 +277,9 @@ def quantize_model(
     if ids.numel() == 0:
         raise ValueError("the calibration set is empty: no token windows to calibrate on")
     device = torch.device(device)
-    measured_errors = None
+    first_pass = None
     if cfg.budget_bits is not None and bits is None:
-        bits, measured_errors = allocate_under_budget(
-            model, ids, cfg, rank, device, batch_size, progress, source
-        )
+        bits, first_pass = allocate_under_budget(model, ids, cfg, rank, device, batch_size, progress, source)
     layer_names = {id(m): n for n, m in model.named_modules()}
     dtype = model.model.embed_tokens.weight.dtype
     others = [m for name, m in model.model.named_children() if name != "layers"]
@@ -322,8 +325,14 @@ def quantize_model(
                 qm = measured[width]
                 step0 = qm.step0_weight()
                 err_q, err_c = _hnorm(W - qm.weight.dequantize(), H) / wn, _hnorm(W - step0, H) / wn
-                err_by_bits = {b: _hnorm(W - measured[b].step0_weight(), H) / wn for b in measure_bits}
-                del measured
+                errors = {b: W - measured[b].step0_weight() for b in measure_bits}
+                err_by_bits = {b: _hnorm(E, H) / wn for b, E in errors.items()}
+                loss_by_bits = (
+                    {b: weighted_error(E, H, sensitivities[name]) for b, E in errors.items()}
+                    if sensitivities is not None
+                    else {}
+                )
+                del measured, errors
                 seconds = time.perf_counter() - t0
                 phases["errors and packing"] = seconds - sum(phases.values()) + forwards
                 reports.append(
@@ -337,6 +346,7 @@ def quantize_model(
                         qm.preserved_rank,
                         width,
                         err_by_bits or None,
+                        loss_by_bits or None,
                         phases,
                     )
                 )
@@ -357,8 +367,8 @@ def quantize_model(
             layer.to("cpu")
         release_freed_memory()  # the layer's forward, before the next layer's weights arrive
         bar.set_postfix(err=f"{sum(r.err_compensated for r in reports[-len(linears) :]) / len(linears):.4f}")
-    for r in reports if measured_errors is not None else ():
-        r.err_by_bits = measured_errors[r.name]
+    for r in reports if first_pass is not None else ():
+        r.err_by_bits, r.loss_by_bits = first_pass[r.name].err_by_bits, first_pass[r.name].loss_by_bits
     log.info("quantized %d modules with %s at %s", len(result), cfg.method, widths)
     return result, reports
 
@@ -373,25 +383,28 @@ def allocate_under_budget(
     batch_size: int,
     progress: bool,
     source: WeightSource | None,
-) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
-    """The first pass of mixed precision under ``cfg.budget_bits``: every module quantized at 2, 3
-    and 4 bits from the same inputs (the next layer calibrated on the width whose uniform storage
-    is nearest the budget), its compensated error measured at each, and
-    :func:`~projq_train.quant.allocate.allocate_bits`'s widths. The model's target weights are
-    left as they were (without a weight ``source`` they are copied once to restore them). Returns
-    the widths and the errors by module and width."""
+) -> tuple[dict[str, int], dict[str, ModuleReport]]:
+    """The first pass of mixed precision under ``cfg.budget_bits``: the output Fisher of every
+    module measured on the float model (:func:`~projq_train.quant.sensitivity.output_sensitivities`),
+    then every module quantized at 2, 3 and 4 bits from the same inputs (the next layer calibrated
+    on the width whose uniform storage is nearest the budget) and its Fisher-weighted compensated
+    error measured at each; :func:`~projq_train.quant.allocate.allocate_bits` picks the widths
+    that add the least to the loss. The model's target weights are left as they were (without a
+    weight ``source`` they are copied once to restore them). Returns the widths and the first
+    pass's report row of each module."""
     shapes = target_shapes(model, cfg.target_modules)
     uniform = uniform_storage(shapes, cfg.group_size)
     nearest = min(SUPPORTED_BITS, key=lambda b: abs(uniform[b] - cfg.budget_bits))
+    sensitivities = output_sensitivities(model, ids, list(shapes), device, batch_size, source)
     originals = None if source is not None else {n: model.get_submodule(n).weight.clone() for n in shapes}
     first = replace(cfg, bits=nearest, budget_bits=None)
-    _, measured = quantize_model(
-        model, ids, first, rank, device, batch_size, progress, source, measure_bits=SUPPORTED_BITS
+    _, reports = quantize_model(
+        model, ids, first, rank, device, batch_size, progress, source, None, SUPPORTED_BITS, sensitivities
     )
-    errors = {r.name: r.err_by_bits for r in measured}
     for name, weight in (originals or {}).items():
         model.get_submodule(name).weight.copy_(weight)
-    return allocate_bits(errors, shapes, cfg.group_size, cfg.budget_bits), errors
+    losses = {r.name: r.loss_by_bits for r in reports}
+    return allocate_bits(losses, shapes, cfg.group_size, cfg.budget_bits), {r.name: r for r in reports}
 
 
 def stored_bits_per_weight(modules: dict[str, QuantizedModule]) -> float:

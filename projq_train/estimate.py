@@ -23,7 +23,10 @@ intermediate size, ``L`` decoder layers, ``V`` vocabulary, ``r`` adapter rank):
 - quantize (streamed, one decoder layer at a time): that layer's float weights in the recipe
   dtype, fp32 working copies of its largest module and its ``(in, in)`` Hessian matrices, the
   embeddings, the calibration activations (inputs and outputs of the current layer, in the
-  recipe dtype) and the packed results with their fp32 compensations.
+  recipe dtype) and the packed results with their fp32 compensations; under ``quant.budget_bits``
+  also the sensitivity pass before it (:mod:`projq_train.quant.sensitivity`): every layer's
+  input hidden states of its tokens, the embeddings and head, one decoder layer and one window's
+  forward and backward through it, when that phase is the larger.
 
 A CPU run's peak is host memory: a fixed runtime baseline (:data:`RUNTIME_BASELINE_BYTES`) plus
 the components. A GPU run's peak is device memory (``torch.cuda.max_memory_allocated``
@@ -66,6 +69,7 @@ from projq_train.loss import LOGITS_PER_CHUNK
 from projq_train.quant.calibrate import SEQUENTIAL_GROUPS
 from projq_train.quant.pack import packed_storage_bits
 from projq_train.quant.rtn import check_grid
+from projq_train.quant.sensitivity import SENSITIVITY_TOKENS
 
 # Peak RSS of `python -c "import torch, transformers, lightning, peft,
 # transformers.models.llama.modeling_llama"` (torch 2.13 CPU, transformers 5.24, lightning 2.6,
@@ -570,13 +574,43 @@ def estimate_quantize(
     floats = float_tensor_bytes(shape, quant, w)
     on_host = {"runtime": runtime, "packed_results": results}
     details = {"calibration_tokens": tokens, "hessian_work_dtype": "fp32" if on_gpu else "fp64"}
+    stored, window = (
+        sensitivity_pass_bytes(shape, calibration, w) if quant.budget_bits is not None else (0, 0)
+    )
     if on_gpu:
         on_host["layer_read"] = on_device["layer_weights"]  # read on the host, then moved
         on_host["float_tensors_at_save"] = max(0, floats - on_host["layer_read"])
+        if (
+            quant.budget_bits is not None
+        ):  # the sensitivity pass: inputs kept on the host, the head on the device
+            host_rest = results + on_host["layer_read"] + on_host["float_tensors_at_save"]
+            device_rest = sum(on_device.values())
+            on_host["sensitivity_pass"] = max(0, stored + floats + on_host["layer_read"] - host_rest)
+            on_device["sensitivity_pass"] = max(0, floats + on_device["layer_weights"] + window - device_rest)
         return MemoryEstimate("quantize", True, on_device, on_host, details)
     layer_phase = sum(on_device.values())
     on_host["float_tensors_at_save"] = max(0, floats - layer_phase)  # the later, larger phase
+    if quant.budget_bits is not None:  # the sensitivity pass comes first, before any packed result
+        quantization_peak = results + max(layer_phase, floats)
+        on_host["sensitivity_pass"] = max(
+            0, stored + floats + on_device["layer_weights"] + window - quantization_peak
+        )
     return MemoryEstimate("quantize", False, {}, {**on_host, **on_device}, details)
+
+
+def sensitivity_pass_bytes(shape: ModelShape, calibration: CalibrationConfig, w: int) -> tuple[int, int]:
+    """The mixed-precision sensitivity pass: every decoder layer's input hidden states of its
+    windows (kept on the host), and one window's forward and backward through a float decoder
+    layer: autograd's saved inputs of the norms, the q/k/v/o, gate/up and down matmuls, SDPA's
+    outputs and, on CPU, its attention weights, twice (their gradients)."""
+    windows = min(calibration.nsamples, max(1, SENSITIVITY_TOKENS // calibration.seqlen))
+    stored = shape.layers * windows * calibration.seqlen * shape.hidden * w
+    q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    per_token = w * (2 * shape.hidden + 2 * q_width + 2 * kv_width + 4 * shape.intermediate) + 2 * FP32 * (
+        shape.hidden + 1
+    )
+    per_token += shape.heads * calibration.seqlen * w
+    return stored, 2 * calibration.seqlen * per_token
 
 
 # --- advice -----------------------------------------------------------------------------------
@@ -813,6 +847,7 @@ LABELS = {
     "packed_results": "packed weights + compensation made so far",
     "layer_read": "the layer read before its move to the device",
     "float_model": "the whole float model (nf4 loads it)",
+    "sensitivity_pass": "mixed precision's sensitivity pass, above the rest",
 }
 
 

@@ -187,6 +187,28 @@ def test_quantize_recipe_estimates_quantize_only(capsys):
     assert result["quantize"]["host"]["hessians"] > 0
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_bit_budget_counts_the_sensitivity_pass_where_it_is_the_larger_phase(device, capsys):
+    """24 layers' inputs of 8 windows of 512 tokens outweigh one layer's calibration activations."""
+    recipe = ("--config", str(RECIPES / "tiny-quantize.yaml"), "--device", device, "--json")
+    deep = (
+        "--model.config.num_hidden_layers",
+        "24",
+        "--calibration.nsamples",
+        "8",
+        "--calibration.seqlen",
+        "512",
+    )
+    uniform = json.loads(run_estimate(capsys, *recipe, *deep))["quantize"]
+    budget = json.loads(
+        run_estimate(capsys, *recipe, *deep, "--quant.bits", "null", "--quant.budget_bits", "3.5")
+    )
+    stored = 24 * 8 * 512 * 128 * 4  # every layer's inputs, fp32
+    assert "sensitivity_pass" not in uniform["host"]
+    assert stored < budget["host"]["sensitivity_pass"] < stored + 8 * 2**20
+    assert budget["peak_bytes"] > uniform["peak_bytes"]
+
+
 def test_too_little_memory_gets_advice_and_each_knob_lowers_the_peak(capsys):
     recipe = str(RECIPES / "tiny-cpu.yaml")
     text = run_estimate(capsys, "--config", recipe, "--device_memory", "440MiB")  # advice, not an error

@@ -38,11 +38,9 @@ def test_streamed_sensitivities_equal_one_backward_pass_of_the_whole_model(famil
     expected = whole_model_sensitivities(model, ids, names)
     before = {n: t.clone() for n, t in model.state_dict().items()}
 
-    in_place = output_sensitivities(model, ids, names, torch.device("cpu"), batch_size=3)
+    in_place = output_sensitivities(model, ids, names, torch.device("cpu"))
     skeleton = build_skeleton(model_config(ModelConfig(config=model.config.to_dict())), torch.float32)
-    streamed = output_sensitivities(
-        skeleton, ids, names, torch.device("cpu"), 3, RandomInitSource(skeleton, 0)
-    )
+    streamed = output_sensitivities(skeleton, ids, names, torch.device("cpu"), RandomInitSource(skeleton, 0))
 
     for n in names:
         torch.testing.assert_close(in_place[n], expected[n], rtol=1e-4, atol=1e-10)
@@ -72,7 +70,7 @@ def test_weighted_error_predicts_the_loss_increase_of_a_small_output_error():
     )
     name = "model.layers.1.mlp.down_proj"
     module = model.get_submodule(name)
-    F_out = output_sensitivities(model, ids, [name], torch.device("cpu"), batch_size=16)[name]
+    F_out = output_sensitivities(model, ids, [name], torch.device("cpu"))[name]
     inputs = []
     handle = module.register_forward_hook(lambda m, a, out: inputs.append(a[0].flatten(0, 1)))
 

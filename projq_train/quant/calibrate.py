@@ -395,7 +395,7 @@ def allocate_under_budget(
     shapes = target_shapes(model, cfg.target_modules)
     uniform = uniform_storage(shapes, cfg.group_size)
     nearest = min(SUPPORTED_BITS, key=lambda b: abs(uniform[b] - cfg.budget_bits))
-    sensitivities = output_sensitivities(model, ids, list(shapes), device, batch_size, source)
+    sensitivities = output_sensitivities(model, ids, list(shapes), device, source)
     originals = None if source is not None else {n: model.get_submodule(n).weight.clone() for n in shapes}
     first = replace(cfg, bits=nearest, budget_bits=None)
     _, reports = quantize_model(

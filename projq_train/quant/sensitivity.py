@@ -28,6 +28,7 @@ from projq_train.models import decoder_layers
 from projq_train.weights import WeightSource, materialize, release_weights
 
 SENSITIVITY_TOKENS = 4096  # calibration tokens (whole windows, at least one) the Fisher is measured on
+LOSS_CHUNK_LOGITS = 2**22  # fp32 logits per chunk of the loss (16 MiB), while every layer's inputs are kept
 
 
 def sensitivity_windows(ids: Tensor) -> Tensor:
@@ -47,12 +48,12 @@ def output_sensitivities(
     ids: Tensor,
     module_names: list[str],
     device: torch.device,
-    batch_size: int,
     source: WeightSource | None = None,
 ) -> dict[str, Tensor]:
     """``F (out,)`` fp32 on CPU of each module in ``module_names`` (full names of linear modules
     inside the decoder layers): the mean over the tokens of :func:`sensitivity_windows` of the
     squared gradient of the summed next-token cross-entropy with respect to the module's output.
+    The windows go through one at a time (the backward pass's transients are one window's).
 
     With ``source``, ``model`` is a skeleton on the meta device (as :func:`quantize_model` takes
     it) and is left on it; without, its weights are used where they are and left unchanged.
@@ -72,7 +73,7 @@ def output_sensitivities(
             model.tie_weights()  # the head is the embedding just read
         else:
             materialize(head, f"{names[id(head)]}.", source, dtype)
-    inputs, kwargs = capture_layer_inputs(model, windows, device, batch_size)
+    inputs, kwargs = capture_layer_inputs(model, windows, device, batch_size=1)
     layers = list(decoder_layers(model))
     stored = []  # each layer's inputs, on CPU
     with torch.no_grad():
@@ -81,7 +82,7 @@ def output_sensitivities(
             _place(layer, source, names, dtype, device)
             inputs = [_output(layer(h, **kw)) for h, kw in zip(inputs, kwargs, strict=True)]
             _put_back(layer, source)
-    grads = _loss_gradients(model, head, inputs, windows.split(batch_size), device)
+    grads = _loss_gradients(model, head, inputs, windows.split(1), device)
     if source is not None:
         for m in (*ends, head):
             release_weights(m)
@@ -125,12 +126,14 @@ def _loss_gradients(model, head, hidden: list[Tensor], batches: tuple[Tensor, ..
     """∂(summed next-token CE)/∂(last layer's output), per batch; the final norm and head on ``device``."""
     norm = model.model.norm.to(device)
     head.to(device)
+    weight = head.weight.detach()  # no gradient for the head: only for the hidden states
+    chunk = max(1, LOSS_CHUNK_LOGITS // weight.shape[0])
     grads = []
     with torch.enable_grad():
         for h, batch in zip(hidden, batches, strict=True):
             h = h.detach().requires_grad_()
             batch = batch.to(device)
-            loss = causal_lm_loss_from_hidden(norm(h), head.weight, batch, num_tokens=1.0)
+            loss = causal_lm_loss_from_hidden(norm(h), weight, batch, num_tokens=1.0, chunk_tokens=chunk)
             grads.append(torch.autograd.grad(loss, h)[0])
     norm.to("cpu")
     head.to("cpu")

@@ -56,7 +56,7 @@ def test_step0_adapter_is_closer_to_float_than_quantized(family, method):
     assert table[-2].startswith("mean") and table[-1].startswith("time per phase: calibration forwards")
     phases = [r.phase_seconds for r in reports]
     assert set(phases[0]) == {
-        "calibration forwards", "Hessian square roots", "quantization", "compensation", "errors and packing"
+        "calibration forwards", "Hessian factors", "quantization", "compensation", "errors and packing"
     }  # fmt: skip
     assert sum(sum(p.values()) - p["calibration forwards"] for p in phases) == pytest.approx(
         sum(r.seconds for r in reports)

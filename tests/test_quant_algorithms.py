@@ -6,12 +6,19 @@ import torch
 from projq_train.quant import (
     gptq_quantize,
     lowrank_compensation,
+    projq,
     projq_quantize,
     quantize_weight,
     rtn_quantize,
     spectral_tail,
 )
-from projq_train.quant.projq import error_subspace, hessian_sqrt, projected_hessian, srr_preserved_rank
+from projq_train.quant.projq import (
+    error_subspace,
+    hessian_factor,
+    projected_hessian,
+    srr_preserved_rank,
+    top_singular,
+)
 from projq_train.quant.rtn import clipped_params, minmax_params, quantize_to_grid
 
 
@@ -127,9 +134,41 @@ def test_projected_hessian_is_hessian_of_projected_tokens(layer):
     U, S, _ = torch.linalg.svd(E @ Y.T, full_matrices=False)
     V = Y @ E.T @ U[:, :r] / S[:r]  # (N, r) token-space directions
     explicit = Y.T @ Y - (Y.T @ V) @ (V.T @ Y)
-    Hh, _ = hessian_sqrt(H)
-    _, Z = error_subspace(E, Hh, r)
-    torch.testing.assert_close(projected_hessian(H, Hh, Z), explicit, rtol=1e-6, atol=1e-8)
+    F, _ = hessian_factor(H)
+    _, Z = error_subspace(E, F, r)
+    # F Fᵀ = H + δ I with δ = 1e-8 max diag(H): equal to that
+    scale = H.diagonal().max().item()
+    torch.testing.assert_close(projected_hessian(H, F, Z), explicit, rtol=0, atol=1e-6 * scale)
+
+
+def test_hessian_factor_is_a_cholesky_factor_and_its_inverse_even_for_a_singular_hessian(layer):
+    _, X, H = layer
+    for h in (H.double(), (X[:8].T @ X[:8]).double()):  # full rank; rank 8 of 64
+        F, F_inv = hessian_factor(h)
+        assert torch.equal(F, F.tril())
+        torch.testing.assert_close(F @ F.T, h, rtol=0, atol=1e-5 * h.diagonal().max().item())
+        torch.testing.assert_close(F @ F_inv, torch.eye(h.shape[0], dtype=h.dtype), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48)])
+def test_top_singular_is_exact_below_the_threshold_and_close_by_the_randomized_finder_above(
+    shape, monkeypatch
+):
+    gen = torch.Generator().manual_seed(0)
+    K = torch.randn(*shape, generator=gen, dtype=torch.float64) * torch.linspace(3, 0.1, shape[1]).double()
+    r = 6
+    exact = torch.linalg.svdvals(K)
+    U, S, V, total = top_singular(K, r)
+    torch.testing.assert_close(S, exact[:r])
+    torch.testing.assert_close(U * S @ V.T, (U @ U.T) @ K)  # U, V: the singular pairs of each σ
+    assert total == pytest.approx(exact.pow(2).sum().item())
+    monkeypatch.setattr(projq, "EXACT_SVD_MAX_DIM", 16)
+    U2, S2, V2, _ = top_singular(K, r)
+    assert torch.equal(S2, top_singular(K, r)[1])  # the test vectors come from a fixed seed
+    captured = S2.pow(2).sum() / exact[:r].pow(2).sum()
+    assert 0.999 < captured <= 1 + 1e-12
+    torch.testing.assert_close(U2.T @ U2, torch.eye(r, dtype=K.dtype))
+    torch.testing.assert_close(U2 * S2 @ V2.T, (U2 @ U2.T) @ K)
 
 
 @pytest.mark.parametrize("bits", [2, 3])

@@ -26,7 +26,7 @@ from projq_train.models import decoder_layers
 from projq_train.quant import lowrank_compensation, quantize_weight
 from projq_train.quant.allocate import allocate_bits, check_budget, uniform_storage
 from projq_train.quant.pack import PackedWeight
-from projq_train.quant.projq import check_rank, hessian_sqrt, srr_preserved_rank
+from projq_train.quant.projq import check_rank, hessian_factor, srr_preserved_rank
 from projq_train.quant.rtn import check_grid
 from projq_train.quant.sensitivity import output_sensitivities, weighted_error
 from projq_train.weights import WeightSource, materialize, release_weights
@@ -202,12 +202,12 @@ def accumulate_hessians(
     return {n: own[shares.get(n, n)] for n in modules}
 
 
-def _method_options(cfg: QuantConfig, sqrt_pair: tuple[Tensor, Tensor] | None) -> dict:
+def _method_options(cfg: QuantConfig, factors: tuple[Tensor, Tensor] | None) -> dict:
     if cfg.method == "rtn":
         return {}
     opts = {"block_size": cfg.block_size, "damp": cfg.damp, "act_order": cfg.act_order, "clip": cfg.clip}
     if cfg.method == "projq":
-        opts.update(tol=cfg.tol, alpha=cfg.projection_strength, mode=cfg.mode, sqrt_pair=sqrt_pair)
+        opts.update(tol=cfg.tol, alpha=cfg.projection_strength, mode=cfg.mode, factors=factors)
     return opts
 
 
@@ -217,11 +217,11 @@ def quantize_module(
     cfg: QuantConfig,
     rank: int,
     bits: int,
-    sqrt_pair: tuple[Tensor, Tensor] | None = None,
+    factors: tuple[Tensor, Tensor] | None = None,
     timings: dict[str, float] | None = None,
 ) -> QuantizedModule:
     """Quantize one weight ``W (out, in)`` to ``bits`` with its Hessian and compute the
-    rank-``rank`` compensation; ``sqrt_pair``: ``hessian_sqrt(H)`` if the caller has it;
+    rank-``rank`` compensation; ``factors``: ``hessian_factor(H)`` if the caller has it;
     ``timings``: seconds of ``quantization`` and ``compensation`` are added to it."""
     timings = timings if timings is not None else {}
     t0 = time.perf_counter()
@@ -231,13 +231,13 @@ def quantize_module(
         return QuantizedModule(
             PackedWeight.from_quantized(qw), W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
         )
-    sqrt_pair = sqrt_pair if sqrt_pair is not None else hessian_sqrt(H)  # for ProjQ and the compensation
-    opts = _method_options(cfg, sqrt_pair)
+    factors = factors if factors is not None else hessian_factor(H)  # for ProjQ and the compensation
+    opts = _method_options(cfg, factors)
     if opts.get("mode") == "srr":
-        opts["preserved_rank"] = srr_preserved_rank(W, H, rank, bits, cfg.group_size, cfg.damp, sqrt_pair)
+        opts["preserved_rank"] = srr_preserved_rank(W, H, rank, bits, cfg.group_size, cfg.damp, factors)
     qw = quantize_weight(W, H, cfg.method, bits, cfg.group_size, rank, cfg.iters, **opts)
     t1 = time.perf_counter()
-    B, A = lowrank_compensation(W - qw.dequantize(), H, rank, sqrt_pair)
+    B, A = lowrank_compensation(W - qw.dequantize(), H, rank, factors)
     timings["quantization"] = timings.get("quantization", 0.0) + t1 - t0
     timings["compensation"] = timings.get("compensation", 0.0) + time.perf_counter() - t1
     return QuantizedModule(PackedWeight.from_quantized(qw), B, A, opts.get("preserved_rank"))
@@ -308,20 +308,22 @@ def quantize_model(
             t_group = time.perf_counter()
             hessians = accumulate_hessians(layer, members, inputs, kwargs)
             forwards = (time.perf_counter() - t_group) / len(members)  # the group's forwards, shared
-            roots: dict[int, tuple[Tensor, Tensor]] = {}  # hessian_sqrt per distinct H (q/k/v share one)
+            factor_of: dict[
+                int, tuple[Tensor, Tensor]
+            ] = {}  # hessian_factor per distinct H (q/k/v share one)
             for short, mod in members.items():
                 t0 = time.perf_counter()
                 W, H, name = mod.weight.float(), hessians[short], layer_names[id(mod)]
                 width = cfg.bits if bits is None else bits[name]
                 wn = _hnorm(W, H)
-                phases = {"calibration forwards": forwards, "Hessian square roots": 0.0}
-                if rank > 0 and id(H) not in roots:
-                    roots[id(H)] = hessian_sqrt(H)
-                    phases["Hessian square roots"] = time.perf_counter() - t0
-                root = roots.get(id(H))
-                measured = {b: quantize_module(W, H, cfg, rank, b, root, phases) for b in measure_bits}
+                phases = {"calibration forwards": forwards, "Hessian factors": 0.0}
+                if rank > 0 and id(H) not in factor_of:
+                    factor_of[id(H)] = hessian_factor(H)
+                    phases["Hessian factors"] = time.perf_counter() - t0
+                factor = factor_of.get(id(H))
+                measured = {b: quantize_module(W, H, cfg, rank, b, factor, phases) for b in measure_bits}
                 if width not in measured:
-                    measured[width] = quantize_module(W, H, cfg, rank, width, root, phases)
+                    measured[width] = quantize_module(W, H, cfg, rank, width, factor, phases)
                 qm = measured[width]
                 step0 = qm.step0_weight()
                 err_q, err_c = _hnorm(W - qm.weight.dequantize(), H) / wn, _hnorm(W - step0, H) / wn
@@ -355,7 +357,7 @@ def quantize_model(
                 result[name] = QuantizedModule(
                     qm.weight.to("cpu"), qm.lora_B.cpu(), qm.lora_A.cpu(), qm.preserved_rank
                 )
-            del hessians, roots
+            del hessians, factor_of
             release_freed_memory()  # the group's forward and working matrices
         t_forward = time.perf_counter()
         inputs = _run_layer(layer, inputs, kwargs)

@@ -19,7 +19,12 @@ part of ``W`` is kept out of the grid (the adapter holds it), the residual is qu
 paper's loop at rank ``r − k``; ``k`` per weight by :func:`srr_preserved_rank`.
 
 Phase 2 (``lowrank_compensation``): ``B A`` = best rank-r approximation of ``E`` in the
-H-norm, from the SVD of ``E H^{1/2}``.
+H-norm, from the top-r SVD of ``E F``.
+
+Any factor ``F`` with ``F Fᵀ = H`` serves where ``H^{1/2}`` is written: ``E F`` has the singular
+values and left singular vectors of ``E H^{1/2}``. We take the Cholesky factor
+(:func:`hessian_factor`), and the top-r singular triplets exactly for matrices up to
+:data:`EXACT_SVD_MAX_DIM` wide and by a randomized range finder above (:func:`top_singular`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from torch import Tensor
 
 from projq_train.quant.gptq import gptq_quantize, inverse_cholesky
 from projq_train.quant.rtn import QuantizedWeight
+
+EXACT_SVD_MAX_DIM = 1024  # top_singular: exact up to this min(out, in), randomized above
+RANDOMIZED_OVERSAMPLE = 16  # extra test vectors of the randomized range finder
+RANDOMIZED_POWER_ITERS = 4  # its subspace iterations
 
 
 def check_rank(rank: int, out_features: int, in_features: int) -> None:
@@ -46,46 +55,86 @@ def _work_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.device.type == "cpu" else torch.float32
 
 
-def hessian_sqrt(H: Tensor, rel_floor: float = 1e-8) -> tuple[Tensor, Tensor]:
-    """``H^{1/2}`` and ``H^{-1/2}`` (in, in) from an eigendecomposition of ``H``.
+def hessian_factor(H: Tensor, rel_floor: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """A factor ``F (in, in)`` with ``F Fᵀ = H`` and its inverse: the lower Cholesky factor of
+    ``H + δ I``, ``δ = rel_floor · max diag(H)`` (raised tenfold until the factorization succeeds),
+    so both exist for a singular ``H``.
 
-    Eigenvalues are clamped below at ``rel_floor · λ_max`` so both factors exist and are
-    exact inverses of each other.
+    Every use needs only ``F Fᵀ = H``: ``K = E F`` has the singular values of ``E Xᵀ / √N`` (and
+    its left singular vectors), and the best rank-r part of ``E`` in the H-norm is
+    ``K_r F⁻¹`` whichever factor is taken. A Cholesky factor costs a fraction of a symmetric
+    square root's eigendecomposition (``benchmarks/lowrank_svd.py`` times both).
     """
-    lam, V = torch.linalg.eigh(H.to(_work_dtype(H)))
-    lam = lam.clamp_min(lam.max().clamp_min(1e-30) * rel_floor)
-    return (V * lam.sqrt()) @ V.T, (V * lam.rsqrt()) @ V.T
+    Hw = H.to(_work_dtype(H))
+    eye = torch.eye(Hw.shape[0], dtype=Hw.dtype, device=Hw.device)
+    delta = rel_floor * Hw.diagonal().max().clamp_min(1e-30)
+    for _ in range(12):
+        F, info = torch.linalg.cholesky_ex(Hw + delta * eye)
+        if info == 0:
+            return F, torch.linalg.solve_triangular(F, eye, upper=False)
+        delta = delta * 10
+    raise ValueError("the Hessian is not positive semi-definite: its factorization failed")
 
 
-def error_subspace(E: Tensor, Hh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Spectrum of ``K = E H^{1/2}``: all σ² (descending), top-r right singular vectors ``Z_r (in, r)``.
+def top_singular(K: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The top ``rank`` singular triplets of ``K (out, in)``, ``U (out, r)``, ``σ (r,)``, ``V (in, r)``,
+    and ``‖K‖²_F`` (so the tail ``Σ_{i>r} σ_i² = ‖K‖² − Σ_{i≤r} σ_i²``).
 
-    Uses the eigendecomposition of the smaller Gram matrix of ``K (out, in)``.
+    Exact (the eigendecomposition of the smaller Gram matrix) while ``min(out, in)`` is at most
+    :data:`EXACT_SVD_MAX_DIM`; above, :func:`randomized_top_singular` with
+    :data:`RANDOMIZED_OVERSAMPLE` and :data:`RANDOMIZED_POWER_ITERS`, where the exact
+    decomposition costs minutes per matrix on a CPU and the randomized one seconds.
     """
-    K = E.to(Hh.dtype) @ Hh
-    out_f, in_f = K.shape
-    if in_f <= out_f:
-        lam, Z = torch.linalg.eigh(K.T @ K)  # ascending
-        lam, Z = lam.flip(0), Z.flip(1)
-        return lam.clamp_min(0), Z[:, :rank]
+    total = K.pow(2).sum().item()
+    if min(K.shape) > EXACT_SVD_MAX_DIM:
+        U, S, V = randomized_top_singular(K, rank, RANDOMIZED_OVERSAMPLE, RANDOMIZED_POWER_ITERS)
+        return U, S, V, total
+    if K.shape[1] <= K.shape[0]:
+        lam, V = torch.linalg.eigh(K.T @ K)  # ascending
+        S = lam.flip(0)[:rank].clamp_min(0).sqrt()
+        V = V.flip(1)[:, :rank]
+        return (K @ V) / S.clamp_min(1e-30), S, V, total
     lam, U = torch.linalg.eigh(K @ K.T)
-    lam, U = lam.flip(0).clamp_min(0), U.flip(1)[:, :rank]
-    Z = (K.T @ U) / lam[:rank].sqrt().clamp_min(1e-30)
-    return lam, Z
+    S = lam.flip(0)[:rank].clamp_min(0).sqrt()
+    U = U.flip(1)[:, :rank]
+    return U, S, (K.T @ U) / S.clamp_min(1e-30), total
+
+
+def randomized_top_singular(
+    K: Tensor, rank: int, oversample: int, power_iters: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top ``rank`` singular triplets ``U (out, r)``, ``σ (r,)``, ``V (in, r)`` of ``K (out, in)`` by
+    a randomized range finder (Halko, Martinsson and Tropp 2011, algorithms 4.4 and 5.1):
+    ``rank + oversample`` Gaussian test vectors, ``power_iters`` subspace iterations with
+    re-orthonormalization, then the exact SVD of the small projection ``QᵀK``. The test matrix
+    comes from a generator of fixed seed, so the result is deterministic. ``Σ σ²`` is at most the
+    exact top-r energy; ``benchmarks/lowrank_svd.py`` measures how close it comes."""
+    width = min(rank + oversample, *K.shape)
+    gen = torch.Generator(device=K.device).manual_seed(0)
+    omega = torch.randn(K.shape[1], width, generator=gen, device=K.device, dtype=K.dtype)
+    Q = torch.linalg.qr(K @ omega).Q  # (out, width)
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(K @ torch.linalg.qr(K.T @ Q).Q).Q
+    U, S, Vh = torch.linalg.svd(Q.T @ K, full_matrices=False)  # (width, in): small
+    return (Q @ U)[:, :rank], S[:rank], Vh[:rank].T
+
+
+def error_subspace(E: Tensor, F: Tensor, rank: int) -> tuple[float, Tensor]:
+    """The spectral tail ``Σ_{i>r} σ_i²(E F)`` (the H-norm error a rank-r correction leaves) and the
+    top-r right singular vectors ``Z_r (in, r)`` of ``K = E F`` (``F``: :func:`hessian_factor`)."""
+    _, S, Z, total = top_singular(E.to(F.dtype) @ F, rank)
+    return max(total - S.pow(2).sum().item(), 0.0), Z
 
 
 def spectral_tail(E: Tensor, H: Tensor, rank: int) -> float:
     """``Σ_{i>r} σ_i²(E H^{1/2})``: the H-norm error left after the best rank-r correction."""
-    Hh, _ = hessian_sqrt(H)
-    lam, _ = error_subspace(E, Hh, rank)
-    return lam[rank:].sum().item()
+    return error_subspace(E, hessian_factor(H)[0], rank)[0]
 
 
-def top_part(W: Tensor, Hh: Tensor, Hih: Tensor, Z: Tensor) -> Tensor:
-    """``W H^{1/2} Z Zᵀ H^{-1/2} (out, in)``: the part of ``W`` along the right singular vectors
-    ``Z (in, k)`` of ``W H^{1/2}``; for its top-k ones, the best rank-k part of ``W`` in the H-norm
-    (``U_k U_kᵀ W``)."""
-    return ((W.to(Hh.dtype) @ Hh @ Z) @ (Z.T @ Hih)).to(W.dtype)
+def top_part(W: Tensor, F: Tensor, F_inv: Tensor, Z: Tensor) -> Tensor:
+    """``W F Z Zᵀ F⁻¹ (out, in)``: the part of ``W`` along the right singular vectors ``Z (in, k)`` of
+    ``W F``; for its top-k ones, the best rank-k part of ``W`` in the H-norm (``U_k U_kᵀ W``)."""
+    return ((W.to(F.dtype) @ F @ Z) @ (Z.T @ F_inv)).to(W.dtype)
 
 
 def grid_noise(W: Tensor, bits: int, group_size: int) -> Tensor:
@@ -105,7 +154,7 @@ def srr_preserved_rank(
     bits: int,
     group_size: int,
     damp: float = 0.01,
-    sqrt_pair: tuple[Tensor, Tensor] | None = None,
+    factors: tuple[Tensor, Tensor] | None = None,
     seed: int = 0,
 ) -> int:
     """SRR's split of the rank ``r``: how many top H-weighted directions of ``W`` to keep out of
@@ -114,7 +163,8 @@ def srr_preserved_rank(
 
     GPTQ rounds column ``j`` with an error of variance ``var = Δ² / 12`` (``Δ``: its group's
     step) and leaves ``Err = (W − Q) U⁻¹`` with ``U`` the upper Cholesky factor of ``H⁻¹``, so
-    ``(W − Q) H^{1/2} = Err · (U H^{1/2})`` with ``U H^{1/2}`` orthogonal: the error's H-norm
+    ``(W − Q) H^{1/2} = Err · (U H^{1/2})`` with ``U H^{1/2}`` orthogonal (any factor ``F`` with
+    ``F Fᵀ = H`` in place of ``H^{1/2}`` gives the same spectrum): the error's H-norm
     spectrum is that of ``Err``, independent entries of variance ``var / U_jj²``. Hence
     - exposed energy ``ε(k) = Σ var_k / U_jj²`` of the residual ``W − U_k U_kᵀ W`` (its groups'
       ranges shrink as dominant directions leave the grid, :func:`grid_noise`);
@@ -122,14 +172,14 @@ def srr_preserved_rank(
       ``Err`` (``Σ_{i≤m} s_i² / Σ s_i²``);
     - ``J(k) = ε(k) (1 − ρ(r − k))``, ``k = argmin J``. ``k = 0`` is plain compensation,
       ``k = r`` the first round of ``refresh``.
-    ``damp``: GPTQ's dampening; ``seed``: the probe's.
+    ``damp``: GPTQ's dampening; ``seed``: the probe's; ``factors``: :func:`hessian_factor`'s.
     """
     check_rank(rank, *W.shape)
     if rank == 0:
         return 0
-    Hh, _ = sqrt_pair if sqrt_pair is not None else hessian_sqrt(H)
-    W = W.to(Hh.dtype)
-    U = torch.linalg.svd(W @ Hh, full_matrices=False)[0][:, :rank]  # (out, r)
+    F, _ = factors if factors is not None else hessian_factor(H)
+    W = W.to(F.dtype)
+    U = top_singular(W @ F, rank)[0]  # (out, r)
     components = U.T @ W  # (r, in): W's part along each u_i
     g = W.shape[1] if group_size == -1 else group_size
     column_weight = inverse_cholesky(H.to(W.dtype), damp).diagonal() ** -2  # (in,) 1 / U_jj²
@@ -142,37 +192,38 @@ def srr_preserved_rank(
     gen = torch.Generator(device=W.device).manual_seed(seed)
     probe = torch.randn(W.shape, generator=gen, device=W.device, dtype=W.dtype)
     probe *= (noise_var.repeat_interleave(g, dim=1) * column_weight).sqrt()  # shaped like Err
-    s2 = torch.linalg.svdvals(probe) ** 2
-    captured = torch.cat([s2.new_zeros(1), s2.cumsum(0)[:rank] / s2.sum().clamp_min(1e-30)])  # ρ(0..r)
+    _, S, _, total = top_singular(probe, rank)
+    captured = torch.cat([S.new_zeros(1), S.pow(2).cumsum(0) / max(total, 1e-30)])  # ρ(0..r)
     unrecoverable = torch.stack(exposed) * (1 - captured.flip(0))  # J(k) = ε(k) (1 − ρ(r − k))
     return int(unrecoverable.argmin())
 
 
-def projected_hessian(H: Tensor, Hh: Tensor, Z: Tensor, alpha: float = 1.0) -> Tensor:
-    """``H_perp = H − α G Gᵀ`` with ``G = H^{1/2} Z (in, r)``.
+def projected_hessian(H: Tensor, F: Tensor, Z: Tensor, alpha: float = 1.0) -> Tensor:
+    """``H_perp = H − α G Gᵀ`` with ``G = F Z (in, r)`` (``F Fᵀ = H``: :func:`hessian_factor`).
 
-    For ``Z`` the top-r right singular vectors of ``E H^{1/2}`` this is ``Xᵀ(I − P)X / N``
-    with ``P`` the projector onto the r token directions that carry most of ``E Xᵀ``.
+    For ``Z`` the top-r right singular vectors of ``E F`` this is ``Xᵀ(I − P)X / N`` with ``P``
+    the projector onto the r token directions that carry most of ``E Xᵀ`` (``X = Ω Fᵀ √N`` with
+    ``Ω`` orthonormal, so those directions are ``Ω Z``).
     """
-    G = Hh @ Z
-    return (H.to(Hh.dtype) - alpha * G @ G.T).to(H.dtype)
+    G = F @ Z
+    return (H.to(F.dtype) - alpha * G @ G.T).to(H.dtype)
 
 
 def lowrank_compensation(
-    E: Tensor, H: Tensor, rank: int, sqrt_pair: tuple[Tensor, Tensor] | None = None
+    E: Tensor, H: Tensor, rank: int, factors: tuple[Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor]:
     """Best rank-r ``B (out, r) @ A (r, in)`` approximation of ``E (out, in)`` in the H-norm.
 
-    ``E H^{1/2} = U Σ Vᵀ``; ``B = U_r Σ_r^{1/2}``, ``A = Σ_r^{1/2} V_rᵀ H^{-1/2}``, so
-    ``‖(E − BA) H^{1/2}‖²_F = Σ_{i>r} σ_i²``. Returned in float32. ``sqrt_pair`` is
-    ``hessian_sqrt(H)`` when the caller already has it.
+    With ``F Fᵀ = H`` and the top-r SVD ``E F ≈ U_r Σ_r V_rᵀ`` (:func:`top_singular`):
+    ``B = U_r Σ_r^{1/2}``, ``A = Σ_r^{1/2} V_rᵀ F⁻¹``, so ``‖(E − BA) F‖²_F = Σ_{i>r} σ_i²``.
+    Returned in float32. ``factors``: :func:`hessian_factor` of ``H`` when the caller has it.
     """
     check_rank(rank, *E.shape)
-    Hh, Hih = sqrt_pair if sqrt_pair is not None else hessian_sqrt(H)
-    U, S, Vh = torch.linalg.svd(E.to(Hh.dtype) @ Hh, full_matrices=False)
-    s = S[:rank].sqrt()
-    B = U[:, :rank] * s  # (out, r)
-    A = (s[:, None] * Vh[:rank]) @ Hih  # (r, in)
+    F, F_inv = factors if factors is not None else hessian_factor(H)
+    U, S, V, _ = top_singular(E.to(F.dtype) @ F, rank)
+    s = S.sqrt()
+    B = U * s  # (out, r)
+    A = (s[:, None] * V.T) @ F_inv  # (r, in)
     return B.float(), A.float()
 
 
@@ -186,7 +237,7 @@ def projq_quantize(
     tol: float = 1e-3,
     alpha: float = 1.0,
     mode: Literal["paper", "refresh", "srr"] = "paper",
-    sqrt_pair: tuple[Tensor, Tensor] | None = None,
+    factors: tuple[Tensor, Tensor] | None = None,
     preserved_rank: int | None = None,
     **gptq_kwargs,
 ) -> tuple[QuantizedWeight, list[float]]:
@@ -195,7 +246,7 @@ def projq_quantize(
     ``mode="paper"``: ``Q ← GPTQ(W, H_perp)`` with ``H_perp`` projecting out ``Z_r`` (the
     paper's algorithm, starting from ``GPTQ(W, H)``).
     ``mode="refresh"``: the compensation is refreshed inside the loop instead,
-    ``Q ← GPTQ(W − L, H)`` with ``L = E H^{1/2} Z_r Z_rᵀ H^{-1/2}`` the best rank-r part of the
+    ``Q ← GPTQ(W − L, H)`` with ``L = E F Z_r Z_rᵀ F⁻¹`` the best rank-r part of the
     current error ``E`` in the H-norm, starting from ``L`` = the best rank-r part of ``W``
     itself: the adapter takes the dominant structure, the grid fits what is left.
     ``mode="srr"``: ``Q ← paper loop(W − L_k)`` at rank ``r − k``, with ``L_k`` the best rank-k
@@ -208,7 +259,7 @@ def projq_quantize(
         tol: stop when the tail improves by less than this fraction of the best so far,
             or when the subspace moves by less than this (relative Frobenius distance).
         alpha: projection strength in paper mode, ``H_perp = H − α G Gᵀ`` (1: the paper).
-        sqrt_pair: ``hessian_sqrt(H)`` when the caller already has it.
+        factors: :func:`hessian_factor` of ``H`` when the caller already has it.
         preserved_rank: ``k`` in srr mode, in ``[0, rank]``.
         gptq_kwargs: passed to :func:`gptq_quantize` (block_size, damp, act_order, clip).
 
@@ -220,38 +271,37 @@ def projq_quantize(
     if mode not in ("paper", "refresh", "srr"):
         raise ValueError(f"mode must be 'paper', 'refresh' or 'srr', got {mode!r}")
     if mode == "srr" and rank > 0:
-        sqrt_pair = sqrt_pair if sqrt_pair is not None else hessian_sqrt(H)
+        factors = factors if factors is not None else hessian_factor(H)
         damp = gptq_kwargs.get("damp", 0.01)
         k = (
-            srr_preserved_rank(W, H, rank, bits, group_size, damp, sqrt_pair)
+            srr_preserved_rank(W, H, rank, bits, group_size, damp, factors)
             if preserved_rank is None
             else preserved_rank
         )
         if not 0 <= k <= rank:
             raise ValueError(f"preserved_rank must be in [0, rank] = [0, {rank}], got {k}")
-        kept = top_part(W, *sqrt_pair, error_subspace(W, sqrt_pair[0], k)[1]) if k else 0
+        kept = top_part(W, *factors, error_subspace(W, factors[0], k)[1]) if k else 0
         return projq_quantize(
-            W - kept, H, bits, group_size, rank - k, iters, tol, alpha, "paper", sqrt_pair, **gptq_kwargs
+            W - kept, H, bits, group_size, rank - k, iters, tol, alpha, "paper", factors, **gptq_kwargs
         )
     if rank == 0 or iters == 0:
         return gptq_quantize(W, H, bits, group_size, **gptq_kwargs), []
-    Hh, Hih = sqrt_pair if sqrt_pair is not None else hessian_sqrt(H)
+    F, F_inv = factors if factors is not None else hessian_factor(H)
 
     def step(E: Tensor, Z: Tensor) -> QuantizedWeight:
         """Quantize given the dominant subspace ``Z (in, r)`` of the current error ``E``."""
         if mode == "paper":
-            return gptq_quantize(W, projected_hessian(H, Hh, Z, alpha), bits, group_size, **gptq_kwargs)
-        return gptq_quantize(W - top_part(E, Hh, Hih, Z), H, bits, group_size, **gptq_kwargs)
+            return gptq_quantize(W, projected_hessian(H, F, Z, alpha), bits, group_size, **gptq_kwargs)
+        return gptq_quantize(W - top_part(E, F, F_inv, Z), H, bits, group_size, **gptq_kwargs)
 
     if mode == "paper":
         q = gptq_quantize(W, H, bits, group_size, **gptq_kwargs)
     else:
-        q = step(W, error_subspace(W, Hh, rank)[1])
+        q = step(W, error_subspace(W, F, rank)[1])
     best, best_tail, tails, Z_prev = q, float("inf"), [], None
     for t in range(iters + 1):
         E = W - q.dequantize()
-        lam, Z = error_subspace(E, Hh, rank)
-        tail = lam[rank:].sum().item()
+        tail, Z = error_subspace(E, F, rank)
         tails.append(tail)
         improved = tail < best_tail * (1 - tol)
         if tail < best_tail:

@@ -5,7 +5,10 @@ mean per-module error in the H-norm (relative to ‖W‖_H²) before and after t
 compensation, the compensated-error ratio GPTQ / method (> 1: lower error than GPTQ), the
 WikiText-2 perplexity of the quantized model and of quantized + initialized adapter, and the
 time spent quantizing modules (the calibration forward passes are the same for every method
-and not counted).
+and not counted), the compensation's share of the whole quantization (forwards included, from
+the report's time per phase), and the wall time of the whole call (for a bit budget: the
+sensitivity pass and the first pass at 2, 3 and 4 bits too; ``quant s`` counts the second
+pass only).
 
     python benchmarks/quant_quality.py --bits 2 3 4 --ranks 32 64 --json quant_quality.json
     # mixed precision under storage budgets (average bits per weight, scales and zeros included)
@@ -151,6 +154,7 @@ def quantized_row(model, ids, windows, name: str, bits: float, rank: int, budget
         "err_qba": sum(r.err_compensated for r in reports) / n,
         "module_errors": {r.name: r.err_compensated for r in reports},
         "quant_seconds": sum(r.seconds for r in reports),
+        "phase_seconds": {p: sum(r.phase_seconds[p] for r in reports) for p in reports[0].phase_seconds},
         "preserved_rank": [r.preserved_rank for r in reports],
         "module_bits": {r.name: r.bits for r in reports},
         "storage": stored_bits_per_weight(modules),
@@ -205,20 +209,24 @@ def print_table(rows: list[dict], settings: dict) -> None:
     )
     print(
         "| bits | rank | method | storage | err Q | err Q+BA | GPTQ / method | GPTQ-clip / method "
-        "| ppl Q | ppl Q+BA | quant s | vs GPTQ time |"
+        "| ppl Q | ppl Q+BA | quant s | vs GPTQ time | compensation share | wall s |"
     )
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows[1:]:
         g = by.get((r["bits"], r["rank"], "gptq"))
         ks = [k for k in r.get("preserved_rank") or [] if k is not None]
         method = f"{r['variant']} (mean k {sum(ks) / len(ks):.1f})" if ks else r["variant"]
         storage = f"{r['storage']:.3f}" if "storage" in r else "-"
         tratio = f"{r['quant_seconds'] / g['quant_seconds']:.2f}x" if g else "-"
+        phases = r.get("phase_seconds")
+        share = f"{100 * phases['compensation'] / sum(phases.values()):.0f} %" if phases else "-"
+        wall = f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-"
         print(
             f"| {r['bits']} | {r['rank']} | {method} | {storage} "
             f"| {fmt_err(r['err_q'])} | {fmt_err(r['err_qba'])} "
             f"| {error_ratio(g, r)} | {error_ratio(by.get((r['bits'], r['rank'], 'gptq-clip')), r)} "
-            f"| {fmt_ppl(r['ppl_q'])} | {fmt_ppl(r['ppl_qba'])} | {r['quant_seconds']:.0f} | {tratio} |"
+            f"| {fmt_ppl(r['ppl_q'])} | {fmt_ppl(r['ppl_qba'])} | {r['quant_seconds']:.0f} | {tratio} "
+            f"| {share} | {wall} |"
         )
 
 

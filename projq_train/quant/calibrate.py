@@ -260,11 +260,12 @@ def quantize_model(
     """Quantize every target linear of ``model`` (on CPU) in place, calibrating on ``ids (n, seqlen)``,
     for adapters of rank ``rank`` (0: no compensation), at ``cfg.bits`` or at ``bits[module name]``.
     Under ``cfg.budget_bits`` (and no ``bits``) a first pass chooses the widths
-    (:func:`allocate_under_budget`, four quantizations per module in all) and each report row
-    keeps the errors it measured (``err_by_bits``, ``loss_by_bits``). With ``measure_bits``, each
-    module is also quantized at those widths (from the same inputs) and its compensated error at
-    each reported; with ``sensitivities`` (module name → output Fisher ``F``, see
-    :mod:`~projq_train.quant.sensitivity`) also its weighted error ``Σ_j F_j (E H Eᵀ)_jj``.
+    (:func:`allocate_under_budget`: a sensitivity pass, then four quantizations per module in
+    all) and each report row keeps the errors it measured (``err_by_bits``, ``loss_by_bits``).
+    With ``measure_bits``, each module is also quantized at those widths (from the same inputs)
+    and its compensated error at each reported; with ``sensitivities`` (module name → output
+    Fisher ``F``, see :mod:`~projq_train.quant.sensitivity`) also its weighted error
+    ``Σ_j F_j (E H Eᵀ)_jj``.
 
     After this the model's target weights hold ``Q + BA`` (the adapted model at step 0), and
     the next layer was calibrated on those outputs. With ``source``, ``model`` may be a skeleton
@@ -308,9 +309,8 @@ def quantize_model(
             t_group = time.perf_counter()
             hessians = accumulate_hessians(layer, members, inputs, kwargs)
             forwards = (time.perf_counter() - t_group) / len(members)  # the group's forwards, shared
-            factor_of: dict[
-                int, tuple[Tensor, Tensor]
-            ] = {}  # hessian_factor per distinct H (q/k/v share one)
+            # hessian_factor per distinct H (q/k/v share one)
+            factor_of: dict[int, tuple[Tensor, Tensor]] = {}
             for short, mod in members.items():
                 t0 = time.perf_counter()
                 W, H, name = mod.weight.float(), hessians[short], layer_names[id(mod)]

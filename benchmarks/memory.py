@@ -229,15 +229,15 @@ def worker_baseline(kind: str, recipe_path: Path) -> dict:
 def worker_zero_compensation_quantize(recipe_path: Path) -> dict:
     """``projq-train quantize`` with each module rounded to nearest and a zero rank-r compensation:
     an artifact of exactly the shapes and dtypes a real one has, made in minutes where the
-    compensation's fp64 eigendecompositions would take an hour on CPU. For measuring ``fit``
+    compensations would take much longer on CPU. For measuring ``fit``
     from a cached artifact only (the memory of a run does not depend on the values)."""
     import projq_train.quant.calibrate as calibrate
     from projq_train.cli import main
     from projq_train.quant import quantize_weight
     from projq_train.quant.pack import PackedWeight
 
-    def rtn_zero(W, H, cfg, rank):
-        qw = quantize_weight(W.float(), H, "rtn", cfg.bits, cfg.group_size, 0, 0)
+    def rtn_zero(W, H, cfg, rank, bits, factors=None, timings=None):  # quantize_module's signature
+        qw = quantize_weight(W.float(), H, "rtn", bits, cfg.group_size, 0, 0)
         zeros = W.new_zeros(W.shape[0], rank), W.new_zeros(rank, W.shape[1])
         return calibrate.QuantizedModule(PackedWeight.from_quantized(qw), *zeros)
 

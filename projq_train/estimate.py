@@ -19,7 +19,7 @@ intermediate size, ``L`` decoder layers, ``V`` vocabulary, ``r`` adapter rank):
   (:func:`layer_activation_bytes`), with and without gradient checkpointing;
 - logits and loss: the chunked linear + cross-entropy of :mod:`projq_train.loss` keeps no logits:
   the final hidden states, the rows with a target and their gradient (3 ``t h``), and about three
-  fp32 ``(chunk_rows, V)`` buffers with ``chunk_rows = max(1, 2**22 // V)``;
+  fp32 ``(chunk_rows, V)`` buffers with ``chunk_rows = max(1, 2**24 // V)``;
 - quantize (streamed, one decoder layer at a time): that layer's float weights in the recipe
   dtype, fp32 working copies of its largest module and its ``(in, in)`` Hessian matrices, the
   embeddings, the calibration activations (inputs and outputs of the current layer, in the

@@ -28,6 +28,7 @@ from projq_train.models import decoder_layers
 from projq_train.weights import WeightSource, materialize, release_weights
 
 SENSITIVITY_TOKENS = 4096  # calibration tokens (whole windows, at least one) the Fisher is measured on
+LOSS_CHUNK_LOGITS = 2**22  # fp32 logits per chunk of the loss (16 MiB), while every layer's inputs are kept
 
 
 def sensitivity_windows(ids: Tensor) -> Tensor:
@@ -126,12 +127,13 @@ def _loss_gradients(model, head, hidden: list[Tensor], batches: tuple[Tensor, ..
     norm = model.model.norm.to(device)
     head.to(device)
     weight = head.weight.detach()  # no gradient for the head: only for the hidden states
+    chunk = max(1, LOSS_CHUNK_LOGITS // weight.shape[0])
     grads = []
     with torch.enable_grad():
         for h, batch in zip(hidden, batches, strict=True):
             h = h.detach().requires_grad_()
             batch = batch.to(device)
-            loss = causal_lm_loss_from_hidden(norm(h), weight, batch, num_tokens=1.0)
+            loss = causal_lm_loss_from_hidden(norm(h), weight, batch, num_tokens=1.0, chunk_tokens=chunk)
             grads.append(torch.autograd.grad(loss, h)[0])
     norm.to("cpu")
     head.to("cpu")

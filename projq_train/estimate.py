@@ -580,9 +580,7 @@ def estimate_quantize(
     if on_gpu:
         on_host["layer_read"] = on_device["layer_weights"]  # read on the host, then moved
         on_host["float_tensors_at_save"] = max(0, floats - on_host["layer_read"])
-        if (
-            quant.budget_bits is not None
-        ):  # the sensitivity pass: inputs kept on the host, the head on the device
+        if quant.budget_bits is not None:  # the sensitivity pass: inputs on the host, head on the device
             host_rest = results + on_host["layer_read"] + on_host["float_tensors_at_save"]
             device_rest = sum(on_device.values())
             on_host["sensitivity_pass"] = max(0, stored + floats + on_host["layer_read"] - host_rest)
@@ -606,10 +604,8 @@ def sensitivity_pass_bytes(shape: ModelShape, calibration: CalibrationConfig, w:
     windows = min(calibration.nsamples, max(1, SENSITIVITY_TOKENS // calibration.seqlen))
     stored = shape.layers * windows * calibration.seqlen * shape.hidden * w
     q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    per_token = w * (2 * shape.hidden + 2 * q_width + 2 * kv_width + 4 * shape.intermediate) + 2 * FP32 * (
-        shape.hidden + 1
-    )
-    per_token += shape.heads * calibration.seqlen * w
+    matmuls = 2 * shape.hidden + 2 * q_width + 2 * kv_width + 4 * shape.intermediate
+    per_token = w * (matmuls + shape.heads * calibration.seqlen) + 2 * FP32 * (shape.hidden + 1)
     return stored, 2 * calibration.seqlen * per_token
 
 

@@ -435,7 +435,10 @@ class Runner:
         if measure and self.device == "cuda":  # through this script, which prints the CUDA peak
             script = [sys.executable, str(Path(__file__).relative_to(ROOT)), "--worker", "projq-train", "--"]
             return self.run([*script, *argv], log_file, ["python", *script[1:], *argv], measure)
-        exe = shutil.which("projq-train") or str(Path(sys.executable).with_name("projq-train"))
+        # the environment of this interpreter, as the workers: another projq-train on PATH may
+        # come with other packages (one with Triton and matplotlib holds 100 MiB more)
+        beside = Path(sys.executable).with_name("projq-train")
+        exe = str(beside) if beside.is_file() else shutil.which("projq-train")
         return self.run([exe, *argv], log_file, quote, measure)
 
 

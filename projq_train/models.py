@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from torch import nn
+from torch import Tensor, nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -31,6 +31,11 @@ def check_architecture(config: PretrainedConfig) -> None:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of decoder layers of a supported causal LM."""
     return model.model.layers
+
+
+def layer_output(out: Tensor | tuple) -> Tensor:
+    """The hidden states a decoder layer's forward returns (alone, or first of a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -275,3 +275,23 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, dtype: tor
             state[name] = source.get(prefix + name).to(dtype)
         seen.add(id(t))
     module.load_state_dict(state, strict=False, assign=True)
+
+
+def load_to_device(
+    module: nn.Module, prefix: str, source: WeightSource | None, dtype: torch.dtype, device: torch.device
+) -> None:
+    """Bring ``module`` to ``device`` for its turn in a streamed pass: its tensors read from
+    ``source`` first (a skeleton on the meta device; :func:`materialize`), or, without a source,
+    the weights it already holds."""
+    if source is not None:
+        materialize(module, prefix, source, dtype)
+    module.to(device)
+
+
+def unload_from_device(module: nn.Module, source: WeightSource | None) -> None:
+    """End ``module``'s turn: back to the meta device when its weights came from ``source``
+    (:func:`release_weights`), else back to the CPU."""
+    if source is not None:
+        release_weights(module)
+    else:
+        module.to("cpu")

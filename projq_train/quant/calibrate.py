@@ -22,14 +22,20 @@ from tqdm.auto import tqdm
 
 from projq_train.config import SUPPORTED_BITS, QuantConfig
 from projq_train.host_memory import release_freed_memory, return_free_pages
-from projq_train.models import decoder_layers
+from projq_train.models import decoder_layers, layer_output
 from projq_train.quant import lowrank_compensation, quantize_weight
 from projq_train.quant.allocate import allocate_bits, check_budget, uniform_storage
 from projq_train.quant.pack import PackedWeight
 from projq_train.quant.projq import check_rank, hessian_factor, srr_preserved_rank
 from projq_train.quant.rtn import check_grid
 from projq_train.quant.sensitivity import output_sensitivities, weighted_error
-from projq_train.weights import WeightSource, materialize, release_weights
+from projq_train.weights import (
+    WeightSource,
+    load_to_device,
+    materialize,
+    release_weights,
+    unload_from_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +146,11 @@ def capture_layer_inputs(
     return inputs, kwargs
 
 
-def _run_layer(layer: nn.Module, inputs: list[Tensor], kwargs: list[dict]) -> list[Tensor]:
+def run_layer(layer: nn.Module, inputs: list[Tensor], kwargs: list[dict]) -> list[Tensor]:
+    """``layer``'s outputs for each batch of ``inputs`` (with its keyword arguments)."""
     outs = []
     for h, kw in zip(inputs, kwargs, strict=True):
-        out = layer(h, **kw)
-        outs.append(out[0] if isinstance(out, tuple) else out)
+        outs.append(layer_output(layer(h, **kw)))
         _release_batch(h)
     return outs
 
@@ -297,9 +303,7 @@ def quantize_model(
     widths = f"w{cfg.bits}" if bits is None else "mixed bits"
     bar = tqdm(decoder_layers(model), desc=f"{cfg.method} {widths}", disable=not progress)
     for layer in bar:
-        if source is not None:
-            materialize(layer, f"{layer_names[id(layer)]}.", source, dtype)
-        layer.to(device)
+        load_to_device(layer, f"{layer_names[id(layer)]}.", source, dtype, device)
         linears = target_linears(layer, cfg.target_modules)
         layer_reports = []
         for group in groups:
@@ -360,13 +364,10 @@ def quantize_model(
             del hessians, factor_of
             release_freed_memory()  # the group's forward and working matrices
         t_forward = time.perf_counter()
-        inputs = _run_layer(layer, inputs, kwargs)
+        inputs = run_layer(layer, inputs, kwargs)
         for r in layer_reports:  # the layer's forward for the next layer's inputs, shared
             r.phase_seconds["calibration forwards"] += (time.perf_counter() - t_forward) / len(layer_reports)
-        if source is not None:
-            release_weights(layer)
-        else:
-            layer.to("cpu")
+        unload_from_device(layer, source)
         release_freed_memory()  # the layer's forward, before the next layer's weights arrive
         bar.set_postfix(err=f"{sum(r.err_compensated for r in reports[-len(linears) :]) / len(linears):.4f}")
     for r in reports if first_pass is not None else ():

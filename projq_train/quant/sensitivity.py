@@ -24,8 +24,14 @@ from torch import Tensor, nn
 
 from projq_train.host_memory import release_freed_memory
 from projq_train.loss import causal_lm_loss_from_hidden
-from projq_train.models import decoder_layers
-from projq_train.weights import WeightSource, materialize, release_weights
+from projq_train.models import decoder_layers, layer_output
+from projq_train.weights import (
+    WeightSource,
+    load_to_device,
+    materialize,
+    release_weights,
+    unload_from_device,
+)
 
 SENSITIVITY_TOKENS = 4096  # calibration tokens (whole windows, at least one) the Fisher is measured on
 LOSS_CHUNK_LOGITS = 2**22  # fp32 logits per chunk of the loss (16 MiB), while every layer's inputs are kept
@@ -58,7 +64,7 @@ def output_sensitivities(
     With ``source``, ``model`` is a skeleton on the meta device (as :func:`quantize_model` takes
     it) and is left on it; without, its weights are used where they are and left unchanged.
     """
-    from projq_train.quant.calibrate import capture_layer_inputs  # calibrate imports this module
+    from projq_train.quant.calibrate import capture_layer_inputs, run_layer  # calibrate imports us
 
     windows = sensitivity_windows(ids)
     names = {id(m): n for n, m in model.named_modules()}
@@ -79,9 +85,9 @@ def output_sensitivities(
     with torch.no_grad():
         for layer in layers:
             stored.append([h.cpu() for h in inputs])
-            _place(layer, source, names, dtype, device)
-            inputs = [_output(layer(h, **kw)) for h, kw in zip(inputs, kwargs, strict=True)]
-            _put_back(layer, source)
+            load_to_device(layer, f"{names[id(layer)]}.", source, dtype, device)
+            inputs = run_layer(layer, inputs, kwargs)
+            unload_from_device(layer, source)
     grads = _loss_gradients(model, head, inputs, windows.split(1), device)
     if source is not None:
         for m in (*ends, head):
@@ -92,10 +98,10 @@ def output_sensitivities(
     release_freed_memory()
     squares: dict[str, Tensor] = {}
     for layer, layer_inputs in zip(reversed(layers), reversed(stored), strict=True):
-        _place(layer, source, names, dtype, device)
+        load_to_device(layer, f"{names[id(layer)]}.", source, dtype, device)
         targets = {names[id(m)]: m for m in layer.modules() if names[id(m)] in wanted}
         grads = _layer_backward(layer, layer_inputs, kwargs, grads, targets, squares)
-        _put_back(layer, source)
+        unload_from_device(layer, source)
         layer_inputs.clear()  # this layer's stored inputs are no longer needed
         release_freed_memory()
     tokens = windows.numel()
@@ -103,23 +109,6 @@ def output_sensitivities(
     if missing:
         raise ValueError(f"no decoder layer has the modules {sorted(missing)}")
     return {n: squares[n].div_(tokens).cpu() for n in module_names}
-
-
-def _output(out) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _place(layer: nn.Module, source, names, dtype, device) -> None:
-    if source is not None:
-        materialize(layer, f"{names[id(layer)]}.", source, dtype)
-    layer.to(device)
-
-
-def _put_back(layer: nn.Module, source) -> None:
-    if source is not None:
-        release_weights(layer)
-    else:
-        layer.to("cpu")
 
 
 def _loss_gradients(model, head, hidden: list[Tensor], batches: tuple[Tensor, ...], device) -> list[Tensor]:
@@ -169,7 +158,7 @@ def _layer_backward(
         with torch.enable_grad():
             for h, kw, g in zip(inputs, kwargs, grads, strict=True):
                 h = h.to(device).requires_grad_()
-                out = _output(layer(h, **kw))
+                out = layer_output(layer(h, **kw))
                 upstream.append(torch.autograd.grad(out, h, grad_outputs=g)[0])
     finally:
         for hd in handles:

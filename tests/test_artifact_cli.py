@@ -61,7 +61,8 @@ def streamed(tmp_path_factory):
         return real_quantize(model, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(calibrate, "materialize", counting)
+        mp.setattr(calibrate, "materialize", counting)  # the embeddings
+        mp.setattr(weights, "materialize", counting)  # each decoder layer (weights.load_to_device)
         mp.setattr(artifact, "quantize_model", spy)
         path = find_or_quantize(MODEL, QUANT, RANK, CALIB, tmp_path_factory.mktemp("a"), torch.device("cpu"))
     return path, held

@@ -67,6 +67,7 @@ from projq_train.config import (
 )
 from projq_train.loss import LOGITS_PER_CHUNK
 from projq_train.quant.calibrate import SEQUENTIAL_GROUPS
+from projq_train.quant.linear import dequantize_block_rows
 from projq_train.quant.pack import packed_storage_bits
 from projq_train.quant.rtn import check_grid
 from projq_train.quant.sensitivity import SENSITIVITY_TOKENS
@@ -84,7 +85,6 @@ RUNTIME_BASELINE_BYTES = 414_964 * 1024
 # 348,440 / 348,464 / 348,524 KiB (421,100 KiB with Triton installed).
 QUANTIZE_RUNTIME_BYTES = 348_464 * 1024
 
-LOSS_CHUNK_BUFFERS = 3  # fp32 (chunk_rows, V) buffers alive at once in a chunk of the loss
 HALF = 2  # bytes of a bf16/fp16 element
 FP32 = 4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -468,9 +468,11 @@ def activation_bytes(
 
 def logits_loss_bytes(shape: ModelShape, tokens: int, num: Numerics) -> int:
     """The chunked linear + cross-entropy: final hidden states, the rows with a target, their
-    gradient (each ``(tokens, h)``), and three fp32 ``(chunk_rows, V)`` buffers."""
+    gradient (each ``(tokens, h)``), and one chunk's fp32 ``(chunk_rows, V)`` buffer, beside which
+    a 16-bit ``lm_head`` makes a 16-bit one (the product before its cast, the cast back)."""
     chunk_rows = min(tokens, max(1, LOGITS_PER_CHUNK // shape.vocab))
-    return 3 * tokens * shape.hidden * num.stream + LOSS_CHUNK_BUFFERS * chunk_rows * shape.vocab * FP32
+    chunk_bytes = FP32 + (num.weights if num.weights < FP32 else 0)
+    return 3 * tokens * shape.hidden * num.stream + chunk_rows * shape.vocab * chunk_bytes
 
 
 def estimate_fit(
@@ -494,9 +496,16 @@ def estimate_fit(
         components["checkpoint_recompute"] = recompute
     components["logits_loss"] = logits_loss_bytes(shape, fit.tokens, num)
     if not fit.on_gpu and quant.method != "nf4":
-        # the torch backend dequantizes one weight at a time: fp32, then the input's dtype
-        largest = max(shape.linears()[n][0] * shape.linears()[n][1] for n in quant.target_modules)
-        components["dequantize_workspace"] = largest * (FP32 + (num.compute if num.compute != FP32 else 0))
+        # the torch backend dequantizes a block of rows at a time: int32 codes, then fp32, then the
+        # input's dtype (two of the three at once)
+        widths = SUPPORTED_BITS if quant.bits is None else (quant.bits,)
+        block = max(
+            dequantize_block_rows(in_f, out_f, bits, quant.group_size) * out_f
+            for name, (in_f, out_f, _) in shape.linears().items()
+            if name in quant.target_modules
+            for bits in widths
+        )
+        components["dequantize_workspace"] = block * 2 * FP32
     other = {gc: sum(activation_bytes(shape, quant, adapter, num, fit, gc)) for gc in (False, True)}
     details = {
         "tokens": fit.tokens,

@@ -59,13 +59,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 y = targets[start : start + chunk_tokens]  # (C,)
                 valid = y != IGNORE_INDEX  # (C,)
                 y = torch.where(valid, y, 0)
-                logits = (h.to(weight.dtype) @ weight.T).float()  # (C, V)
-                lse = torch.logsumexp(logits, dim=-1)  # (C,)
+                logits = (h.to(weight.dtype) @ weight.T).float()  # (C, V), the chunk's one vocab-sized buffer
                 picked = logits.gather(1, y[:, None]).squeeze(1)  # (C,)
+                top = logits.amax(dim=1, keepdim=True)  # (C, 1)
+                shifted_exp = logits.sub_(top).exp_()  # in place: exp(logits - max) (C, V)
+                norm = shifted_exp.sum(dim=1, keepdim=True)  # (C, 1)
+                lse = (top + norm.log()).squeeze(1)  # (C,) logsumexp, without a workspace of its own
                 total += torch.where(valid, lse - picked, 0.0).sum()
                 if grad_hidden is None and grad_weight is None:
                     continue
-                dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place (C, V)
+                dlogits = shifted_exp.div_(norm)  # softmax, in place (C, V)
                 dlogits.scatter_add_(1, y[:, None], -valid[:, None].float())  # p - onehot
                 dlogits.mul_(valid[:, None])  # ignored rows have no gradient
                 if grad_hidden is not None:
@@ -117,11 +120,12 @@ def linear_cross_entropy(
     or inputs that do not require one).
 
     Memory: saved for backward are the ``(N, H)`` gradient of ``hidden`` in its dtype and, if needed,
-    the ``(V, H)`` gradient of ``weight`` in its dtype, never logits. Transient, per chunk, about
-    three ``(chunk_tokens, V)`` fp32 buffers (logits turned in place into ``p - onehot``, the
-    logsumexp's workspace, and the cast of ``p - onehot`` to ``weight``'s dtype), plus the fp32
-    weight-gradient accumulator when it is needed. Backward only scales the saved gradients by the
-    incoming gradient.
+    the ``(V, H)`` gradient of ``weight`` in its dtype, never logits. Transient, per chunk, one
+    ``(chunk_tokens, V)`` fp32 buffer (the logits, turned in place into ``exp(logits - max)``, then
+    ``p - onehot``; the logsumexp is taken from its row sums, with no workspace of its own) and, for
+    a 16-bit ``weight``, a 16-bit one (the product before its cast to fp32, and the cast of
+    ``p - onehot`` back), plus the fp32 weight-gradient accumulator when it is needed. Backward only
+    scales the saved gradients by the incoming gradient.
     """
     weight = _full_weight(weight)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:

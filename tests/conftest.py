@@ -33,3 +33,22 @@ def flip_a_bit_of(path, tensor):
     assert at >= 0
     raw[at + 7] ^= 0x01
     path.write_bytes(bytes(raw))
+
+
+def peak_allocated_bytes(fn) -> int:
+    """The most CPU memory that tensors (kernels' workspaces included) held at once while ``fn``
+    ran, from the profiler's allocation timeline (``_memory_profile``, what torch's own
+    ``export_memory_timeline`` reads)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action.name == "CREATE":
+            live += size
+        elif action.name == "DESTROY":
+            live -= size
+        peak = max(peak, live)
+    return peak

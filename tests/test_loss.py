@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from projq_train.data.instruct import IGNORE_INDEX
 from projq_train.loss import causal_lm_loss_from_hidden, linear_cross_entropy
+from tests.conftest import peak_allocated_bytes
 
 B, T, H, V = 3, 9, 16, 37
 
@@ -188,3 +189,18 @@ def test_a_weight_sharded_by_fsdp2_is_gathered(tmp_path):
         torch.testing.assert_close(sharded.grad.full_tensor(), want[2], atol=1e-5, rtol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_a_chunk_holds_one_vocab_sized_buffer(weight_grad):
+    rows, h, v = 64, 8, 8192
+    hidden = torch.randn(rows, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=weight_grad)
+    targets = torch.randint(0, v, (rows,))
+    buffer = rows * v * 4  # one chunk's fp32 logits
+    # the measurement sees a kernel's workspace: logsumexp of logits alone holds two buffers
+    logits = lambda: hidden.detach() @ weight.detach().T  # noqa: E731
+    assert peak_allocated_bytes(lambda: torch.logsumexp(logits(), -1)) >= 2 * buffer
+    weight_grad_bytes = v * h * 4 if weight_grad else 0  # the fp32 weight-gradient accumulator
+    peak = peak_allocated_bytes(lambda: linear_cross_entropy(hidden, weight, targets, chunk_tokens=rows))
+    assert buffer <= peak - weight_grad_bytes < 1.1 * buffer, peak / buffer

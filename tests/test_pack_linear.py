@@ -10,6 +10,7 @@ import projq_train.quant.linear as linear
 from projq_train.quant.linear import QuantLinear, dequantize_once, swap_in_quant_linears, triton_ready
 from projq_train.quant.pack import PACKING, PackedWeight, dequantize_packed, pack, packed_length, unpack
 from projq_train.quant.rtn import rtn_quantize
+from tests.conftest import peak_allocated_bytes
 
 
 def bitstream_reference(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -113,6 +114,52 @@ def test_dequantized_weight_is_kept_between_forward_and_backward_only_when_confi
     assert max(saved_numels(make_layer(out_f=256, in_f=512, gs=128, bias=False)[0], x), default=0) < weight
     kept = make_layer(out_f=256, in_f=512, gs=128, bias=False, save_dequantized=True)[0]
     assert max(saved_numels(kept, x)) == weight
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dequantizing_blocks_of_rows_equals_the_whole_weight(bits, act_order):
+    q = rtn_quantize(torch.randn(24, 256), bits, 32)
+    if act_order:
+        q.g_idx = q.g_idx[torch.randperm(256)]
+    tensors = PackedWeight.from_quantized(q).tensors().values()
+    whole = dequantize_packed(*tensors, bits, torch.float32)
+    for rows in (slice(0, 64), slice(64, 256), slice(96, 160), slice(224, 256)):
+        assert torch.equal(dequantize_packed(*tensors, bits, torch.float32, rows), whole[rows])
+    unit = PACKING[bits][0]
+    with pytest.raises(ValueError, match=f"must start at a multiple of {unit} at {bits} bits, got 5"):
+        dequantize_packed(*tensors, bits, torch.float32, slice(5, 64))
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_in_blocks_of_rows_equals_the_whole_weight(monkeypatch, bits, dtype):
+    layer, pw = make_layer(bits=bits, out_f=48, in_f=512, gs=64, bias=False)
+    layer = layer.to(dtype)
+    x = torch.randn(2, 7, 512, dtype=dtype)
+    want_x = x.detach().clone().requires_grad_()
+    (want_x @ pw.dequantize().to(dtype).T).float().pow(2).sum().backward()
+    monkeypatch.setattr(linear, "DEQUANTIZE_BLOCK_ELEMENTS", 48 * 100)  # 64 rows: 8 blocks
+    assert [r for r, _ in layer.dequantized_row_blocks(dtype)][:2] == [slice(0, 64), slice(64, 128)]
+    got_x = x.detach().clone().requires_grad_()
+    y = layer(got_x)
+    y.float().pow(2).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y, want_x.detach() @ pw.dequantize().to(dtype).T, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_x.grad, want_x.grad, atol=tol, rtol=tol)
+
+
+def test_torch_backend_never_holds_a_whole_float_weight(monkeypatch):
+    out_f, in_f, tokens = 256, 2048, 8
+    layer, _ = make_layer(out_f=out_f, in_f=in_f, gs=64, bias=False)
+    x = torch.randn(tokens, in_f, requires_grad=True)
+    whole = out_f * in_f * 4  # the fp32 weight
+    step = lambda: layer(x).sum().backward()  # noqa: E731
+    assert peak_allocated_bytes(step) >= whole  # one block: the whole weight (the check can fail)
+    monkeypatch.setattr(linear, "DEQUANTIZE_BLOCK_ELEMENTS", out_f * 256)  # 8 blocks of 256 rows
+    # a block's fp32 weight and its int32 codes, the input's gradient, the output and its gradient
+    bound = 2 * whole // 8 + 4 * (tokens * in_f + 2 * tokens * out_f)
+    assert peak_allocated_bytes(step) <= bound
 
 
 def test_dequantize_once_unpacks_each_weight_once_per_dtype_inside_the_block(monkeypatch):

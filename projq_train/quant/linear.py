@@ -5,9 +5,11 @@ parameter, so optimizers, ``requires_grad_`` and dtype casts of the model leave 
 ``y = x Ŵᵀ + b`` with ``Ŵ = dequant(qweight)``; the backward pass computes ``∂L/∂x = ∂L/∂y · Ŵ``
 only. Two backends compute the products:
 
-- ``torch``: dequantize to the input's dtype, then a dense matmul. Works everywhere; it is
-  the reference the fused kernel is tested against. The dequantized weight is rebuilt in the
-  backward pass instead of being kept alive, unless ``save_dequantized`` is set. Inside
+- ``torch``: dequantize to the input's dtype, then dense matmuls, one block of about
+  :data:`DEQUANTIZE_BLOCK_ELEMENTS` input rows at a time (``y = Σ x[:, rows] Ŵᵀ[rows]``), so no
+  layer's whole float weight exists. Works everywhere; it is the reference the fused kernel is
+  tested against. The blocks are rebuilt in the backward pass instead of being kept alive,
+  unless ``save_dequantized`` is set (then the whole weight is dequantized and kept). Inside
   :func:`dequantize_once`, each layer dequantizes once per dtype and reuses the result: the
   float weights' memory, for repeated inference (evaluation, generation) without a kernel.
 - ``triton``: fused dequantize + matmul on CUDA (:mod:`projq_train.quant.triton_kernels`).
@@ -18,6 +20,7 @@ only. Two backends compute the products:
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from projq_train.quant.pack import PackedWeight, dequantize_packed, packed_length
+from projq_train.quant.pack import PACKING, PackedWeight, dequantize_packed, packed_length
 from projq_train.quant.rtn import check_grid
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 Backend = Literal["auto", "torch", "triton"]
 _TRITON_READY: dict[tuple[torch.device, torch.dtype], bool] = {}
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEQUANTIZE_BLOCK_ELEMENTS = 2**21  # weights the torch backend dequantizes at once (8 MiB in fp32)
 
 
 def triton_ready(device: torch.device, dtype: torch.dtype) -> bool:
@@ -57,6 +61,14 @@ def triton_ready(device: torch.device, dtype: torch.dtype) -> bool:
     return _TRITON_READY[device, dtype]
 
 
+def dequantize_block_rows(in_features: int, out_features: int, bits: int, group_size: int) -> int:
+    """Input rows the torch backend dequantizes at once: about :data:`DEQUANTIZE_BLOCK_ELEMENTS`
+    weights, in whole groups and whole packing units (at most ``in_features``)."""
+    gs = check_grid(bits, group_size, in_features)
+    align = math.lcm(PACKING[bits][0], gs)
+    return min(in_features, max(align, DEQUANTIZE_BLOCK_ELEMENTS // out_features // align * align))
+
+
 class _QuantMatmul(torch.autograd.Function):
     """``x (..., in) → x Ŵᵀ (..., out)`` with a gradient for ``x`` only."""
 
@@ -69,10 +81,15 @@ class _QuantMatmul(torch.autograd.Function):
             return matmul(x.reshape(-1, x.shape[-1]), *layer.packed_tensors(), layer.bits).reshape(
                 *x.shape[:-1], layer.out_features
             )
-        w_t = layer.dequantize_t(x.dtype)  # (in, out)
         if layer.save_dequantized:
+            w_t = layer.dequantize_t(x.dtype)  # (in, out)
             ctx.save_for_backward(w_t)
-        return x @ w_t
+            return x @ w_t
+        x2, y = x.reshape(-1, x.shape[-1]), None
+        for rows, w_rows in layer.dequantized_row_blocks(x.dtype):  # Σ_blocks x[:, rows] Ŵᵀ[rows]
+            y = x2[:, rows] @ w_rows if y is None else y.addmm_(x2[:, rows], w_rows)
+            del w_rows  # before the next block is dequantized
+        return y.reshape(*x.shape[:-1], layer.out_features)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, None, None]:
@@ -85,8 +102,19 @@ class _QuantMatmul(torch.autograd.Function):
             g = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
             grad_x = matmul_grad_input(g, *layer.packed_tensors(), layer.bits)
             return grad_x.reshape(*grad_y.shape[:-1], layer.in_features), None, None
-        w_t = ctx.saved_tensors[0] if layer.save_dequantized else layer.dequantize_t(grad_y.dtype)
-        return grad_y @ w_t.T, None, None
+        if layer.save_dequantized:
+            return grad_y @ ctx.saved_tensors[0].T, None, None
+        g, grad_x = grad_y.reshape(-1, grad_y.shape[-1]), None
+        for rows, w_rows in layer.dequantized_row_blocks(grad_y.dtype):
+            part = g @ w_rows.T  # ∂L/∂x[:, rows] = ∂L/∂y Ŵ[:, rows]
+            del w_rows  # before the next block is dequantized
+            if rows == slice(0, layer.in_features):  # one block: the whole weight
+                grad_x = part
+                continue
+            if grad_x is None:
+                grad_x = g.new_empty(g.shape[0], layer.in_features)
+            grad_x[:, rows] = part
+        return grad_x.reshape(*grad_y.shape[:-1], layer.in_features), None, None
 
 
 class QuantLinear(nn.Module):
@@ -158,6 +186,19 @@ class QuantLinear(nn.Module):
         if dtype not in self._dense:
             self._dense[dtype] = dequantize_packed(*self.packed_tensors(), self.bits, dtype)
         return self._dense[dtype]
+
+    def dequantized_row_blocks(self, dtype: torch.dtype) -> Iterator[tuple[slice, Tensor]]:
+        """``(rows, Ŵᵀ[rows])`` in ``dtype`` over blocks of input rows of about
+        :data:`DEQUANTIZE_BLOCK_ELEMENTS` weights (whole groups, whole packing units), so the torch
+        backend never holds a layer's whole float weight; one block, the whole weight, inside
+        :func:`dequantize_once`."""
+        if self._dense is not None:
+            yield slice(0, self.in_features), self.dequantize_t(dtype)
+            return
+        step = dequantize_block_rows(self.in_features, self.out_features, self.bits, self.group_size)
+        for start in range(0, self.in_features, step):
+            rows = slice(start, min(start + step, self.in_features))
+            yield rows, dequantize_packed(*self.packed_tensors(), self.bits, dtype, rows)
 
     def _fused(self, x: Tensor) -> bool:
         if self.backend == "torch":

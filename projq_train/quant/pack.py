@@ -114,20 +114,41 @@ def unpack_rows(words: Tensor, bits: int, length: int) -> Tensor:
 
 
 def dequantize_packed(
-    qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, dtype: torch.dtype
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    g_idx: Tensor,
+    bits: int,
+    dtype: torch.dtype,
+    rows: slice | None = None,
 ) -> Tensor:
-    """``Ŵᵀ (in, out)`` in ``dtype`` from GPTQ-layout tensors (the torch reference)."""
+    """``Ŵᵀ (in, out)`` in ``dtype`` from GPTQ-layout tensors (the torch reference), or only its
+    input rows ``rows`` (a ``slice`` whose start is a multiple of the codes per unit, ``PACKING[bits][0]``):
+    a block of rows costs that block's memory, not the whole weight's."""
     (in_f,), (n_groups, out_f) = g_idx.shape, scales.shape
-    w = unpack_rows(qweight, bits, in_f).to(torch.float32)  # (in, out)
+    start, stop, _ = (rows or slice(None)).indices(in_f)
+    unit_codes, unit_words, _ = PACKING[bits]
+    if start % unit_codes:
+        raise ValueError(
+            f"a block of rows must start at a multiple of {unit_codes} at {bits} bits, got {start}"
+        )
+    words = qweight[start // unit_codes * unit_words :]
+    w = unpack_rows(words, bits, stop - start).to(torch.float32)  # (rows, out)
     zeros = unpack_rows(qzeros.T, bits, out_f).T.to(torch.float32)  # (n_groups, out)
     scales = scales.to(torch.float32)
     gs = in_f // n_groups
-    if torch.equal(g_idx, torch.arange(in_f, device=g_idx.device, dtype=g_idx.dtype) // gs):
+    g = g_idx[start:stop]
+    if (
+        start % gs == 0
+        and (stop - start) % gs == 0
+        and torch.equal(g, torch.arange(start, stop, device=g.device, dtype=g.dtype) // gs)
+    ):
         # contiguous groups: broadcast per group instead of gathering per input row
-        w3 = w.view(n_groups, gs, out_f)
-        w3.sub_(zeros[:, None]).mul_(scales[:, None])
+        first, count = start // gs, (stop - start) // gs
+        w3 = w.view(count, gs, out_f)
+        w3.sub_(zeros[first : first + count, None]).mul_(scales[first : first + count, None])
     else:
-        g = g_idx.long()
+        g = g.long()
         w.sub_(zeros[g]).mul_(scales[g])
     return w.to(dtype)
 

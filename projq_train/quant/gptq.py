@@ -22,21 +22,18 @@ from projq_train.quant.rtn import (
 def inverse_cholesky(H: Tensor, damp: float, max_tries: int = 6) -> Tensor:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``.
 
-    One Cholesky factorization and one triangular inverse: with ``J`` the exchange matrix
-    (``flip``) and ``J (H + λI) J = L Lᵀ``, ``H + λI = R Rᵀ`` with ``R = J L J`` upper triangular,
-    so ``(H + λI)⁻¹ = Uᵀ U`` with ``U = R⁻¹ = J L⁻¹ J``, upper with a positive diagonal: the
-    factor itself, without forming the inverse and factoring it again.
-
-    When the factorization fails (H is not positive definite in floating point), ``λ`` is
+    When a factorization fails (H is not positive definite in floating point), ``λ`` is
     multiplied by 10 and the factorization retried, up to ``max_tries`` times.
     """
     mean_diag = H.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(max_tries):
         lam = damp * mean_diag * 10**attempt
-        L, info = torch.linalg.cholesky_ex((H + lam * eye).flip(0, 1))
+        L, info = torch.linalg.cholesky_ex(H + lam * eye)
         if info.item() == 0:
-            return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0:
+                return U
     raise torch.linalg.LinAlgError(
         f"Cholesky of the Hessian failed even with dampening {damp * 10 ** (max_tries - 1):g}; "
         "the calibration activations are degenerate (too few samples?)"

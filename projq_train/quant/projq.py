@@ -121,15 +121,9 @@ def randomized_top_singular(
 
 def error_subspace(E: Tensor, F: Tensor, rank: int) -> tuple[float, Tensor]:
     """The spectral tail ``Σ_{i>r} σ_i²(E F)`` (the H-norm error a rank-r correction leaves) and the
-    top-r right singular vectors ``Z_r (in, r)`` of ``K = E F`` (``F``: :func:`hessian_factor`).
-
-    The tail is summed from the residual ``K − K Z_r Z_rᵀ`` rather than as ``‖K‖² − Σ σ_i²``, which
-    cancels when the top r directions hold most of ``‖K‖²`` (in fp32, to a few tenths of a percent
-    on a weight with strong low-rank structure)."""
-    K = E.to(F.dtype) @ F
-    Z = top_singular(K, rank)[2]
-    residual = K - (K @ Z) @ Z.T
-    return residual.double().pow(2).sum().item(), Z
+    top-r right singular vectors ``Z_r (in, r)`` of ``K = E F`` (``F``: :func:`hessian_factor`)."""
+    _, S, Z, total = top_singular(E.to(F.dtype) @ F, rank)
+    return max(total - S.pow(2).sum().item(), 0.0), Z
 
 
 def spectral_tail(E: Tensor, H: Tensor, rank: int) -> float:
@@ -272,12 +266,6 @@ def projq_quantize(
     Returns:
         The iterate with the smallest tail, and the tail of every iterate in order (srr: those of
         the loop on ``W − L_k`` at rank ``r − k``).
-
-    The loop's ``E F`` products, Gram matrices and their eigendecompositions run in fp32 even
-    where the factor is fp64 (CPU): on SmolLM2-sized weights that halves to thirds their time,
-    and the tails move by up to about 1e-6 relative, the subspaces by about 1e-5
-    (``‖Z Zᵀ − Z' Z'ᵀ‖``); the factor itself, and the compensation made from the best iterate,
-    stay in the work dtype.
     """
     check_rank(rank, *W.shape)
     if mode not in ("paper", "refresh", "srr"):
@@ -299,7 +287,6 @@ def projq_quantize(
     if rank == 0 or iters == 0:
         return gptq_quantize(W, H, bits, group_size, **gptq_kwargs), []
     F, F_inv = factors if factors is not None else hessian_factor(H)
-    F_loop = F.to(torch.float32)  # the loop's subspaces and tails: fp32 suffices (see below)
 
     def step(E: Tensor, Z: Tensor) -> QuantizedWeight:
         """Quantize given the dominant subspace ``Z (in, r)`` of the current error ``E``."""
@@ -314,8 +301,7 @@ def projq_quantize(
     best, best_tail, tails, Z_prev = q, float("inf"), [], None
     for t in range(iters + 1):
         E = W - q.dequantize()
-        tail, Z = error_subspace(E, F_loop, rank)
-        Z = Z.to(F.dtype)
+        tail, Z = error_subspace(E, F, rank)
         tails.append(tail)
         improved = tail < best_tail * (1 - tol)
         if tail < best_tail:

@@ -16,6 +16,7 @@ from projq_train.quant.rtn import (
     check_grid,
     clipped_params,
     minmax_params,
+    quantize_to_grid,
 )
 
 
@@ -92,19 +93,19 @@ def gptq_quantize(
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         W1 = W[:, i1:i2].clone()  # (out, b) updated in place as columns are rounded
-        Err1 = torch.empty_like(W1)
+        Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        diag = Hinv1.diagonal().tolist()  # Python floats: no 0-dim tensor per column
         for i in range(i2 - i1):
             col = i1 + i
             if gs < in_f and col % gs == 0:  # a group starts here and lies inside this block
                 scale, zero = grid(W1[:, i : i + gs], slice(col, col + gs))
                 scales[:, col // gs], zeros[:, col // gs] = scale, zero
             w = W1[:, i]
-            c = torch.round(w / scale).add_(zero).clamp_(0, maxq)  # quantize_to_grid, in place
+            c = quantize_to_grid(w[:, None], scale, zero, maxq)[:, 0]
             codes[:, col] = c
-            err = torch.div(w - (c - zero) * scale, diag[i], out=Err1[:, i])
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # W1[:, i:] -= err Hinv1[i, i:]
+            err = (w - (c - zero) * scale) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     g_idx = torch.arange(in_f, device=W.device) // gs

@@ -320,9 +320,17 @@ def nf4_linear_bytes(in_features: int, out_features: int) -> int:
     return n // 2 + math.ceil(n / 64) + 4 * math.ceil(n / (64 * 256))
 
 
-def packed_weight_bytes(shape: ModelShape, quant: QuantConfig) -> int:
-    """All quantized linears of the model (the target modules of every decoder layer)."""
+def packed_weight_bytes(
+    shape: ModelShape, quant: QuantConfig, module_bits: dict[str, int] | None = None
+) -> int:
+    """All quantized linears of the model (the target modules of every decoder layer); with
+    ``module_bits`` (full module name → width, an artifact's configuration) each at its own width."""
     linears = shape.linears()
+    if module_bits is not None:
+        return sum(
+            packed_linear_bytes(*linears[module_position(name)[1]][:2], bits, quant.group_size)
+            for name, bits in module_bits.items()
+        )
     per_layer = 0
     for name in quant.target_modules:
         n_in, n_out, _ = linears[name]
@@ -484,15 +492,21 @@ def logits_loss_bytes(shape: ModelShape, tokens: int, num: Numerics) -> int:
 
 
 def estimate_fit(
-    shape: ModelShape, quant: QuantConfig, adapter: AdapterConfig, dtype: str, fit: FitSettings
+    shape: ModelShape,
+    quant: QuantConfig,
+    adapter: AdapterConfig,
+    dtype: str,
+    fit: FitSettings,
+    module_bits: dict[str, int] | None = None,
 ) -> MemoryEstimate:
-    """Peak of one training step of one process (``dtype``: ``model.base.dtype``)."""
+    """Peak of one training step of one process (``dtype``: ``model.base.dtype``; ``module_bits``:
+    each module's width as an artifact recorded it, see :func:`artifact_configuration`)."""
     num = numerics(fit.precision, dtype, fit.on_gpu)
     params = adapter_parameters(shape, quant, adapter.rank)
     shards = max(1, fit.shards)
     kept, recompute = activation_bytes(shape, quant, adapter, num, fit, fit.gradient_checkpointing)
     components = {
-        "packed_weights": packed_weight_bytes(shape, quant),
+        "packed_weights": packed_weight_bytes(shape, quant, module_bits),
         "float_tensors": float_tensor_bytes(shape, quant, num.weights) // shards,
         "adapters": params * num.adapter // shards,
         "gradients": params * num.adapter // shards,
@@ -507,6 +521,7 @@ def estimate_fit(
         # the torch backend dequantizes a block of rows at a time: int32 codes, then fp32, then the
         # input's dtype (two of the three at once)
         widths = SUPPORTED_BITS if quant.bits is None else (quant.bits,)
+        widths = set(module_bits.values()) if module_bits else widths
         block = max(
             dequantize_block_rows(in_f, out_f, bits, quant.group_size) * out_f
             for name, (in_f, out_f, _) in shape.linears().items()
@@ -632,9 +647,15 @@ def sensitivity_pass_bytes(shape: ModelShape, calibration: CalibrationConfig, w:
 
 
 def alternatives(
-    shape: ModelShape, quant: QuantConfig, adapter: AdapterConfig, dtype: str, fit: FitSettings
+    shape: ModelShape,
+    quant: QuantConfig,
+    adapter: AdapterConfig,
+    dtype: str,
+    fit: FitSettings,
+    module_bits: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """The knobs that lower the fit peak, each alone with its predicted peak, then all together."""
+    """The knobs that lower the fit peak, each alone with its predicted peak, then all together
+    (``module_bits``, an artifact's widths, hold unless the knob changes the bits)."""
     options: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []  # knob, change, fit/quant fields
     if fit.batch_size > 1:
         b = fit.batch_size // 2
@@ -661,7 +682,8 @@ def alternatives(
         options.append(("all of the above", "every change above", fit_all, quant_all))
     result = []
     for knob, change, f, q in options:
-        peak = estimate_fit(shape, replace(quant, **q), adapter, dtype, replace(fit, **f)).peak_bytes
+        bits = None if q else module_bits
+        peak = estimate_fit(shape, replace(quant, **q), adapter, dtype, replace(fit, **f), bits).peak_bytes
         result.append({"knob": knob, "change": change, "peak_bytes": peak})
     return result
 
@@ -757,6 +779,51 @@ def _on_gpu(accelerator: Any, gpu_option: str) -> tuple[bool, str]:
     return on_gpu, "GPU" if on_gpu else "CPU"
 
 
+MODULE_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+
+
+def module_position(name: str) -> tuple[int, str]:
+    """``(3, "q_proj")`` for ``model.layers.3.self_attn.q_proj``."""
+    match = MODULE_NAME.search(name)
+    return int(match.group(1)), match.group(2)
+
+
+def artifact_configuration(path: str | Path, shape: ModelShape, quant: QuantConfig, rank: int) -> dict:
+    """The bit width and rank of every module as an artifact recorded them (its ``metadata.json``;
+    no tensor is read), checked against the recipe: the same modules, group size and rank.
+
+    Returns ``{"artifact", "bits", "ranks", "modules_per_width", "storage_bits_per_weight"}``; a
+    uniform artifact (no recorded configuration) gives every module its ``quant.bits``."""
+    from projq_train.artifact import read_metadata
+
+    meta = read_metadata(path)
+    made = meta["recipe"]
+    if made["quant"]["group_size"] != quant.group_size or made["adapter"]["rank"] != rank:
+        raise ValueError(
+            f"{path} was quantized at group size {made['quant']['group_size']} and rank "
+            f"{made['adapter']['rank']}; the recipe has {quant.group_size} and {rank}"
+        )
+    recorded = meta.get("configuration")
+    if recorded is None:
+        names = [r["name"] for r in meta["report"]]
+        recorded = {"bits": dict.fromkeys(names, made["quant"]["bits"]), "ranks": dict.fromkeys(names, rank)}
+    expected = {(i, kind) for i in range(shape.layers) for kind in quant.target_modules}
+    found = {MODULE_NAME.search(n) for n in recorded["bits"]}
+    if None in found or {(int(m.group(1)), m.group(2)) for m in found} != expected:
+        raise ValueError(
+            f"{path} holds {len(recorded['bits'])} quantized modules that are not this recipe's "
+            f"{len(expected)} ({shape.layers} layers x {', '.join(quant.target_modules)})"
+        )
+    widths = sorted(set(recorded["bits"].values()))
+    return {
+        "artifact": str(path),
+        "bits": recorded["bits"],
+        "ranks": recorded["ranks"],
+        "modules_per_width": {b: sum(v == b for v in recorded["bits"].values()) for b in widths},
+        "storage_bits_per_weight": meta["storage_bits_per_weight"],
+    }
+
+
 def _world_size(trainer: Any) -> int:
     devices, nodes = trainer.devices, trainer.num_nodes or 1
     if isinstance(devices, list | tuple):
@@ -779,6 +846,14 @@ def _estimate_arguments(parser: Any) -> None:
         default=None,
         help="memory of one device (GPU run) or of the host (CPU run), e.g. 24GB, 24GiB, 512MB; "
         "when the fit peak is above it, say which knob to turn",
+    )
+    parser.add_argument(
+        "--artifact",
+        type=str,
+        default=None,
+        help="an artifact folder of this recipe: show the bit width of every module it recorded "
+        "(under quant.budget_bits, chosen when quantizing) and count the packed weights at those "
+        "widths; reads its metadata.json only",
     )
 
 
@@ -902,6 +977,18 @@ def format_estimate(est: dict[str, Any], title: str) -> str:
 def report(result: dict[str, Any]) -> str:
     """The result of :func:`run` as tables and advice."""
     out = [f"model  {result['model']['description']}", f"quant  {result['quant_summary']}"]
+    if "configuration" in result:
+        c = result["configuration"]
+        counts = ", ".join(f"{n} at {b} bits" for b, n in c["modules_per_width"].items())
+        out.append(
+            f"widths {counts}; {c['storage_bits_per_weight']:.3f} bits per weight stored "
+            f"(recorded in {c['artifact']})"
+        )
+        by_layer: dict[int, list[str]] = {}
+        for name, bits in c["bits"].items():
+            layer, kind = module_position(name)
+            by_layer.setdefault(layer, []).append(f"{kind.removesuffix('_proj')} {bits}")
+        out += [f"  layer {i:>3}  " + " ".join(by_layer[i]) for i in sorted(by_layer)]
     out.append(f"run    {result['device']}")
     fit, quantize = result.get("fit"), result["quantize"]
     where = " (GPU)" if quantize["on_gpu"] else " (CPU run)"
@@ -943,6 +1030,10 @@ def run(argv: list[str]) -> tuple[dict[str, Any], bool]:
     base, quant = recipe["base"], recipe["quant"]
     shape = read_shape(base)
     packed_weight_bytes(shape, quant)  # a group size that does not divide a layer fails here
+    configuration = (
+        artifact_configuration(cfg.artifact, shape, quant, recipe["rank"]) if cfg.artifact else None
+    )
+    module_bits = configuration["bits"] if configuration else None
     result: dict[str, Any] = {
         "recipe": "quantize" if quantize_only else "fit",
         "model": {
@@ -956,10 +1047,12 @@ def run(argv: list[str]) -> tuple[dict[str, Any], bool]:
         ),
         "device": recipe["device"],
     }
+    if configuration:
+        result["configuration"] = configuration
     on_gpu = recipe["on_gpu"] if quantize_only else recipe["fit"].on_gpu
     if not quantize_only:
         fit = recipe["fit"]
-        result["fit"] = estimate_fit(shape, quant, recipe["adapter"], base.dtype, fit).as_dict()
+        result["fit"] = estimate_fit(shape, quant, recipe["adapter"], base.dtype, fit, module_bits).as_dict()
         result["fit_summary"] = (
             f"precision {fit.precision}, batch {fit.batch_size} x "
             f"{fit.seq_len} tokens ({'packed' if fit.packing else 'padded: attention mask'}), gradient "
@@ -978,7 +1071,7 @@ def run(argv: list[str]) -> tuple[dict[str, Any], bool]:
         if not quantize_only:
             result["fits"] = result["fit"]["peak_bytes"] <= budget
             if not result["fits"]:
-                advice = alternatives(shape, quant, recipe["adapter"], base.dtype, recipe["fit"])
+                advice = alternatives(shape, quant, recipe["adapter"], base.dtype, recipe["fit"], module_bits)
                 result["advice"] = [{**a, "fits": a["peak_bytes"] <= budget} for a in advice]
     return result, bool(cfg.json)
 

@@ -250,7 +250,7 @@ def test_flipped_bits_in_checkpoints_and_exports_are_refused_naming_the_file(che
         load_peft_export(tmp_path / "peft")
 
 
-def test_a_mixed_precision_base_packs_trains_resumes_and_exports(tmp_path):
+def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tmp_path, capsys):
     mixed = ["--model.quant.bits=null", "--model.quant.budget_bits=3.0", "--model.quant.method=gptq"]
     cli.main(["fit", "--config", str(TINY_FIT), *fit_args(tmp_path, 2), *mixed])
     cli.main(["fit", "--config", str(TINY_FIT), *fit_args(tmp_path, 4), *mixed, "--ckpt_path=last"])
@@ -261,6 +261,20 @@ def test_a_mixed_precision_base_packs_trains_resumes_and_exports(tmp_path):
     assert len(widths) > 1 and widths <= {2, 3, 4}  # packed layers of several widths in one model
     configuration = read_metadata(trained.artifact)["configuration"]  # recorded with the artifact
     assert set(configuration["bits"].values()) == widths and set(configuration["ranks"].values()) == {4}
+    # estimate shows it and counts the packed weights at those widths, byte for byte
+    estimate = ["estimate", "--config", str(TINY_FIT), *fit_args(tmp_path, 4), *mixed, "--json"]
+    capsys.readouterr()  # what the fits printed
+    cli.main([*estimate, "--artifact", str(trained.artifact)])
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["configuration"]["bits"] == configuration["bits"]
+    packed = [t for m in trained.model.modules() if isinstance(m, QuantLinear) for t in m.packed_tensors()]
+    assert shown["fit"]["host"]["packed_weights"] == sum(t.numel() * t.element_size() for t in packed)
+    cli.main([*estimate[:-1], "--artifact", str(trained.artifact)])
+    text = capsys.readouterr().out
+    assert "widths " in text and "layer   0  q " in text and str(trained.artifact) in text
+    with pytest.raises(SystemExit):  # not this recipe's artifact: one line
+        cli.main([*estimate, "--artifact", str(trained.artifact), "--model.adapter.rank=8"])
+    assert capsys.readouterr().err.strip().endswith("group size 64 and rank 4; the recipe has 64 and 8")
     report = export(checkpoint, tmp_path, "quantized")
     qconfig = json.loads((tmp_path / "quantized" / "quantize_config.json").read_text())
     assert qconfig["dynamic"] and all(rule.startswith("+:^model\\.layers") for rule in qconfig["dynamic"])

@@ -89,8 +89,8 @@ QUANTIZE_RUNTIME_BYTES = 348_464 * 1024
 # glibc keeps part of what a training step allocates and frees (activations, gradients, optimizer
 # state, the loss's buffers) resident between the trims of projq_train.host_memory. Measured as
 # (peak RSS - the other components) / those components at commit b53a1a9, one run each of
-# benchmarks/memory.py: SmolLM2 fit 1 x 128 0.49, 4 x 256 0.27, the random 1.24 B model 0.40;
-# the estimate takes 0.3 of them.
+# benchmarks/memory.py: SmolLM2 fit 1 x 128 0.54, 4 x 256 0.26, the random 0.49 B model 0.39 and
+# 1.24 B model 0.40; the estimate takes 0.3 of them.
 CPU_ALLOCATOR_SLACK = 0.3
 
 HALF = 2  # bytes of a bf16/fp16 element

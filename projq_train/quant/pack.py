@@ -134,8 +134,6 @@ def dequantize_packed(
         )
     words = qweight[start // unit_codes * unit_words :]
     w = unpack_rows(words, bits, stop - start).to(torch.float32)  # (rows, out)
-    zeros = unpack_rows(qzeros.T, bits, out_f).T.to(torch.float32)  # (n_groups, out)
-    scales = scales.to(torch.float32)
     gs = in_f // n_groups
     g = g_idx[start:stop]
     if (
@@ -143,13 +141,15 @@ def dequantize_packed(
         and (stop - start) % gs == 0
         and torch.equal(g, torch.arange(start, stop, device=g.device, dtype=g.dtype) // gs)
     ):
-        # contiguous groups: broadcast per group instead of gathering per input row
-        first, count = start // gs, (stop - start) // gs
-        w3 = w.view(count, gs, out_f)
-        w3.sub_(zeros[first : first + count, None]).mul_(scales[first : first + count, None])
+        # contiguous groups: only the block's groups, broadcast per group instead of gathered per row
+        groups = slice(start // gs, stop // gs)
+        zeros = unpack_rows(qzeros[groups].T, bits, out_f).T.to(torch.float32)  # (count, out)
+        w3 = w.view(-1, gs, out_f)
+        w3.sub_(zeros[:, None]).mul_(scales[groups, None].to(torch.float32))
     else:
+        zeros = unpack_rows(qzeros.T, bits, out_f).T.to(torch.float32)  # (n_groups, out)
         g = g.long()
-        w.sub_(zeros[g]).mul_(scales[g])
+        w.sub_(zeros[g]).mul_(scales[g].to(torch.float32))
     return w.to(dtype)
 
 

@@ -568,8 +568,8 @@ def estimate_quantize(
     for ``projq-train quantize``, the default for quantizing at ``fit`` setup).
 
     One decoder layer's float weights; for the module whose quantization holds the most, fp32
-    working copies of its weight, the Hessians of its group and the work matrices (fp64 on CPU,
-    fp32 on GPU, as :mod:`projq_train.quant.projq` computes); the calibration inputs and outputs
+    working copies of its weight, the Hessians of its group and the fp32 work matrices (as
+    :mod:`projq_train.quant.projq` computes, on CPU and GPU); the calibration inputs and outputs
     of the current layer; one calibration batch through the layer; the embeddings and final norm;
     and every packed weight and fp32 compensation ``r (in + out)`` made so far (all, at the end).
     """
@@ -578,14 +578,13 @@ def estimate_quantize(
     if quant.method == "nf4":  # bitsandbytes quantizes while `fit` loads the float model
         host = {"runtime": runtime, "float_model": shape.parameters() * w}
         return MemoryEstimate("quantize", on_gpu, {}, host, {"note": "nf4: the float model is loaded whole"})
-    work_bytes = FP32 if on_gpu else 8
     n_work = HESSIAN_WORK_MATRICES[quant.method] if rank > 0 else 1
     hessians, working = 0, 0
     for group in SEQUENTIAL_GROUPS if quant.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),):
         members = [n for n in group if n in quant.target_modules]
         for name in members:
             n_in, n_out, _ = linears[name]
-            held = sum(linears[m][0] ** 2 for m in members) * FP32 + n_work * n_in * n_in * work_bytes
+            held = sum(linears[m][0] ** 2 for m in members) * FP32 + n_work * n_in * n_in * FP32
             if held + WEIGHT_WORK_COPIES * n_in * n_out * FP32 > hessians + working:
                 hessians, working = held, WEIGHT_WORK_COPIES * n_in * n_out * FP32
     tokens = calibration.nsamples * calibration.seqlen
@@ -607,7 +606,7 @@ def estimate_quantize(
     # tensor (embeddings, an untied head, norms) is read again and written with the artifact
     floats = float_tensor_bytes(shape, quant, w)
     on_host = {"runtime": runtime, "packed_results": results}
-    details = {"calibration_tokens": tokens, "hessian_work_dtype": "fp32" if on_gpu else "fp64"}
+    details = {"calibration_tokens": tokens}
     stored, window = (
         sensitivity_pass_bytes(shape, calibration, w) if quant.budget_bits is not None else (0, 0)
     )

@@ -290,9 +290,13 @@ def test_recovery_report_follows_the_checkpoint_through_its_stages(
     assert list(report["stages"]) == ["float", "quantized", "initialized", "fine-tuned"]
     assert len(loads) == 3  # quantized, initialized, fine-tuned: each packed model built once
     ppl = {s: r["wikitext2"]["perplexity"] for s, r in report["stages"].items()}
-    # the compensation init (Q + BA ≈ W) closes most of the quantization gap before any training
-    assert report["gap_closed"]["initialized"]["wikitext2/perplexity"] > 50
-    assert ppl["quantized"] != ppl["float"]
+    # each stage's share of the gap closed is what its scores give (the arithmetic is tested in
+    # test_gap_closed_measures_the_way_back_to_the_float_model); whether the init closes most of
+    # it is a property of the quantizer, tested on held-out logits in test_calibrate: here, on a
+    # random 2-layer model and one repeated sentence, that share swings from -50 % to +70 % with
+    # rounding changes of 1e-7 in the quantizer
+    assert report["gap_closed"] == gap_closed(report["stages"])
+    assert ppl["quantized"] != ppl["float"] and ppl["initialized"] != ppl["quantized"]
     saved = json.loads((tmp_path / "rep" / "recovery.json").read_text())
     assert saved["gap_closed"] == report["gap_closed"]
     assert (tmp_path / "rep" / "recovery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,7 +3,9 @@
 Minimizes ``‖(W − Q) Xᵀ‖² = tr((W − Q) H (W − Q)ᵀ)`` with ``H = XᵀX / N``. Each column
 is rounded on its group's grid and the rounding error is spread over the columns not yet
 quantized through the upper Cholesky factor of ``H⁻¹``; updates are applied lazily per
-block of columns, so the big matrix product is done once per block.
+block of columns, so the big matrix product is done once per block, and inside a block per
+sub-block of :data:`SUB_BLOCK` columns, so each rounded column updates only the few after it
+one by one (a matrix product less memory traffic than rank-1 updates across the block).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from projq_train.quant.rtn import (
     minmax_params,
     quantize_to_grid,
 )
+
+SUB_BLOCK = 16  # columns whose rank-1 updates are applied one by one; the rest of a block lazily
 
 
 def inverse_cholesky(H: Tensor, damp: float, max_tries: int = 6) -> Tensor:
@@ -95,17 +99,20 @@ def gptq_quantize(
         W1 = W[:, i1:i2].clone()  # (out, b) updated in place as columns are rounded
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if gs < in_f and col % gs == 0:  # a group starts here and lies inside this block
-                scale, zero = grid(W1[:, i : i + gs], slice(col, col + gs))
-                scales[:, col // gs], zeros[:, col // gs] = scale, zero
-            w = W1[:, i]
-            c = quantize_to_grid(w[:, None], scale, zero, maxq)[:, 0]
-            codes[:, col] = c
-            err = (w - (c - zero) * scale) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
+        for j1 in range(0, i2 - i1, SUB_BLOCK):  # the rank-1 updates stay inside a sub-block
+            j2 = min(j1 + SUB_BLOCK, i2 - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                if gs < in_f and col % gs == 0:  # a group starts here and lies inside this block
+                    scale, zero = grid(W1[:, i : i + gs], slice(col, col + gs))
+                    scales[:, col // gs], zeros[:, col // gs] = scale, zero
+                w = W1[:, i]
+                c = quantize_to_grid(w[:, None], scale, zero, maxq)[:, 0]
+                codes[:, col] = c
+                err = (w - (c - zero) * scale) / Hinv1[i, i]
+                W1[:, i:j2].addr_(err, Hinv1[i, i:j2], alpha=-1)
+                Err1[:, i] = err
+            W1[:, j2:] -= Err1[:, j1:j2] @ Hinv1[j1:j2, j2:]
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     g_idx = torch.arange(in_f, device=W.device) // gs

@@ -51,8 +51,9 @@ def check_rank(rank: int, out_features: int, in_features: int) -> None:
 
 
 def _work_dtype(t: Tensor) -> torch.dtype:
-    """fp64 on CPU (cheap and exact enough for tests), fp32 on accelerators."""
-    return torch.float64 if t.device.type == "cpu" else torch.float32
+    """The dtype of the factorizations: ``t``'s, at least fp32 (the calibration driver's Hessians
+    are fp32, on CPU and GPU alike; a caller wanting fp64 passes fp64)."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def hessian_factor(H: Tensor, rel_floor: float = 1e-8) -> tuple[Tensor, Tensor]:

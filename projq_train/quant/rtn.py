@@ -84,26 +84,21 @@ def clipped_params(
 
     Clipping a few outliers buys a finer step for every other weight of the group; at 2-3 bits
     that usually lowers the error. Shrink 1.0 is plain min-max, so the result is never worse.
+    Every shrink is tried at once, as one ``(shrinks, out, g)`` computation.
     """
-    wmin, wmax = w.amin(dim=1), w.amax(dim=1)
-    best_scale = best_zero = best_err = None
-    for p in shrinks:
-        scale, zero = minmax_params(torch.stack([p * wmin, p * wmax], dim=1), maxq)
-        deq = (quantize_to_grid(w, scale, zero, maxq) - zero[:, None]) * scale[:, None]
-        err = ((w - deq) ** 2 * weight[None, :]).sum(dim=1)  # (out,)
-        if best_err is None:
-            best_scale, best_zero, best_err = scale, zero, err
-            continue
-        better = err < best_err
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-        best_err = torch.where(better, err, best_err)
-    return best_scale, best_zero
+    shrink = torch.tensor(shrinks, dtype=w.dtype, device=w.device)[:, None]  # (S, 1)
+    ends = torch.stack([shrink * w.amin(dim=1), shrink * w.amax(dim=1)], dim=2)  # (S, out, 2)
+    scale, zero = (t.view(len(shrinks), -1) for t in minmax_params(ends.view(-1, 2), maxq))  # (S, out)
+    deq = (quantize_to_grid(w, scale, zero, maxq) - zero[..., None]) * scale[..., None]  # (S, out, g)
+    err = ((w - deq) ** 2 * weight).sum(dim=2)  # (S, out)
+    best = err.argmin(dim=0, keepdim=True)  # the first of equal errors: the widest range
+    return scale.gather(0, best)[0], zero.gather(0, best)[0]
 
 
 def quantize_to_grid(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
-    """Integer codes (as float) of ``w (out, k)`` on the grid of per-row ``scale``, ``zero`` (out,)."""
-    return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, maxq)
+    """Integer codes (as float) of ``w (out, k)`` on the grid of per-row ``scale``, ``zero`` (out,)
+    (or ``(..., out)``: several grids at once, codes ``(..., out, k)``)."""
+    return torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, maxq)
 
 
 def rtn_quantize(W: Tensor, bits: int, group_size: int = 128) -> QuantizedWeight:

@@ -1,7 +1,9 @@
 """End to end on the real SmolLM2-135M-Instruct: quantize, evaluate, fine-tune, evaluate again.
 
 For each bit width and quantizer (RTN, GPTQ, ProjQ; group size 64, clipped grids, rank 32 — the
-settings of ``recipes/smollm2-135m-alpaca-w3.yaml``) and each adapter init:
+settings of ``recipes/smollm2-135m-alpaca-w3.yaml``), each storage budget (``--budgets``: mixed
+2/3/4 bits under ``quant.budget_bits``), and bitsandbytes NF4 (``--methods nf4``, QLoRA's base,
+standard init only), and each adapter init:
 
 - ``standard``: the QLoRA init (``B = 0``), so before training the model is the quantized base ``Q``;
 - ``compensation``: the adapter starts at the quantizer's low-rank compensation, ``Q + BA``
@@ -17,6 +19,9 @@ skips the variants already there, so a long run can be split (``--methods``) or 
     python benchmarks/end_to_end.py --json e2e.json --plot docs/end_to_end.png
     python benchmarks/end_to_end.py --json e2e.json --methods rtn gptq --bits 3 4
     python benchmarks/end_to_end.py --table-from e2e.json --plot docs/end_to_end.png
+    # mixed precision at the storage of uniform 3 bits and below, against NF4 and uniform 3 bits
+    python benchmarks/end_to_end.py --json budget.json --methods gptq --bits 3 --budgets 3.3 2.8
+    python benchmarks/end_to_end.py --json budget.json --methods nf4
 
 Quantization artifacts are cached under ``--artifact-dir`` (``projq-train quantize`` with the same
 settings makes the same ones).
@@ -42,7 +47,7 @@ from projq_train.eval.harness import EvalSettings, evaluate
 from projq_train.eval.models import artifact_model
 from projq_train.eval.tasks import resolve_task
 from projq_train.models import load_model_and_tokenizer
-from projq_train.module import ProjQModule
+from projq_train.module import ProjQModule, swap_in_nf4
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -56,11 +61,28 @@ CALIBRATION = CalibrationConfig(
 TRAIN_SETS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
 COMMONSENSE = ("boolq", "ARC-Easy", "openbookqa")  # scored; ARC-Challenge left out for time
 INITS = ("standard", "compensation")  # adapter.init
+METHODS = ("rtn", "gptq", "projq", "nf4")
+COLORS = {"rtn": "tab:gray", "gptq": "tab:blue", "projq": "tab:red", "nf4": "tab:green"}
 log = logging.getLogger("end-to-end")
 
 
-def quant_config(method: str, bits: int) -> QuantConfig:
-    return QuantConfig(method=method, bits=bits, group_size=64, iters=5, mode="paper", clip=True)
+def quant_config(method: str, width: float, budget: bool) -> QuantConfig:
+    """``width`` bits, or (``budget``) the storage budget ``quant.budget_bits``."""
+    if method == "nf4":
+        return QuantConfig(method="nf4")
+    widths = {"bits": None, "budget_bits": width} if budget else {"bits": int(width)}
+    return QuantConfig(method=method, **widths, group_size=64, iters=5, mode="paper", clip=True)
+
+
+def variant_key(method: str, width: float, budget: bool) -> str:
+    """``gptq-w3`` (uniform 3 bits), ``gptq-b3.3`` (a budget of 3.3 bits per weight), ``nf4-w4``."""
+    return f"{method}-{'b' if budget else 'w'}{width:g}"
+
+
+def parse_key(key: str) -> tuple[str, float, bool]:
+    """(method, width, budget) of a :func:`variant_key`."""
+    method, width = key.rsplit("-", 1)
+    return method, float(width[1:]), width[0] == "b"
 
 
 def training_file(out: Path, rows_per_set: int, seed: int = 0) -> Path:
@@ -96,12 +118,12 @@ def summary(results: dict) -> str:
     )
 
 
-def fine_tune(method: str, bits: int, init: str, train: Path, args) -> tuple[ProjQModule, dict]:
+def fine_tune(quant: QuantConfig, init: str, train: Path, args) -> tuple[ProjQModule, dict]:
     """Train the adapters for ``args.steps`` steps; returns the trained module and training stats."""
     L.seed_everything(0, verbose=False)
     module = ProjQModule(
         MODEL,
-        quant_config(method, bits),
+        quant,
         AdapterConfig(rank=32, init=init, alpha=32.0, dropout=0.05),
         CALIBRATION,
         artifact_dir=args.artifact_dir,
@@ -146,34 +168,35 @@ def run(args) -> dict:
         results["float"] = score(model, tok, args)
         save()
     train = training_file(Path(args.runs_dir) / "train.jsonl", args.rows_per_set)
-    for bits in args.bits:
-        for method in args.methods:
-            key = f"{method}-w{bits}"
-            entry = results.setdefault(key, {})
-            if "quantized" not in entry:
-                model, tok = load_model_and_tokenizer(MODEL)
-                t0 = time.perf_counter()
+    variants = [(m, b, False) for b in args.bits for m in args.methods if m != "nf4"]
+    variants += [(m, b, True) for b in args.budgets for m in args.methods if m != "nf4"]
+    variants += [("nf4", 4, False)] if "nf4" in args.methods else []  # 4 bits, whatever --bits says
+    for method, width, budget in variants:
+        key, quant = variant_key(method, width, budget), quant_config(method, width, budget)
+        entry = results.setdefault(key, {})
+        if "quantized" not in entry:
+            model, tok = load_model_and_tokenizer(MODEL)
+            t0 = time.perf_counter()
+            if method == "nf4":  # no artifact: bitsandbytes quantizes the loaded model
+                swap_in_nf4(model, quant.target_modules, torch.float32, torch.device("cpu"))
+                entry["quantize_wall_seconds"] = time.perf_counter() - t0
+                entry["quantized"] = score(model, tok, args)
+            else:
                 path, _ = quantize_or_load(
-                    model,
-                    tok,
-                    MODEL,
-                    quant_config(method, bits),
-                    CALIBRATION,
-                    args.artifact_dir,
-                    torch.device("cpu"),
+                    model, tok, MODEL, quant, CALIBRATION, args.artifact_dir, torch.device("cpu")
                 )
                 entry["artifact"], entry["quantize_wall_seconds"] = path.name, time.perf_counter() - t0
                 for stage, with_adapter in (("quantized", False), ("initialized", True)):
                     model, tok = artifact_model(path, with_adapter)
                     entry[stage] = score(model, tok, args)
-                save()
-            for init in args.inits:
-                if f"fine-tuned/{init}" in entry:
-                    continue
-                log.info("%s, %s init: fine-tuning", key, init)
-                module, stats = fine_tune(method, bits, init, train, args)
-                entry[f"fine-tuned/{init}"] = score(module.model, module.tokenizer, args) | stats
-                save()
+            save()
+        for init in args.inits if method != "nf4" else ("standard",):
+            if f"fine-tuned/{init}" in entry:
+                continue
+            log.info("%s, %s init: fine-tuning", key, init)
+            module, stats = fine_tune(quant, init, train, args)
+            entry[f"fine-tuned/{init}"] = score(module.model, module.tokenizer, args) | stats
+            save()
     return results
 
 
@@ -188,16 +211,16 @@ def table(results: dict) -> str:
         + " |",
         "|---:|---|---|---:|---:|---:|---:|" + "---:|" * len(COMMONSENSE),
     ]
-    keys = sorted((k for k in results if k not in ("float", "settings")), key=lambda k: (k.split("-w")[1], k))
+    keys = sorted((k for k in results if k not in ("float", "settings")), key=lambda k: (parse_key(k)[1], k))
     for key in keys:
-        method, bits = key.split("-w")
+        method, width, budget = parse_key(key)
         entry = results[key]
-        for init in INITS:
+        for init in INITS if method != "nf4" else ("standard",):
             before = entry["quantized" if init == "standard" else "initialized"]
             after = entry.get(f"fine-tuned/{init}")
             cells = [
-                bits,
-                method,
+                f"{width:g}",
+                f"{method} budget" if budget else method,
                 init,
                 f"{before['wikitext2']['perplexity']:.2f}",
                 f"{after['wikitext2']['perplexity']:.2f}" if after else "not run",
@@ -211,7 +234,7 @@ def table(results: dict) -> str:
 
 def plot(results: dict, path: str) -> None:
     """WikiText-2 perplexity before and after fine-tuning, and accuracy after, against bits; one
-    line per quantizer and adapter init."""
+    line per quantizer and adapter init (budgets: points at their storage, hollow markers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,7 +243,8 @@ def plot(results: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.9))
     keys = [k for k in results if k not in ("float", "settings")]
     panels = [("before", "perplexity"), ("after", "perplexity"), ("after", "acc_loglik")]
-    for method in dict.fromkeys(k.split("-w")[0] for k in keys):
+    for series in dict.fromkeys(parse_key(k)[::2] for k in keys):  # (method, budget)
+        method, budget = series
         for init, style in (("standard", "--"), ("compensation", "-")):
             stage = {
                 "before": "quantized" if init == "standard" else "initialized",
@@ -229,14 +253,14 @@ def plot(results: dict, path: str) -> None:
             for ax, (when, metric) in zip(axes, panels, strict=True):
                 task = "wikitext2" if metric == "perplexity" else "commonsense_mean"
                 points = sorted(
-                    (int(k.split("-w")[1]), results[k][stage[when]][task][metric])
+                    (parse_key(k)[1], results[k][stage[when]][task][metric])
                     for k in keys
-                    if k.startswith(f"{method}-w") and stage[when] in results[k]
+                    if parse_key(k)[::2] == series and stage[when] in results[k]
                 )
                 if points:
-                    color = {"rtn": "tab:gray", "gptq": "tab:blue", "projq": "tab:red"}[method]
-                    label = f"{method}, {init} init"
-                    ax.plot(*zip(*points, strict=True), style, color=color, marker="o", label=label)
+                    label = f"{method}{' budget' if budget else ''}, {init} init"
+                    marker = {"marker": "o", "markerfacecolor": "none" if budget else COLORS[method]}
+                    ax.plot(*zip(*points, strict=True), style, color=COLORS[method], label=label, **marker)
     fp = results["float"]
     for ax, (when, metric) in zip(axes, panels, strict=True):
         task = "wikitext2" if metric == "perplexity" else "commonsense_mean"
@@ -259,10 +283,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--bits", type=int, nargs="*", default=[2, 3, 4])
     parser.add_argument(
-        "--methods", nargs="+", default=["rtn", "gptq", "projq"], choices=["rtn", "gptq", "projq"]
+        "--budgets", type=float, nargs="*", default=[], help="quant.budget_bits of mixed-precision bases"
     )
+    parser.add_argument("--methods", nargs="+", default=["rtn", "gptq", "projq"], choices=METHODS)
     parser.add_argument(
         "--inits",
         nargs="*",

@@ -3,9 +3,10 @@
 Minimizes ``‖(W − Q) Xᵀ‖² = tr((W − Q) H (W − Q)ᵀ)`` with ``H = XᵀX / N``. Each column
 is rounded on its group's grid and the rounding error is spread over the columns not yet
 quantized through the upper Cholesky factor of ``H⁻¹``; updates are applied lazily per
-block of columns, so the big matrix product is done once per block, and inside a block per
-sub-block of :data:`SUB_BLOCK` columns, so each rounded column updates only the few after it
-one by one (a matrix product less memory traffic than rank-1 updates across the block).
+block of columns, so the big matrix product is done once per block; inside a block the same
+holds per sub-block of :data:`SUB_BLOCK` columns: a rounded column updates the rest of its
+sub-block at once, and the rest of the block receives a sub-block's errors in one product
+(less memory traffic than a rank-1 update of the whole block per column).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from projq_train.artifact import quantize_or_load
+from projq_train.artifact import find_or_quantize
 from projq_train.config import AdapterConfig, CalibrationConfig, ModelConfig, QuantConfig, ScheduleConfig
 from projq_train.data.calibration import load_rows
 from projq_train.data.instruct import InstructionData
@@ -62,6 +62,7 @@ TRAIN_SETS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
 COMMONSENSE = ("boolq", "ARC-Easy", "openbookqa")  # scored; ARC-Challenge left out for time
 INITS = ("standard", "compensation")  # adapter.init
 METHODS = ("rtn", "gptq", "projq", "nf4")
+RANK = 32  # adapter rank, and the compensation's
 COLORS = {"rtn": "tab:gray", "gptq": "tab:blue", "projq": "tab:red", "nf4": "tab:green"}
 log = logging.getLogger("end-to-end")
 
@@ -124,7 +125,7 @@ def fine_tune(quant: QuantConfig, init: str, train: Path, args) -> tuple[ProjQMo
     module = ProjQModule(
         MODEL,
         quant,
-        AdapterConfig(rank=32, init=init, alpha=32.0, dropout=0.05),
+        AdapterConfig(rank=RANK, init=init, alpha=float(RANK), dropout=0.05),
         CALIBRATION,
         artifact_dir=args.artifact_dir,
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
@@ -175,16 +176,15 @@ def run(args) -> dict:
         key, quant = variant_key(method, width, budget), quant_config(method, width, budget)
         entry = results.setdefault(key, {})
         if "quantized" not in entry:
-            model, tok = load_model_and_tokenizer(MODEL)
             t0 = time.perf_counter()
             if method == "nf4":  # no artifact: bitsandbytes quantizes the loaded model
+                model, tok = load_model_and_tokenizer(MODEL)
                 swap_in_nf4(model, quant.target_modules, torch.float32, torch.device("cpu"))
                 entry["quantize_wall_seconds"] = time.perf_counter() - t0
                 entry["quantized"] = score(model, tok, args)
-            else:
-                path, _ = quantize_or_load(
-                    model, tok, MODEL, quant, CALIBRATION, args.artifact_dir, torch.device("cpu")
-                )
+            else:  # the artifact `fit` makes at setup (rank 32) and finds again in fine_tune
+                cpu = torch.device("cpu")
+                path = find_or_quantize(MODEL, quant, RANK, CALIBRATION, args.artifact_dir, cpu)
                 entry["artifact"], entry["quantize_wall_seconds"] = path.name, time.perf_counter() - t0
                 for stage, with_adapter in (("quantized", False), ("initialized", True)):
                     model, tok = artifact_model(path, with_adapter)

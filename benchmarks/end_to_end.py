@@ -70,7 +70,7 @@ log = logging.getLogger("end-to-end")
 def quant_config(method: str, width: float, budget: bool) -> QuantConfig:
     """``width`` bits, or (``budget``) the storage budget ``quant.budget_bits``."""
     if method == "nf4":
-        return QuantConfig(method="nf4")
+        return QuantConfig(method="nf4", bits=4)
     widths = {"bits": None, "budget_bits": width} if budget else {"bits": int(width)}
     return QuantConfig(method=method, **widths, group_size=64, iters=5, mode="paper", clip=True)
 

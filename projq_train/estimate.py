@@ -789,14 +789,24 @@ def module_position(name: str) -> tuple[int, str]:
 
 def artifact_configuration(path: str | Path, shape: ModelShape, quant: QuantConfig, rank: int) -> dict:
     """The bit width and rank of every module as an artifact recorded them (its ``metadata.json``;
-    no tensor is read), checked against the recipe: the same modules, group size and rank.
+    no tensor is read), checked against the recipe: the same model type and shape (the artifact's
+    ``config.json``), modules, group size and rank.
 
     Returns ``{"artifact", "bits", "ranks", "modules_per_width", "storage_bits_per_weight"}``; a
     uniform artifact (no recorded configuration) gives every module its ``quant.bits``."""
+    from transformers import AutoConfig
+
     from projq_train.artifact import read_metadata
 
     meta = read_metadata(path)
     made = meta["recipe"]
+    own = ModelShape.from_config(AutoConfig.from_pretrained(path))
+    if own != shape:
+        raise ValueError(
+            f"{path} was quantized from another model ({own.model_type}, {own.layers} layers, hidden "
+            f"{own.hidden}, vocab {own.vocab}) than the recipe's ({shape.model_type}, {shape.layers} "
+            f"layers, hidden {shape.hidden}, vocab {shape.vocab})"
+        )
     if made["quant"]["group_size"] != quant.group_size or made["adapter"]["rank"] != rank:
         raise ValueError(
             f"{path} was quantized at group size {made['quant']['group_size']} and rank "

@@ -275,6 +275,9 @@ def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tm
     with pytest.raises(SystemExit):  # not this recipe's artifact: one line
         cli.main([*estimate, "--artifact", str(trained.artifact), "--model.adapter.rank=8"])
     assert capsys.readouterr().err.strip().endswith("group size 64 and rank 4; the recipe has 64 and 8")
+    with pytest.raises(SystemExit):  # another model of the same modules: one line
+        cli.main([*estimate, "--artifact", str(trained.artifact), "--model.base.config.vocab_size=300"])
+    assert "was quantized from another model (llama, 2 layers, hidden 128, vocab" in capsys.readouterr().err
     report = export(checkpoint, tmp_path, "quantized")
     qconfig = json.loads((tmp_path / "quantized" / "quantize_config.json").read_text())
     assert qconfig["dynamic"] and all(rule.startswith("+:^model\\.layers") for rule in qconfig["dynamic"])

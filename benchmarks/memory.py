@@ -705,16 +705,16 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.plot(*zip(*pts, strict=True), "o-", color=color, label=names.get(method, method))
             section = "quantize" if method == "quantize" else "fit" if method == "fit" else None
             if section:
-                est = sorted(
-                    (r["params"] / 1e9, estimated(r, section) / 2**30)
+                est = {  # the last estimate of each model, as in the table
+                    r["params"] / 1e9: estimated(r, section) / 2**30
                     for r in rows
                     if r["method"] == "estimate"
                     and estimated(r, section)
                     and r["shape"] == (None if section == "quantize" else shape)  # its own recipe
-                )
+                }
                 if est:
                     ax.plot(
-                        *zip(*dict(est).items(), strict=True),
+                        *zip(*sorted(est.items()), strict=True),
                         "o",
                         mfc="none",
                         color=color,

@@ -190,7 +190,8 @@ def run(args) -> dict:
                     model, tok = artifact_model(path, with_adapter)
                     entry[stage] = score(model, tok, args)
             save()
-        for init in args.inits if method != "nf4" else ("standard",):
+        nf4_inits = ("standard",) if args.inits else ()  # NF4 has no compensation to start from
+        for init in args.inits if method != "nf4" else nf4_inits:
             if f"fine-tuned/{init}" in entry:
                 continue
             log.info("%s, %s init: fine-tuning", key, init)

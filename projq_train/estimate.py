@@ -794,13 +794,11 @@ def artifact_configuration(path: str | Path, shape: ModelShape, quant: QuantConf
 
     Returns ``{"artifact", "bits", "ranks", "modules_per_width", "storage_bits_per_weight"}``; a
     uniform artifact (no recorded configuration) gives every module its ``quant.bits``."""
-    from transformers import AutoConfig
-
     from projq_train.artifact import read_metadata
 
     meta = read_metadata(path)
     made = meta["recipe"]
-    own = ModelShape.from_config(AutoConfig.from_pretrained(path))
+    own = read_shape(ModelConfig(name_or_path=str(path)))  # the config.json saved with the artifact
     if own != shape:
         raise ValueError(
             f"{path} was quantized from another model ({own.model_type}, {own.layers} layers, hidden "

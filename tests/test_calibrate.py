@@ -13,10 +13,10 @@ from projq_train.quant import gptq_quantize
 from projq_train.quant.calibrate import (
     accumulate_hessians,
     apply_quantized,
-    capture_layer_inputs,
     format_report,
     quantize_model,
 )
+from projq_train.quant.layerwise import capture_layer_inputs
 from tests.conftest import TINY
 
 

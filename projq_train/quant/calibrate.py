@@ -21,10 +21,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from projq_train.config import SUPPORTED_BITS, QuantConfig
-from projq_train.host_memory import release_freed_memory, return_free_pages
-from projq_train.models import decoder_layers, layer_output
+from projq_train.host_memory import release_freed_memory
+from projq_train.models import decoder_layers
 from projq_train.quant import lowrank_compensation, quantize_weight
 from projq_train.quant.allocate import allocate_bits, check_budget, uniform_storage
+from projq_train.quant.layerwise import StopForward, capture_layer_inputs, release_batch, run_layer
 from projq_train.quant.pack import PackedWeight
 from projq_train.quant.projq import check_rank, hessian_factor, srr_preserved_rank
 from projq_train.quant.rtn import check_grid
@@ -75,10 +76,6 @@ class ModuleReport:
     phase_seconds: dict[str, float] | None = None  # of `seconds` and the layer's forwards, by phase
 
 
-class _StopForward(Exception):
-    """Raised by a hook once everything needed from a forward pass has been seen."""
-
-
 def _hnorm(E: Tensor, H: Tensor) -> float:
     return torch.einsum("oi,ij,oj->", E, H, E).item()
 
@@ -117,52 +114,6 @@ def target_shapes(model: nn.Module, targets: list[str]) -> dict[str, tuple[int, 
 
 
 @torch.no_grad()
-def capture_layer_inputs(
-    model: nn.Module, ids: Tensor, device: torch.device, batch_size: int
-) -> tuple[list[Tensor], list[dict]]:
-    """Hidden states and keyword arguments the first decoder layer receives, per batch of ``ids``."""
-    layers = decoder_layers(model)
-    others = [m for n, m in model.model.named_children() if n != "layers"]
-    for m in others:
-        m.to(device)
-    inputs, kwargs = [], []
-
-    def grab(_mod, args, kw):
-        inputs.append(args[0] if args else kw.pop("hidden_states"))
-        kwargs.append(kw)
-        raise _StopForward
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for batch in ids.split(batch_size):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-        for m in others:
-            m.to("cpu")
-    return inputs, kwargs
-
-
-def run_layer(layer: nn.Module, inputs: list[Tensor], kwargs: list[dict]) -> list[Tensor]:
-    """``layer``'s outputs for each batch of ``inputs`` (with its keyword arguments)."""
-    outs = []
-    for h, kw in zip(inputs, kwargs, strict=True):
-        outs.append(layer_output(layer(h, **kw)))
-        _release_batch(h)
-    return outs
-
-
-def _release_batch(h: Tensor) -> None:
-    """On CPU, give a calibration batch's freed temporaries back to the OS before the next batch,
-    so they do not fragment the heap into the quantization peak."""
-    if h.device.type == "cpu":
-        return_free_pages()
-
-
-@torch.no_grad()
 def accumulate_hessians(
     layer: nn.Module, modules: dict[str, nn.Linear], inputs: list[Tensor], kwargs: list[dict]
 ) -> dict[str, Tensor]:
@@ -186,7 +137,7 @@ def accumulate_hessians(
                 H[name] += x.T @ x
                 count[name] += x.shape[0]
             if len(seen) == len(modules):
-                raise _StopForward
+                raise StopForward
 
         return fn
 
@@ -197,10 +148,10 @@ def accumulate_hessians(
             readers.clear()
             try:
                 layer(h, **kw)
-            except _StopForward:
+            except StopForward:
                 pass
             readers.clear()
-            _release_batch(h)
+            release_batch(h)
     finally:
         for hd in handles:
             hd.remove()

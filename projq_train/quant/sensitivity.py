@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from projq_train.host_memory import release_freed_memory
 from projq_train.loss import causal_lm_loss_from_hidden
 from projq_train.models import decoder_layers, layer_output
+from projq_train.quant.layerwise import capture_layer_inputs, run_layer
 from projq_train.weights import (
     WeightSource,
     load_to_device,
@@ -64,8 +65,6 @@ def output_sensitivities(
     With ``source``, ``model`` is a skeleton on the meta device (as :func:`quantize_model` takes
     it) and is left on it; without, its weights are used where they are and left unchanged.
     """
-    from projq_train.quant.calibrate import capture_layer_inputs, run_layer  # calibrate imports us
-
     windows = sensitivity_windows(ids)
     names = {id(m): n for n, m in model.named_modules()}
     wanted = set(module_names)

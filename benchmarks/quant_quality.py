@@ -78,6 +78,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--budgets", nargs="*", type=float, default=[], help="quant.budget_bits rows")
     ap.add_argument("--budget-variants", nargs="+", default=["gptq-clip"], choices=list(VARIANTS))
+    ap.add_argument(
+        "--compensation",
+        choices=["hessian", "fisher"],
+        default="hessian",
+        help="quant.compensation of every quantized row (fisher rows are named '<variant> fisher')",
+    )
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ppl-windows", type=int, default=16)
@@ -90,7 +96,7 @@ def main() -> None:
         order = {v: i for i, v in enumerate(VARIANTS)}
         rest = sorted(
             (r for r in rows if r["variant"] != "fp"),
-            key=lambda r: (r["bits"], r["rank"], order.get(r["variant"].removesuffix(" budget"), len(order))),
+            key=lambda r: (r["bits"], r["rank"], order.get(base_variant(r["variant"]), len(order))),
         )
         print_table(fp + rest, fp[0].get("settings") or {k: vars(args)[k] for k in SETTINGS})
         return
@@ -140,7 +146,8 @@ def main() -> None:
 def quantized_row(model, ids, windows, name: str, bits: float, rank: int, budget: float | None, args) -> dict:
     """Quantize ``model`` in place with a variant (at ``bits``, or under ``budget``) and score it."""
     widths = {"bits": None, "budget_bits": budget} if budget is not None else {"bits": int(bits)}
-    cfg = QuantConfig(**widths, group_size=args.group_size, iters=args.iters, **VARIANTS[name])
+    settings = {"group_size": args.group_size, "iters": args.iters, "compensation": args.compensation}
+    cfg = QuantConfig(**widths, **settings, **VARIANTS[name])
     t0 = time.perf_counter()
     modules, reports = quantize_model(model, ids, cfg, rank, progress=False)
     wall = time.perf_counter() - t0
@@ -148,7 +155,7 @@ def quantized_row(model, ids, windows, name: str, bits: float, rank: int, budget
     return {
         "bits": bits,
         "rank": rank,
-        "variant": name if budget is None else f"{name} budget",
+        "variant": name + " fisher" * (args.compensation == "fisher") + " budget" * (budget is not None),
         "config": asdict(cfg),
         "err_q": sum(r.err_quant for r in reports) / n,
         "err_qba": sum(r.err_compensated for r in reports) / n,
@@ -178,6 +185,11 @@ def nf4_row(model, windows, rank: int) -> dict:
         "bits": 4, "rank": rank, "variant": "nf4", "err_q": nan, "err_qba": nan, "module_errors": {},
         "quant_seconds": seconds, "storage": storage, "ppl_q": ppl, "ppl_qba": ppl,
     }  # fmt: skip
+
+
+def base_variant(label: str) -> str:
+    """The ``VARIANTS`` key of a row's label (``<variant>[ fisher][ budget]``)."""
+    return label.removesuffix(" budget").removesuffix(" fisher")
 
 
 def error_ratio(base: dict | None, row: dict) -> str:

@@ -101,8 +101,11 @@ def artifact_hash(base_identity: str, calibration_ids: Tensor, settings: dict[st
 def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
     """What the artifact hash and metadata record of how it was quantized: ``quant``, the
     adapter rank its error is shaped and compensated for and, under a bit budget, the objective
-    the widths were chosen by (an artifact allocated by another is not reused)."""
+    the widths were chosen by (an artifact allocated by another is not reused). The default
+    ``compensation: hessian`` is left out, so artifacts made before that key existed keep their hash."""
     settings = {**asdict(quant), "rank": rank}
+    if quant.compensation == "hessian":
+        del settings["compensation"]
     if quant.budget_bits is not None:
         settings["allocation"] = ALLOCATION_OBJECTIVE
     return settings

@@ -91,6 +91,13 @@ class QuantConfig:
     ``srr`` (SRR's rank split) keeps the top-k H-weighted part of W out of the grid, k per layer
     by SRR's criterion (shown in the report), and runs the paper loop on the rest at rank r − k.
     ``refresh`` and ``srr`` put part of W in the adapter: they need ``adapter.init: compensation``."""
+    compensation: Literal["hessian", "fisher"] = "hessian"
+    """The norm the rank-r compensation (the adapter's initialization) is best in: ``hessian``,
+    the error of the module's output on the calibration text (GUIDE §2); ``fisher``, that error
+    with each output channel weighted by how much the loss cares about it (the output Fisher on
+    the calibration text, half of it spread evenly: see ``compensation_row_weights``). ``fisher``
+    adds one forward and backward pass of the float model before quantizing (as ``budget_bits``
+    does; they share it)."""
     clip: bool = False
     """GPTQ/ProjQ: pick each group's range by an activation-weighted MSE search over shrunk
     min-max ranges instead of plain min-max."""
@@ -105,6 +112,11 @@ class QuantConfig:
     from the already-quantized modules before it."""
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     """Linear modules (by attribute name) to quantize."""
+
+    def measures_sensitivities(self, rank: int) -> bool:
+        """Whether quantizing for adapters of rank ``rank`` starts with the output-Fisher pass:
+        ``budget_bits`` allocates by it, ``compensation: fisher`` weighs a compensation by it."""
+        return self.budget_bits is not None or (self.compensation == "fisher" and rank > 0)
 
     def __post_init__(self):
         if self.budget_bits is not None and self.bits is not None:
@@ -126,6 +138,12 @@ class QuantConfig:
             raise ValueError(f"quant.iters must be >= 0, got {self.iters}")
         if not 0.0 <= self.projection_strength <= 1.0:
             raise ValueError(f"quant.projection_strength must be in [0, 1], got {self.projection_strength}")
+        if self.compensation not in ("hessian", "fisher"):
+            raise ValueError(f"quant.compensation must be 'hessian' or 'fisher', got {self.compensation!r}")
+        if self.compensation == "fisher" and self.method == "nf4":
+            raise ValueError(
+                "quant.compensation fisher weights a compensation nf4 does not have: use rtn/gptq/projq"
+            )
         if self.method == "nf4" and self.bits != 4:
             raise ValueError(f"quant.method nf4 is a 4-bit format; set quant.bits: 4 (got {self.bits})")
         unknown = sorted(set(self.target_modules) - set(DEFAULT_TARGETS))

@@ -24,9 +24,10 @@ intermediate size, ``L`` decoder layers, ``V`` vocabulary, ``r`` adapter rank):
   dtype, fp32 working copies of its largest module and its ``(in, in)`` Hessian matrices, the
   embeddings, the calibration activations (inputs and outputs of the current layer, in the
   recipe dtype) and the packed results with their fp32 compensations; under ``quant.budget_bits``
-  also the sensitivity pass before it (:mod:`projq_train.quant.sensitivity`): every layer's
-  input hidden states of its tokens, the embeddings and head, one decoder layer and one window's
-  forward and backward through it, when that phase is the larger.
+  or ``quant.compensation: fisher`` also the sensitivity pass before it
+  (:mod:`projq_train.quant.sensitivity`): every layer's input hidden states of its tokens, the
+  embeddings and head, one decoder layer and one window's forward and backward through it, when
+  that phase is the larger.
 
 A CPU run's peak is host memory: a fixed runtime baseline (:data:`RUNTIME_BASELINE_BYTES`) plus
 the components, and for ``fit`` the allocator's slack (:data:`CPU_ALLOCATOR_SLACK`). A GPU run's
@@ -608,12 +609,12 @@ def estimate_quantize(
     on_host = {"runtime": runtime, "packed_results": results}
     details = {"calibration_tokens": tokens}
     stored, window = (
-        sensitivity_pass_bytes(shape, calibration, w) if quant.budget_bits is not None else (0, 0)
+        sensitivity_pass_bytes(shape, calibration, w) if quant.measures_sensitivities(rank) else (0, 0)
     )
     if on_gpu:
         on_host["layer_read"] = on_device["layer_weights"]  # read on the host, then moved
         on_host["float_tensors_at_save"] = max(0, floats - on_host["layer_read"])
-        if quant.budget_bits is not None:  # the sensitivity pass: inputs on the host, head on the device
+        if quant.measures_sensitivities(rank):  # the sensitivity pass: inputs on host, head on device
             host_rest = results + on_host["layer_read"] + on_host["float_tensors_at_save"]
             device_rest = sum(on_device.values())
             on_host["sensitivity_pass"] = max(0, stored + floats + on_host["layer_read"] - host_rest)
@@ -621,7 +622,7 @@ def estimate_quantize(
         return MemoryEstimate("quantize", True, on_device, on_host, details)
     layer_phase = sum(on_device.values())
     on_host["float_tensors_at_save"] = max(0, floats - layer_phase)  # the later, larger phase
-    if quant.budget_bits is not None:  # the sensitivity pass comes first, before any packed result
+    if quant.measures_sensitivities(rank):  # the sensitivity pass comes first, before any packed result
         quantization_peak = results + max(layer_phase, floats)
         on_host["sensitivity_pass"] = max(
             0, stored + floats + on_device["layer_weights"] + window - quantization_peak
@@ -630,10 +631,10 @@ def estimate_quantize(
 
 
 def sensitivity_pass_bytes(shape: ModelShape, calibration: CalibrationConfig, w: int) -> tuple[int, int]:
-    """The mixed-precision sensitivity pass: every decoder layer's input hidden states of its
-    windows (kept on the host), and one window's forward and backward through a float decoder
-    layer: autograd's saved inputs of the norms, the q/k/v/o, gate/up and down matmuls, SDPA's
-    outputs and, on CPU, its attention weights, twice (their gradients)."""
+    """The sensitivity pass (mixed precision, Fisher-weighted compensation): every decoder layer's
+    input hidden states of its windows (kept on the host), and one window's forward and backward
+    through a float decoder layer: autograd's saved inputs of the norms, the q/k/v/o, gate/up and
+    down matmuls, SDPA's outputs and, on CPU, its attention weights, twice (their gradients)."""
     windows = min(calibration.nsamples, max(1, SENSITIVITY_TOKENS // calibration.seqlen))
     stored = shape.layers * windows * calibration.seqlen * shape.hidden * w
     q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -945,7 +946,7 @@ LABELS = {
     "packed_results": "packed weights + compensation made so far",
     "layer_read": "the layer read before its move to the device",
     "float_model": "the whole float model (nf4 loads it)",
-    "sensitivity_pass": "mixed precision's sensitivity pass, above the rest",
+    "sensitivity_pass": "the output-Fisher pass (budget, fisher compensation), above the rest",
 }
 
 

@@ -391,6 +391,14 @@ def test_tiny_quantize_recipe_makes_the_artifact_the_tiny_fit_recipe_uses():
     assert made["artifact_dir"] == used["artifact_dir"]
 
 
+def test_the_default_compensation_keeps_the_hash_of_artifacts_made_before_the_key():
+    """``quant.compensation`` is new: its default is left out of the hashed settings (artifacts
+    already made are still found); ``fisher`` is in them (its artifact is another)."""
+    default = artifact.quantization_settings(QuantConfig(), 8)
+    fisher = artifact.quantization_settings(QuantConfig(compensation="fisher"), 8)
+    assert "compensation" not in default and fisher == {**default, "compensation": "fisher"}
+
+
 def test_a_model_path_that_does_not_exist_is_one_clear_error():
     missing = ["--model.name_or_path=./no/such/model", "--model.config=null"]
     with pytest.raises(SystemExit, match="error: model.name_or_path ./no/such/model: no such folder"):

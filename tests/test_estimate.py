@@ -188,14 +188,19 @@ def test_quantize_recipe_estimates_quantize_only(capsys):
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_a_bit_budget_counts_the_sensitivity_pass_where_it_is_the_larger_phase(device, capsys):
-    """24 layers' inputs of 8 windows of 512 tokens outweigh one layer's calibration activations."""
+@pytest.mark.parametrize(
+    "pass_args",
+    [("--quant.bits", "null", "--quant.budget_bits", "3.5"), ("--quant.compensation", "fisher")],
+    ids=["budget", "fisher"],
+)
+def test_the_sensitivity_pass_is_counted_where_it_is_the_larger_phase(device, pass_args, capsys):
+    """A bit budget and a Fisher-weighted compensation start with the output-Fisher pass: 24
+    layers' inputs of 8 windows of 512 tokens outweigh one layer's calibration activations."""
     recipe = ("--config", str(RECIPES / "tiny-quantize.yaml"), "--device", device, "--json")
     deep = ("--model.config.num_hidden_layers", "24", "--calibration.nsamples", "8")
     deep += ("--calibration.seqlen", "512")
     uniform = json.loads(run_estimate(capsys, *recipe, *deep))["quantize"]
-    budget_args = ("--quant.bits", "null", "--quant.budget_bits", "3.5")
-    budget = json.loads(run_estimate(capsys, *recipe, *deep, *budget_args))["quantize"]
+    budget = json.loads(run_estimate(capsys, *recipe, *deep, *pass_args))["quantize"]
     stored = 24 * 8 * 512 * 128 * 4  # every layer's inputs, fp32
     runtime = budget["host"]["runtime"]
     assert "sensitivity_pass" not in uniform["host"] and budget["host"]["sensitivity_pass"] > 0

@@ -213,6 +213,11 @@ def test_module_refuses_a_checkpoint_for_another_base():
         ("--model.quant.bits=5", "bits must be one of"),
         ("--model.quant.metod=gptq", "metod"),
         ("--model.quant.method=nf4", "nf4 is a 4-bit format"),
+        (
+            "--model.quant.method=nf4 --model.quant.bits=4 --model.quant.compensation=fisher",
+            "quant.compensation fisher weights a compensation nf4 does not have",
+        ),
+        ("--model.quant.compensation=gauss", "Literal['hessian', 'fisher']. Got value: gauss"),
         ("--model.adapter.init=standard --model.quant.mode=refresh", "needs adapter.init compensation"),
         (
             "--model.adapter.init=standard --model.quant.mode=srr",

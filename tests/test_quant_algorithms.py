@@ -195,6 +195,27 @@ def test_compensation_error_equals_spectral_tail(layer):
     assert hnorm(plain, H) > hnorm(resid, H)
 
 
+def test_row_weighted_compensation_is_the_optimum_of_its_weighted_norm(layer):
+    """With row weights d the compensation minimizes ‖D (E − BA) Xᵀ‖²: it reaches the spectral
+    tail of D E, beats the unweighted compensation in that norm (and loses to it in the plain
+    one), and constant weights change nothing."""
+    W, X, H = layer
+    E = (W - gptq_quantize(W, H, 2, 32).dequantize()).double()
+    H, X = H.double(), X.double()
+    d = torch.linspace(0.2, 3.0, E.shape[0], dtype=torch.float64)[torch.randperm(E.shape[0])]
+
+    def weighted(B, A):
+        return (d[:, None] * (E - B.double() @ A.double()) @ X.T).pow(2).sum().item() / X.shape[0]
+
+    Bw, Aw = lowrank_compensation(E, H, rank=10, row_weights=d)
+    B, A = lowrank_compensation(E, H, rank=10)
+    assert weighted(Bw, Aw) == pytest.approx(spectral_tail(d[:, None] * E, H, 10), rel=1e-4)
+    assert weighted(Bw, Aw) < 0.99 * weighted(B, A)
+    assert hnorm(E - Bw.double() @ Aw.double(), H) > hnorm(E - B.double() @ A.double(), H)
+    Bc, Ac = lowrank_compensation(E, H, rank=10, row_weights=torch.full_like(d, 2.5))
+    torch.testing.assert_close(Bc @ Ac, B @ A, rtol=1e-5, atol=1e-6)
+
+
 def test_adapter_brings_quantized_layer_closer_to_float(layer):
     W, X, _ = layer
     H = X.T @ X / X.shape[0]

@@ -1,14 +1,19 @@
 """The output Fisher of each quantized module, streamed layer by layer."""
 
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from projq_train.config import CalibrationConfig, ModelConfig
+from projq_train.config import CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
 from projq_train.models import build_skeleton, load_model_and_tokenizer, model_config
-from projq_train.quant.calibrate import target_shapes
-from projq_train.quant.sensitivity import output_sensitivities, weighted_error
+from projq_train.quant import spectral_tail
+from projq_train.quant.calibrate import accumulate_hessians, quantize_model, target_shapes
+from projq_train.quant.layerwise import capture_layer_inputs
+from projq_train.quant.sensitivity import compensation_row_weights, output_sensitivities, weighted_error
 from projq_train.weights import RandomInitSource
 from tests.conftest import TINY
 
@@ -94,3 +99,38 @@ def test_weighted_error_predicts_the_loss_increase_of_a_small_output_error():
         measured = ((up + down) / 2 - base) / ids.numel()
         ratios.append(measured / (0.5 * weighted_error(E, H, F_out)))
     assert all(0.5 < r < 2.0 for r in ratios), ratios
+
+
+def test_fisher_compensation_is_the_best_one_in_the_fisher_weighted_norm():
+    """``quant.compensation: fisher``: the driver measures the output Fisher first (a phase of the
+    report), keeps GPTQ's codes (its rows are independent of each other), and gives each module of
+    the first layer the compensation that is optimal in the norm weighted by
+    ``compensation_row_weights`` of that Fisher: it reaches that norm's spectral tail, below what
+    the Hessian-norm compensation leaves there."""
+    model, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    ids = calibration_tokens(CalibrationConfig(nsamples=4, seqlen=32), tok)
+    fresh, plain_model = copy.deepcopy(model), copy.deepcopy(model)
+    cfg, rank = QuantConfig(method="gptq", bits=2, group_size=32), 6
+    fisher, reports = quantize_model(model, ids, replace(cfg, compensation="fisher"), rank, progress=False)
+    plain, plain_reports = quantize_model(plain_model, ids, cfg, rank, progress=False)
+    assert all(r.phase_seconds["sensitivity pass"] > 0 for r in reports)
+    assert not any("sensitivity pass" in r.phase_seconds for r in plain_reports)
+
+    layer = fresh.model.layers[0]
+    members = {"q_proj": layer.self_attn.q_proj, "k_proj": layer.self_attn.k_proj}
+    names = [f"model.layers.0.self_attn.{n}" for n in members]
+    sensitivities = output_sensitivities(fresh, ids, names, torch.device("cpu"))
+    inputs, kwargs = capture_layer_inputs(fresh, ids, torch.device("cpu"), batch_size=8)
+    hessians = accumulate_hessians(layer, members, inputs, kwargs)
+    for (short, module), name in zip(members.items(), names, strict=True):
+        H, W = hessians[short].double(), module.weight.double()
+        assert torch.equal(fisher[name].weight.unpack().codes, plain[name].weight.unpack().codes)
+        E = W - fisher[name].weight.dequantize().double()
+        d = compensation_row_weights(sensitivities[name]).double()[:, None]
+
+        def weighted(qm, E=E, d=d, H=H):
+            residual = d * (E - qm.lora_B.double() @ qm.lora_A.double())
+            return torch.trace(residual @ H @ residual.T).item()
+
+        assert weighted(fisher[name]) == pytest.approx(spectral_tail(d * E, H, rank), rel=1e-3)
+        assert weighted(fisher[name]) < 0.99 * weighted(plain[name])

@@ -29,7 +29,7 @@ from projq_train.quant.layerwise import StopForward, capture_layer_inputs, relea
 from projq_train.quant.pack import PackedWeight
 from projq_train.quant.projq import check_rank, hessian_factor, srr_preserved_rank
 from projq_train.quant.rtn import check_grid
-from projq_train.quant.sensitivity import output_sensitivities, weighted_error
+from projq_train.quant.sensitivity import compensation_row_weights, output_sensitivities, weighted_error
 from projq_train.weights import (
     WeightSource,
     load_to_device,
@@ -176,10 +176,12 @@ def quantize_module(
     bits: int,
     factors: tuple[Tensor, Tensor] | None = None,
     timings: dict[str, float] | None = None,
+    row_weights: Tensor | None = None,
 ) -> QuantizedModule:
     """Quantize one weight ``W (out, in)`` to ``bits`` with its Hessian and compute the
     rank-``rank`` compensation; ``factors``: ``hessian_factor(H)`` if the caller has it;
-    ``timings``: seconds of ``quantization`` and ``compensation`` are added to it."""
+    ``timings``: seconds of ``quantization`` and ``compensation`` are added to it;
+    ``row_weights``: the compensation's output-channel weights (``quant.compensation: fisher``)."""
     timings = timings if timings is not None else {}
     t0 = time.perf_counter()
     W = W.float()
@@ -194,7 +196,7 @@ def quantize_module(
         opts["preserved_rank"] = srr_preserved_rank(W, H, rank, bits, cfg.group_size, cfg.damp, factors)
     qw = quantize_weight(W, H, cfg.method, bits, cfg.group_size, rank, cfg.iters, **opts)
     t1 = time.perf_counter()
-    B, A = lowrank_compensation(W - qw.dequantize(), H, rank, factors)
+    B, A = lowrank_compensation(W - qw.dequantize(), H, rank, factors, row_weights)
     timings["quantization"] = timings.get("quantization", 0.0) + t1 - t0
     timings["compensation"] = timings.get("compensation", 0.0) + time.perf_counter() - t1
     return QuantizedModule(PackedWeight.from_quantized(qw), B, A, opts.get("preserved_rank"))
@@ -220,9 +222,11 @@ def quantize_model(
     (:func:`allocate_under_budget`: a sensitivity pass, then four quantizations per module in
     all) and each report row keeps the errors it measured (``err_by_bits``, ``loss_by_bits``).
     With ``measure_bits``, each module is also quantized at those widths (from the same inputs)
-    and its compensated error at each reported; with ``sensitivities`` (module name → output
-    Fisher ``F``, see :mod:`~projq_train.quant.sensitivity`) also its weighted error
-    ``Σ_j F_j (E H Eᵀ)_jj``.
+    and its compensated error at each reported, and its weighted error ``Σ_j F_j (E H Eᵀ)_jj``.
+    ``sensitivities``: module name → output Fisher ``F`` (:mod:`~projq_train.quant.sensitivity`),
+    which weighs those errors and, under ``cfg.compensation: fisher``, the compensation; measured
+    here first (one forward and backward pass, a phase of the report) when the budget or the
+    compensation needs it and none is given.
 
     After this the model's target weights hold ``Q + BA`` (the adapted model at step 0), and
     the next layer was calibrated on those outputs. With ``source``, ``model`` may be a skeleton
@@ -235,9 +239,18 @@ def quantize_model(
     if ids.numel() == 0:
         raise ValueError("the calibration set is empty: no token windows to calibrate on")
     device = torch.device(device)
-    first_pass = None
-    if cfg.budget_bits is not None and bits is None:
-        bits, first_pass = allocate_under_budget(model, ids, cfg, rank, device, batch_size, progress, source)
+    first_pass, sensitivity_seconds = None, None
+    allocating = cfg.budget_bits is not None and bits is None
+    fisher = cfg.compensation == "fisher" and rank > 0
+    if sensitivities is None and (allocating or fisher):
+        t_sensitivity = time.perf_counter()
+        names = list(target_shapes(model, cfg.target_modules))
+        sensitivities = output_sensitivities(model, ids, names, device, source)
+        sensitivity_seconds = time.perf_counter() - t_sensitivity
+    if allocating:
+        bits, first_pass = allocate_under_budget(
+            model, ids, cfg, rank, device, batch_size, progress, source, sensitivities
+        )
     layer_names = {id(m): n for n, m in model.named_modules()}
     dtype = model.model.embed_tokens.weight.dtype
     others = [m for name, m in model.model.named_children() if name != "layers"]
@@ -276,9 +289,12 @@ def quantize_model(
                     factor_of[id(H)] = hessian_factor(H)
                     phases["Hessian factors"] = time.perf_counter() - t0
                 factor = factor_of.get(id(H))
-                measured = {b: quantize_module(W, H, cfg, rank, b, factor, phases) for b in measure_bits}
+                row_weights = compensation_row_weights(sensitivities[name]) if fisher else None
+                measured = {
+                    b: quantize_module(W, H, cfg, rank, b, factor, phases, row_weights) for b in measure_bits
+                }
                 if width not in measured:
-                    measured[width] = quantize_module(W, H, cfg, rank, width, factor, phases)
+                    measured[width] = quantize_module(W, H, cfg, rank, width, factor, phases, row_weights)
                 qm = measured[width]
                 step0 = qm.step0_weight()
                 err_q, err_c = _hnorm(W - qm.weight.dequantize(), H) / wn, _hnorm(W - step0, H) / wn
@@ -292,6 +308,8 @@ def quantize_model(
                 del measured, errors
                 seconds = time.perf_counter() - t0
                 phases["errors and packing"] = seconds - sum(phases.values()) + forwards
+                if sensitivity_seconds is not None:  # the pass before the layers, shared by all modules
+                    phases["sensitivity pass"] = sensitivity_seconds / len(sensitivities)
                 reports.append(
                     ModuleReport(
                         name,
@@ -337,19 +355,20 @@ def allocate_under_budget(
     batch_size: int,
     progress: bool,
     source: WeightSource | None,
+    sensitivities: dict[str, Tensor],
 ) -> tuple[dict[str, int], dict[str, ModuleReport]]:
-    """The first pass of mixed precision under ``cfg.budget_bits``: the output Fisher of every
-    module measured on the float model (:func:`~projq_train.quant.sensitivity.output_sensitivities`),
-    then every module quantized at 2, 3 and 4 bits from the same inputs (the next layer calibrated
-    on the width whose uniform storage is nearest the budget) and its Fisher-weighted compensated
-    error measured at each; :func:`~projq_train.quant.allocate.allocate_bits` picks the widths
-    that add the least to the loss. The model's target weights are left as they were (without a
-    weight ``source`` they are copied once to restore them). Returns the widths and the first
-    pass's report row of each module."""
+    """The first pass of mixed precision under ``cfg.budget_bits``: given the output Fisher of
+    every module measured on the float model (``sensitivities``, from
+    :func:`~projq_train.quant.sensitivity.output_sensitivities`), every module is quantized at 2,
+    3 and 4 bits from the same inputs (the next layer calibrated on the width whose uniform
+    storage is nearest the budget) and its Fisher-weighted compensated error measured at each;
+    :func:`~projq_train.quant.allocate.allocate_bits` picks the widths that add the least to the
+    loss. The model's target weights are left as they were (without a weight ``source`` they are
+    copied once to restore them). Returns the widths and the first pass's report row of each
+    module."""
     shapes = target_shapes(model, cfg.target_modules)
     uniform = uniform_storage(shapes, cfg.group_size)
     nearest = min(SUPPORTED_BITS, key=lambda b: abs(uniform[b] - cfg.budget_bits))
-    sensitivities = output_sensitivities(model, ids, list(shapes), device, source)
     originals = None if source is not None else {n: model.get_submodule(n).weight.clone() for n in shapes}
     first = replace(cfg, bits=nearest, budget_bits=None)
     _, reports = quantize_model(

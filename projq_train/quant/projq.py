@@ -211,19 +211,28 @@ def projected_hessian(H: Tensor, F: Tensor, Z: Tensor, alpha: float = 1.0) -> Te
 
 
 def lowrank_compensation(
-    E: Tensor, H: Tensor, rank: int, factors: tuple[Tensor, Tensor] | None = None
+    E: Tensor,
+    H: Tensor,
+    rank: int,
+    factors: tuple[Tensor, Tensor] | None = None,
+    row_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Best rank-r ``B (out, r) @ A (r, in)`` approximation of ``E (out, in)`` in the H-norm.
 
     With ``F Fᵀ = H`` and the top-r SVD ``E F ≈ U_r Σ_r V_rᵀ`` (:func:`top_singular`):
     ``B = U_r Σ_r^{1/2}``, ``A = Σ_r^{1/2} V_rᵀ F⁻¹``, so ``‖(E − BA) F‖²_F = Σ_{i>r} σ_i²``.
+    With ``row_weights d (out,)`` (positive) the norm is ``‖D (E − BA) F‖_F``, ``D = diag(d)``:
+    the same construction on ``D E`` with ``B`` divided by ``d`` row by row (``D`` is invertible,
+    so every rank-r ``D B A`` is some rank-r ``B A``: this is the best one).
     Returned in float32. ``factors``: :func:`hessian_factor` of ``H`` when the caller has it.
     """
     check_rank(rank, *E.shape)
     F, F_inv = factors if factors is not None else hessian_factor(H)
-    U, S, V, _ = top_singular(E.to(F.dtype) @ F, rank)
+    d = None if row_weights is None else row_weights.to(F)[:, None]
+    E = E.to(F.dtype)
+    U, S, V, _ = top_singular((E if d is None else d * E) @ F, rank)
     s = S.sqrt()
-    B = U * s  # (out, r)
+    B = U * s if d is None else U * s / d  # (out, r)
     A = (s[:, None] * V.T) @ F_inv  # (r, in)
     return B.float(), A.float()
 

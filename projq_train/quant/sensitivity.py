@@ -35,6 +35,7 @@ from projq_train.weights import (
 )
 
 SENSITIVITY_TOKENS = 4096  # calibration tokens (whole windows, at least one) the Fisher is measured on
+FISHER_FLOOR = 1.0  # compensation_row_weights: the even share beside the Fisher's (mean 1)
 LOSS_CHUNK_LOGITS = 2**22  # fp32 logits per chunk of the loss (16 MiB), while every layer's inputs are kept
 
 
@@ -42,6 +43,14 @@ def sensitivity_windows(ids: Tensor) -> Tensor:
     """The first windows of ``ids (n, seqlen)`` holding at most :data:`SENSITIVITY_TOKENS` tokens
     (at least one window)."""
     return ids[: max(1, SENSITIVITY_TOKENS // ids.shape[1])]
+
+
+def compensation_row_weights(sensitivity: Tensor) -> Tensor:
+    """The row weights ``d (out,)`` of ``quant.compensation: fisher``: ``d_j² = F_j / mean(F) +
+    FISHER_FLOOR``, the output Fisher relative to its mean plus as much again spread evenly, so a
+    channel whose measured Fisher is near 0 (a few thousand tokens estimate it) keeps a share."""
+    F = sensitivity.double()
+    return (F / F.mean().clamp_min(1e-30) + FISHER_FLOOR).sqrt()
 
 
 def weighted_error(E: Tensor, H: Tensor, sensitivity: Tensor) -> float:

@@ -67,23 +67,27 @@ COLORS = {"rtn": "tab:gray", "gptq": "tab:blue", "projq": "tab:red", "nf4": "tab
 log = logging.getLogger("end-to-end")
 
 
-def quant_config(method: str, width: float, budget: bool) -> QuantConfig:
+def quant_config(method: str, width: float, budget: bool, compensation: str = "hessian") -> QuantConfig:
     """``width`` bits, or (``budget``) the storage budget ``quant.budget_bits``."""
     if method == "nf4":
         return QuantConfig(method="nf4", bits=4)
     widths = {"bits": None, "budget_bits": width} if budget else {"bits": int(width)}
-    return QuantConfig(method=method, **widths, group_size=64, iters=5, mode="paper", clip=True)
+    settings = {"group_size": 64, "iters": 5, "mode": "paper", "clip": True, "compensation": compensation}
+    return QuantConfig(method=method, **widths, **settings)
 
 
-def variant_key(method: str, width: float, budget: bool) -> str:
-    """``gptq-w3`` (uniform 3 bits), ``gptq-b3.3`` (a budget of 3.3 bits per weight), ``nf4-w4``."""
-    return f"{method}-{'b' if budget else 'w'}{width:g}"
+def variant_key(method: str, width: float, budget: bool, compensation: str = "hessian") -> str:
+    """``gptq-w3`` (uniform 3 bits), ``gptq-b3.3`` (a budget of 3.3 bits per weight), ``nf4-w4``;
+    ``gptq-b3.3-fisher`` with ``quant.compensation: fisher``."""
+    return f"{method}-{'b' if budget else 'w'}{width:g}" + "-fisher" * (compensation == "fisher")
 
 
 def parse_key(key: str) -> tuple[str, float, bool]:
-    """(method, width, budget) of a :func:`variant_key`."""
-    method, width = key.rsplit("-", 1)
-    return method, float(width[1:]), width[0] == "b"
+    """(label, width, budget) of a :func:`variant_key`; the label is the method, with ``fisher``
+    after it for a Fisher-weighted compensation."""
+    fisher = key.endswith("-fisher")
+    method, width = key.removesuffix("-fisher").rsplit("-", 1)
+    return method + " fisher" * fisher, float(width[1:]), width[0] == "b"
 
 
 def training_file(out: Path, rows_per_set: int, seed: int = 0) -> Path:
@@ -173,7 +177,9 @@ def run(args) -> dict:
     variants += [(m, b, True) for b in args.budgets for m in args.methods if m != "nf4"]
     variants += [("nf4", 4, False)] if "nf4" in args.methods else []  # 4 bits, whatever --bits says
     for method, width, budget in variants:
-        key, quant = variant_key(method, width, budget), quant_config(method, width, budget)
+        compensation = "hessian" if method == "nf4" else args.compensation
+        key = variant_key(method, width, budget, compensation)
+        quant = quant_config(method, width, budget, compensation)
         entry = results.setdefault(key, {})
         if "quantized" not in entry:
             t0 = time.perf_counter()
@@ -260,8 +266,9 @@ def plot(results: dict, path: str) -> None:
                 )
                 if points:
                     label = f"{method}{' budget' if budget else ''}, {init} init"
-                    marker = {"marker": "o", "markerfacecolor": "none" if budget else COLORS[method]}
-                    ax.plot(*zip(*points, strict=True), style, color=COLORS[method], label=label, **marker)
+                    color = COLORS[method.removesuffix(" fisher")]
+                    marker = {"marker": "o", "markerfacecolor": "none" if budget else color}
+                    ax.plot(*zip(*points, strict=True), style, color=color, label=label, **marker)
     fp = results["float"]
     for ax, (when, metric) in zip(axes, panels, strict=True):
         task = "wikitext2" if metric == "perplexity" else "commonsense_mean"
@@ -295,6 +302,12 @@ def main() -> None:
         default=list(INITS),
         choices=list(INITS),
         help="none: score before fine-tuning only",
+    )
+    parser.add_argument(
+        "--compensation",
+        choices=["hessian", "fisher"],
+        default="hessian",
+        help="quant.compensation of the quantized bases (their keys end in -fisher)",
     )
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch 8)")
     parser.add_argument("--lr", type=float, default=5e-4)

@@ -83,11 +83,13 @@ class QuantConfig:
     tol: float = 1e-3
     """ProjQ early stop: relative tail improvement (and subspace movement) below this stops."""
     projection_strength: float = 1.0
-    """ProjQ in ``paper`` mode: how far the Hessian is projected onto the complement of the error's
-    top-r subspace (1.0 is the paper's algorithm, 0.0 plain GPTQ)."""
+    """ProjQ: how far the Hessian is projected onto the complement of the error's top-r subspace
+    (1.0 is the paper's algorithm; 0.0 is plain GPTQ in ``paper`` mode, and ``refresh`` against
+    the plain Hessian)."""
     mode: Literal["paper", "refresh", "srr"] = "paper"
     """ProjQ loop: ``paper`` re-runs GPTQ against the projected Hessian; ``refresh`` quantizes
-    ``W − L`` with ``L`` the current best rank-r compensation, starting from the top-r part of W;
+    ``W − L`` against the projected Hessian, with ``L`` the current best rank-r compensation,
+    starting from the top-r part of W;
     ``srr`` (SRR's rank split) keeps the top-k H-weighted part of W out of the grid, k per layer
     by SRR's criterion (shown in the report), and runs the paper loop on the rest at rank r − k.
     ``refresh`` and ``srr`` put part of W in the adapter: they need ``adapter.init: compensation``."""

@@ -399,6 +399,12 @@ def test_the_default_compensation_keeps_the_hash_of_artifacts_made_before_the_ke
     assert "compensation" not in default and fisher == {**default, "compensation": "fisher"}
 
 
+def test_a_refresh_artifact_made_before_its_rounds_projected_the_hessian_is_not_reused():
+    paper = artifact.quantization_settings(QuantConfig(), 8)
+    refresh = artifact.quantization_settings(QuantConfig(mode="refresh"), 8)
+    assert refresh == {**paper, "mode": "refresh", "refresh_rounds": "projected"}
+
+
 def test_a_model_path_that_does_not_exist_is_one_clear_error():
     missing = ["--model.name_or_path=./no/such/model", "--model.config=null"]
     with pytest.raises(SystemExit, match="error: model.name_or_path ./no/such/model: no such folder"):

@@ -17,6 +17,7 @@ from projq_train.quant.projq import (
     hessian_factor,
     projected_hessian,
     srr_preserved_rank,
+    top_part,
     top_singular,
 )
 from projq_train.quant.rtn import clipped_params, minmax_params, quantize_to_grid
@@ -336,6 +337,23 @@ def test_srr_preserving_nothing_is_the_paper_loop_and_everything_refreshs_first_
     U = torch.linalg.svd(W.double() @ (V * lam.clamp_min(1e-12).sqrt()) @ V.T)[0][:, :r]
     expected = gptq_quantize((W.double() - U @ U.T @ W.double()).float(), H, 3, 32)
     assert (whole.codes == expected.codes).float().mean() > 0.99  # the same up to float round-off
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_refresh_rounds_quantize_w_minus_the_compensation_against_the_projected_hessian(layer, alpha):
+    """Round t + 1 of ``refresh`` is ``GPTQ(W − L_t, H_perp(Z_t))``: ``L_t`` the best rank-r part
+    of the error in the H-norm, ``Z_t`` its subspace, the projection of strength ``alpha``."""
+    W, _, H = layer
+    W, r = with_structure(W, 2.0), 8
+    F, F_inv = hessian_factor(H)
+    first = gptq_quantize(W - top_part(W, F, F_inv, error_subspace(W, F, r)[1]), H, 3, 32)
+    E = W - first.dequantize()
+    Z = error_subspace(E, F, r)[1]
+    second = gptq_quantize(W - top_part(E, F, F_inv, Z), projected_hessian(H, F, Z, alpha), 3, 32)
+    _, tails = projq_quantize(W, H, 3, 32, rank=r, iters=1, tol=0.0, alpha=alpha, mode="refresh")
+    assert tails == pytest.approx(
+        [spectral_tail(W - q.dequantize(), H, r) for q in (first, second)], rel=1e-6
+    )
 
 
 @pytest.mark.parametrize(("strength", "expected_k"), [(0.0, 0), (4.0, 4)])

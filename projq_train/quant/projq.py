@@ -10,9 +10,9 @@ projector onto the dominant error directions turns, in Hessian-only form, into
 ``H_perp``, so rounding error may move freely into the subspace the adapter will absorb.
 No calibration ``X`` is stored and no ``N × N`` matrix is formed.
 
-``mode="refresh"`` is our variant (see :func:`projq_quantize`): instead of projecting the
-Hessian it refreshes the compensation inside the loop, starting from the H-weighted
-top-r SVD of ``W``.
+``mode="refresh"`` is our variant (see :func:`projq_quantize`): it also refreshes the
+compensation inside the loop, quantizing ``W`` minus the current compensation against the
+projected Hessian, starting from the H-weighted top-r SVD of ``W``.
 
 ``mode="srr"`` splits the rank as SRR does ("Preserve-Then-Quantize", 2026): the H-weighted top-k
 part of ``W`` is kept out of the grid (the adapter holds it), the residual is quantized with the
@@ -255,10 +255,13 @@ def projq_quantize(
 
     ``mode="paper"``: ``Q ← GPTQ(W, H_perp)`` with ``H_perp`` projecting out ``Z_r`` (the
     paper's algorithm, starting from ``GPTQ(W, H)``).
-    ``mode="refresh"``: the compensation is refreshed inside the loop instead,
-    ``Q ← GPTQ(W − L, H)`` with ``L = E F Z_r Z_rᵀ F⁻¹`` the best rank-r part of the
+    ``mode="refresh"``: the compensation is refreshed inside the loop as well,
+    ``Q ← GPTQ(W − L, H_perp)`` with ``L = E F Z_r Z_rᵀ F⁻¹`` the best rank-r part of the
     current error ``E`` in the H-norm, starting from ``L`` = the best rank-r part of ``W``
-    itself: the adapter takes the dominant structure, the grid fits what is left.
+    itself: the adapter takes the dominant structure, the grid fits what is left. ``H_perp``
+    ignores the error along ``Z_r``, so the objective is the same as the paper's; subtracting
+    ``L`` (which lies along ``Z_r``) changes only what GPTQ rounds: the grids fit ``W − L``,
+    whose groups span smaller ranges. ``alpha = 0`` quantizes against ``H`` itself.
     ``mode="srr"``: ``Q ← paper loop(W − L_k)`` at rank ``r − k``, with ``L_k`` the best rank-k
     part of ``W`` in the H-norm and ``k = preserved_rank`` (None: :func:`srr_preserved_rank`);
     ``Q`` then approximates ``W − L_k``, and the rank-r compensation of ``W − Q`` holds ``L_k``.
@@ -268,7 +271,7 @@ def projq_quantize(
         iters: rounds after the first quantization (0: plain GPTQ).
         tol: stop when the tail improves by less than this fraction of the best so far,
             or when the subspace moves by less than this (relative Frobenius distance).
-        alpha: projection strength in paper mode, ``H_perp = H − α G Gᵀ`` (1: the paper).
+        alpha: projection strength, ``H_perp = H − α G Gᵀ`` (1: the paper).
         factors: :func:`hessian_factor` of ``H`` when the caller already has it.
         preserved_rank: ``k`` in srr mode, in ``[0, rank]``.
         gptq_kwargs: passed to :func:`gptq_quantize` (block_size, damp, act_order, clip).
@@ -300,14 +303,15 @@ def projq_quantize(
 
     def step(E: Tensor, Z: Tensor) -> QuantizedWeight:
         """Quantize given the dominant subspace ``Z (in, r)`` of the current error ``E``."""
-        if mode == "paper":
-            return gptq_quantize(W, projected_hessian(H, F, Z, alpha), bits, group_size, **gptq_kwargs)
-        return gptq_quantize(W - top_part(E, F, F_inv, Z), H, bits, group_size, **gptq_kwargs)
+        target = W if mode == "paper" else W - top_part(E, F, F_inv, Z)
+        return gptq_quantize(target, projected_hessian(H, F, Z, alpha), bits, group_size, **gptq_kwargs)
 
     if mode == "paper":
         q = gptq_quantize(W, H, bits, group_size, **gptq_kwargs)
-    else:
-        q = step(W, error_subspace(W, F, rank)[1])
+    else:  # W's own top-r part goes to the adapter, the grid fits the rest (srr with k = r)
+        q = gptq_quantize(
+            W - top_part(W, F, F_inv, error_subspace(W, F, rank)[1]), H, bits, group_size, **gptq_kwargs
+        )
     best, best_tail, tails, Z_prev = q, float("inf"), [], None
     for t in range(iters + 1):
         E = W - q.dequantize()

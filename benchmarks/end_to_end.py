@@ -1,9 +1,10 @@
 """End to end on the real SmolLM2-135M-Instruct: quantize, evaluate, fine-tune, evaluate again.
 
-For each bit width and quantizer (RTN, GPTQ, ProjQ; group size 64, clipped grids, rank 32 — the
-settings of ``recipes/smollm2-135m-alpaca-w3.yaml``), each storage budget (``--budgets``: mixed
-2/3/4 bits under ``quant.budget_bits``), and bitsandbytes NF4 (``--methods nf4``, QLoRA's base,
-standard init only), and each adapter init:
+For each bit width and quantizer (RTN, GPTQ, ProjQ in the paper's loop, ``projq-refresh`` and
+``projq-srr`` in those modes; group size 64, clipped grids, rank 32 unless ``--rank`` says
+otherwise — the settings of ``recipes/smollm2-135m-alpaca-w3.yaml``), each storage budget
+(``--budgets``: mixed 2/3/4 bits under ``quant.budget_bits``), and bitsandbytes NF4
+(``--methods nf4``, QLoRA's base, standard init only), and each adapter init:
 
 - ``standard``: the QLoRA init (``B = 0``), so before training the model is the quantized base ``Q``;
 - ``compensation``: the adapter starts at the quantizer's low-rank compensation, ``Q + BA``
@@ -61,9 +62,16 @@ CALIBRATION = CalibrationConfig(
 TRAIN_SETS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
 COMMONSENSE = ("boolq", "ARC-Easy", "openbookqa")  # scored; ARC-Challenge left out for time
 INITS = ("standard", "compensation")  # adapter.init
-METHODS = ("rtn", "gptq", "projq", "nf4")
-RANK = 32  # adapter rank, and the compensation's
-COLORS = {"rtn": "tab:gray", "gptq": "tab:blue", "projq": "tab:red", "nf4": "tab:green"}
+METHODS = ("rtn", "gptq", "projq", "projq-refresh", "projq-srr", "nf4")  # projq-<mode>: quant.mode
+RANK = 32  # adapter rank, and the compensation's, unless --rank says otherwise (then in the keys)
+COLORS = {
+    "rtn": "tab:gray",
+    "gptq": "tab:blue",
+    "projq": "tab:red",
+    "projq-refresh": "tab:purple",
+    "projq-srr": "tab:orange",
+    "nf4": "tab:green",
+}
 log = logging.getLogger("end-to-end")
 
 
@@ -71,23 +79,36 @@ def quant_config(method: str, width: float, budget: bool, compensation: str = "h
     """``width`` bits, or (``budget``) the storage budget ``quant.budget_bits``."""
     if method == "nf4":
         return QuantConfig(method="nf4", bits=4)
+    method, _, mode = method.partition("-")
     widths = {"bits": None, "budget_bits": width} if budget else {"bits": int(width)}
-    settings = {"group_size": 64, "iters": 5, "mode": "paper", "clip": True, "compensation": compensation}
+    settings = {
+        "group_size": 64,
+        "iters": 5,
+        "mode": mode or "paper",
+        "clip": True,
+        "compensation": compensation,
+    }
     return QuantConfig(method=method, **widths, **settings)
 
 
-def variant_key(method: str, width: float, budget: bool, compensation: str = "hessian") -> str:
+def variant_key(
+    method: str, width: float, budget: bool, compensation: str = "hessian", rank: int = RANK
+) -> str:
     """``gptq-w3`` (uniform 3 bits), ``gptq-b3.3`` (a budget of 3.3 bits per weight), ``nf4-w4``;
-    ``gptq-b3.3-fisher`` with ``quant.compensation: fisher``."""
-    return f"{method}-{'b' if budget else 'w'}{width:g}" + "-fisher" * (compensation == "fisher")
+    ``projq-srr-b3.3-r64-fisher`` at adapter rank 64 with ``quant.compensation: fisher``."""
+    suffix = f"-r{rank}" * (rank != RANK) + "-fisher" * (compensation == "fisher")
+    return f"{method}-{'b' if budget else 'w'}{width:g}{suffix}"
 
 
 def parse_key(key: str) -> tuple[str, float, bool]:
-    """(label, width, budget) of a :func:`variant_key`; the label is the method, with ``fisher``
-    after it for a Fisher-weighted compensation."""
+    """(label, width, budget) of a :func:`variant_key`; the label is the method, then ``r<rank>``
+    when the rank is not :data:`RANK`, and ``fisher`` for a Fisher-weighted compensation."""
     fisher = key.endswith("-fisher")
-    method, width = key.removesuffix("-fisher").rsplit("-", 1)
-    return method + " fisher" * fisher, float(width[1:]), width[0] == "b"
+    rest = key.removesuffix("-fisher")
+    head, last = rest.rsplit("-", 1)
+    rank = last if last[0] == "r" and last[1:].isdigit() else None
+    method, width = (head if rank else rest).rsplit("-", 1)
+    return method + f" {rank}" * bool(rank) + " fisher" * fisher, float(width[1:]), width[0] == "b"
 
 
 def training_file(out: Path, rows_per_set: int, seed: int = 0) -> Path:
@@ -129,7 +150,7 @@ def fine_tune(quant: QuantConfig, init: str, train: Path, args) -> tuple[ProjQMo
     module = ProjQModule(
         MODEL,
         quant,
-        AdapterConfig(rank=RANK, init=init, alpha=float(RANK), dropout=0.05),
+        AdapterConfig(rank=args.rank, init=init, alpha=float(args.rank), dropout=0.05),
         CALIBRATION,
         artifact_dir=args.artifact_dir,
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
@@ -178,7 +199,7 @@ def run(args) -> dict:
     variants += [("nf4", 4, False)] if "nf4" in args.methods else []  # 4 bits, whatever --bits says
     for method, width, budget in variants:
         compensation = "hessian" if method == "nf4" else args.compensation
-        key = variant_key(method, width, budget, compensation)
+        key = variant_key(method, width, budget, compensation, args.rank)
         quant = quant_config(method, width, budget, compensation)
         entry = results.setdefault(key, {})
         if "quantized" not in entry:
@@ -188,9 +209,9 @@ def run(args) -> dict:
                 swap_in_nf4(model, quant.target_modules, torch.float32, torch.device("cpu"))
                 entry["quantize_wall_seconds"] = time.perf_counter() - t0
                 entry["quantized"] = score(model, tok, args)
-            else:  # the artifact `fit` makes at setup (rank 32) and finds again in fine_tune
+            else:  # the artifact `fit` makes at setup and finds again in fine_tune
                 cpu = torch.device("cpu")
-                path = find_or_quantize(MODEL, quant, RANK, CALIBRATION, args.artifact_dir, cpu)
+                path = find_or_quantize(MODEL, quant, args.rank, CALIBRATION, args.artifact_dir, cpu)
                 entry["artifact"], entry["quantize_wall_seconds"] = path.name, time.perf_counter() - t0
                 for stage, with_adapter in (("quantized", False), ("initialized", True)):
                     model, tok = artifact_model(path, with_adapter)
@@ -266,7 +287,7 @@ def plot(results: dict, path: str) -> None:
                 )
                 if points:
                     label = f"{method}{' budget' if budget else ''}, {init} init"
-                    color = COLORS[method.removesuffix(" fisher")]
+                    color = COLORS[method.split(" ")[0]]
                     marker = {"marker": "o", "markerfacecolor": "none" if budget else color}
                     ax.plot(*zip(*points, strict=True), style, color=color, label=label, **marker)
     fp = results["float"]
@@ -308,6 +329,9 @@ def main() -> None:
         choices=["hessian", "fisher"],
         default="hessian",
         help="quant.compensation of the quantized bases (their keys end in -fisher)",
+    )
+    parser.add_argument(
+        "--rank", type=int, default=RANK, help="adapter rank (keys end in -r<rank> if not 32)"
     )
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch 8)")
     parser.add_argument("--lr", type=float, default=5e-4)

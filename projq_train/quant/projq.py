@@ -258,7 +258,8 @@ def projq_quantize(
     ``mode="refresh"``: the compensation is refreshed inside the loop as well,
     ``Q ← GPTQ(W − L, H_perp)`` with ``L = E F Z_r Z_rᵀ F⁻¹`` the best rank-r part of the
     current error ``E`` in the H-norm, starting from ``L`` = the best rank-r part of ``W``
-    itself: the adapter takes the dominant structure, the grid fits what is left. ``H_perp``
+    itself (that first round against ``H``: srr with ``k = r``): the adapter takes the dominant
+    structure, the grid fits what is left. ``H_perp``
     ignores the error along ``Z_r``, so the objective is the same as the paper's; subtracting
     ``L`` (which lies along ``Z_r``) changes only what GPTQ rounds: the grids fit ``W − L``,
     whose groups span smaller ranges. ``alpha = 0`` quantizes against ``H`` itself.

@@ -13,8 +13,8 @@ flushed before each call, and the 1-token rows also give the effective bandwidth
 the packed weight as a share of the device's measured copy bandwidth (the roofline a
 memory-bound product can reach).
 
-    python benchmarks/kernels.py                      # CUDA: 7B shapes, tokens 1 16 512 4096
-    python benchmarks/kernels.py --device cpu         # CPU: half-size shapes, tokens 1 16 512
+    python benchmarks/packed_kernels.py               # CUDA: 7B shapes, tokens 1 16 512 4096
+    python benchmarks/packed_kernels.py --device cpu  # CPU: half-size shapes, tokens 1 16 512
 
 Prints a markdown table (the one quoted in README).
 """

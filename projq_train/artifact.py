@@ -103,12 +103,12 @@ def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
     adapter rank its error is shaped and compensated for and, under a bit budget, the objective
     the widths were chosen by (an artifact allocated by another is not reused). The default
     ``compensation: hessian`` is left out, so artifacts made before that key existed keep their hash.
-    A ``refresh`` artifact names its rounds' Hessian (``projected`` since the rounds project it), so
-    one made by the earlier rounds, against the plain Hessian, is not reused."""
+    A ``refresh`` artifact whose rounds project the Hessian says so (``refresh_rounds``), so one made
+    by the earlier rounds, against the plain Hessian, is not reused."""
     settings = {**asdict(quant), "rank": rank}
     if quant.compensation == "hessian":
         del settings["compensation"]
-    if quant.method == "projq" and quant.mode == "refresh":
+    if quant.method == "projq" and quant.mode == "refresh" and quant.projection_strength > 0:
         settings["refresh_rounds"] = "projected"
     if quant.budget_bits is not None:
         settings["allocation"] = ALLOCATION_OBJECTIVE

@@ -403,6 +403,8 @@ def test_a_refresh_artifact_made_before_its_rounds_projected_the_hessian_is_not_
     paper = artifact.quantization_settings(QuantConfig(), 8)
     refresh = artifact.quantization_settings(QuantConfig(mode="refresh"), 8)
     assert refresh == {**paper, "mode": "refresh", "refresh_rounds": "projected"}
+    plain = artifact.quantization_settings(QuantConfig(mode="refresh", projection_strength=0.0), 8)
+    assert plain == {**paper, "mode": "refresh", "projection_strength": 0.0}  # the earlier rounds' hash
 
 
 def test_a_model_path_that_does_not_exist_is_one_clear_error():

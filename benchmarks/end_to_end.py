@@ -243,7 +243,7 @@ def table(results: dict) -> str:
     for key in keys:
         method, width, budget = parse_key(key)
         entry = results[key]
-        for init in INITS if method != "nf4" else ("standard",):
+        for init in INITS if method.split(" ")[0] != "nf4" else ("standard",):
             before = entry["quantized" if init == "standard" else "initialized"]
             after = entry.get(f"fine-tuned/{init}")
             cells = [

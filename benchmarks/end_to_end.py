@@ -64,6 +64,7 @@ COMMONSENSE = ("boolq", "ARC-Easy", "openbookqa")  # scored; ARC-Challenge left 
 INITS = ("standard", "compensation")  # adapter.init
 METHODS = ("rtn", "gptq", "projq", "projq-refresh", "projq-srr", "nf4")  # projq-<mode>: quant.mode
 RANK = 32  # adapter rank, and the compensation's, unless --rank says otherwise (then in the keys)
+LR = 5e-4  # the fine-tune's peak learning rate, unless --lr says otherwise (then in the keys)
 COLORS = {
     "rtn": "tab:gray",
     "gptq": "tab:blue",
@@ -92,23 +93,32 @@ def quant_config(method: str, width: float, budget: bool, compensation: str = "h
 
 
 def variant_key(
-    method: str, width: float, budget: bool, compensation: str = "hessian", rank: int = RANK
+    method: str,
+    width: float,
+    budget: bool,
+    compensation: str = "hessian",
+    rank: int = RANK,
+    lr: float = LR,
 ) -> str:
     """``gptq-w3`` (uniform 3 bits), ``gptq-b3.3`` (a budget of 3.3 bits per weight), ``nf4-w4``;
-    ``projq-srr-b3.3-r64-fisher`` at adapter rank 64 with ``quant.compensation: fisher``."""
-    suffix = f"-r{rank}" * (rank != RANK) + "-fisher" * (compensation == "fisher")
+    ``projq-srr-b3.3-r64-fisher`` at adapter rank 64 with ``quant.compensation: fisher``, and
+    ``...-lr0.0001`` when fine-tuned at a learning rate other than :data:`LR`."""
+    suffix = f"-r{rank}" * (rank != RANK) + "-fisher" * (compensation == "fisher") + f"-lr{lr:g}" * (lr != LR)
     return f"{method}-{'b' if budget else 'w'}{width:g}{suffix}"
 
 
 def parse_key(key: str) -> tuple[str, float, bool]:
     """(label, width, budget) of a :func:`variant_key`; the label is the method, then ``r<rank>``
-    when the rank is not :data:`RANK`, and ``fisher`` for a Fisher-weighted compensation."""
-    fisher = key.endswith("-fisher")
-    rest = key.removesuffix("-fisher")
+    when the rank is not :data:`RANK`, ``fisher`` for a Fisher-weighted compensation and
+    ``lr <lr>`` for another learning rate."""
+    rest, _, lr = key.partition("-lr")
+    fisher = rest.endswith("-fisher")
+    rest = rest.removesuffix("-fisher")
     head, last = rest.rsplit("-", 1)
     rank = last if last[0] == "r" and last[1:].isdigit() else None
     method, width = (head if rank else rest).rsplit("-", 1)
-    return method + f" {rank}" * bool(rank) + " fisher" * fisher, float(width[1:]), width[0] == "b"
+    label = method + f" {rank}" * bool(rank) + " fisher" * fisher + f" lr {lr}" * bool(lr)
+    return label, float(width[1:]), width[0] == "b"
 
 
 def training_file(out: Path, rows_per_set: int, seed: int = 0) -> Path:
@@ -199,7 +209,7 @@ def run(args) -> dict:
     variants += [("nf4", 4, False)] if "nf4" in args.methods else []  # 4 bits, whatever --bits says
     for method, width, budget in variants:
         compensation = "hessian" if method == "nf4" else args.compensation
-        key = variant_key(method, width, budget, compensation, args.rank)
+        key = variant_key(method, width, budget, compensation, args.rank, args.lr)
         quant = quant_config(method, width, budget, compensation)
         entry = results.setdefault(key, {})
         if "quantized" not in entry:
@@ -334,7 +344,9 @@ def main() -> None:
         "--rank", type=int, default=RANK, help="adapter rank (keys end in -r<rank> if not 32)"
     )
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch 8)")
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--lr", type=float, default=LR, help="peak learning rate (keys end in -lr<lr> if not 5e-4)"
+    )
     parser.add_argument("--rows-per-set", type=int, default=500, help="training rows from each training set")
     parser.add_argument("--rows", type=int, default=40, help="test rows scored per commonsense task")
     parser.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 windows scored")

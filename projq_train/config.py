@@ -7,9 +7,6 @@ from typing import Any, Literal
 
 SUPPORTED_BITS = (2, 3, 4)  # bit widths of the packed weights (projq_train.quant.pack)
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# refresh's rounds weigh the error along the adapter's subspace by 3 % of H: picked from a sweep on
-# SmolLM2's layers 0, 10, 20 and 29 (0.93 to 1.0 at 2 and 3 bits; README, "Refresh rounds ...")
-REFRESH_PROJECTION_STRENGTH = 0.97
 # settings renamed since the first release (keys under ``model.`` in fit recipes): an old name is
 # refused with a pointer to the new one (:func:`renamed_setting_hint`)
 RENAMED_KEYS = {"quant.alpha": "quant.projection_strength", "quant.rank": "adapter.rank"}
@@ -85,12 +82,10 @@ class QuantConfig:
     """ProjQ projection rounds after the initial GPTQ."""
     tol: float = 1e-3
     """ProjQ early stop: relative tail improvement (and subspace movement) below this stops."""
-    projection_strength: float | None = None
-    """ProjQ: how far the Hessian is projected onto the complement of the error's top-r subspace,
-    ``H − α G Gᵀ`` (1.0 is the paper's algorithm; 0.0 is plain GPTQ in ``paper`` mode, and
-    ``refresh`` against the plain Hessian). Unset: 1.0 in ``paper`` and ``srr`` mode,
-    :data:`REFRESH_PROJECTION_STRENGTH` in ``refresh`` mode, whose rounds leave a little weight on
-    the error along the adapter's subspace (README: "Refresh rounds against the projected Hessian")."""
+    projection_strength: float = 1.0
+    """ProjQ: how far the Hessian is projected onto the complement of the error's top-r subspace
+    (1.0 is the paper's algorithm; 0.0 is plain GPTQ in ``paper`` mode, and ``refresh`` against
+    the plain Hessian)."""
     mode: Literal["paper", "refresh", "srr"] = "paper"
     """ProjQ loop: ``paper`` re-runs GPTQ against the projected Hessian; ``refresh`` quantizes
     ``W − L`` against the projected Hessian, with ``L`` the current best rank-r compensation,
@@ -143,8 +138,6 @@ class QuantConfig:
             raise ValueError(f"quant.group_size must be positive or -1, got {self.group_size}")
         if self.iters < 0:
             raise ValueError(f"quant.iters must be >= 0, got {self.iters}")
-        if self.projection_strength is None:
-            self.projection_strength = REFRESH_PROJECTION_STRENGTH if self.mode == "refresh" else 1.0
         if not 0.0 <= self.projection_strength <= 1.0:
             raise ValueError(f"quant.projection_strength must be in [0, 1], got {self.projection_strength}")
         if self.compensation not in ("hessian", "fisher"):

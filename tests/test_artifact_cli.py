@@ -24,13 +24,7 @@ from projq_train.artifact import (
     load_quantized_model,
     save_artifact,
 )
-from projq_train.config import (
-    REFRESH_PROJECTION_STRENGTH,
-    AdapterConfig,
-    CalibrationConfig,
-    ModelConfig,
-    QuantConfig,
-)
+from projq_train.config import AdapterConfig, CalibrationConfig, ModelConfig, QuantConfig
 from projq_train.data.calibration import calibration_tokens
 from projq_train.integrity import CorruptFileError, file_checksums
 from projq_train.models import decoder_layers, load_model_and_tokenizer
@@ -407,11 +401,8 @@ def test_the_default_compensation_keeps_the_hash_of_artifacts_made_before_the_ke
 
 def test_a_refresh_artifact_made_before_its_rounds_projected_the_hessian_is_not_reused():
     paper = artifact.quantization_settings(QuantConfig(), 8)
-    assert paper["projection_strength"] == QuantConfig(mode="srr").projection_strength == 1.0  # unset
-    refresh = artifact.quantization_settings(QuantConfig(mode="refresh", projection_strength=1.0), 8)
+    refresh = artifact.quantization_settings(QuantConfig(mode="refresh"), 8)
     assert refresh == {**paper, "mode": "refresh", "refresh_rounds": "projected"}
-    default = artifact.quantization_settings(QuantConfig(mode="refresh"), 8)
-    assert default == {**refresh, "projection_strength": REFRESH_PROJECTION_STRENGTH}  # another artifact
     plain = artifact.quantization_settings(QuantConfig(mode="refresh", projection_strength=0.0), 8)
     assert plain == {**paper, "mode": "refresh", "projection_strength": 0.0}  # the earlier rounds' hash
 

@@ -12,6 +12,7 @@ from projq_train.quant import (
     rtn_quantize,
     spectral_tail,
 )
+from projq_train.quant.gptq import inverse_cholesky, upper_triangular_inverse
 from projq_train.quant.projq import (
     error_subspace,
     hessian_factor,
@@ -97,6 +98,23 @@ def test_gptq_act_order_groups_follow_permutation(layer):
     counts = torch.bincount(q.g_idx.long())
     assert counts.tolist() == [32] * 4
     assert not torch.equal(q.g_idx.long(), torch.arange(128) // 32)  # the permutation is real
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(layer):
+    """One reversed Cholesky and a triangular inverse by halves give ``U`` with ``Uᵀ U = (H + λI)⁻¹``."""
+    _, _, H = layer
+    damp = 0.01
+    U = inverse_cholesky(H, damp)
+    damped = H.double() + damp * H.diagonal().mean().double() * torch.eye(128, dtype=torch.float64)
+    assert torch.equal(U, U.triu())
+    torch.testing.assert_close(
+        U.double().T @ U.double() @ damped, torch.eye(128, dtype=torch.float64), atol=1e-4, rtol=0
+    )
+    R = torch.linalg.cholesky(damped.flip(0, 1)).flip(0, 1)  # upper, R Rᵀ = H + λI
+    torch.testing.assert_close(
+        upper_triangular_inverse(R, base=16),
+        torch.linalg.solve_triangular(R, torch.eye(128, dtype=R.dtype), upper=True),
+    )
 
 
 def test_gptq_survives_indefinite_hessian(layer):
@@ -363,10 +381,12 @@ def test_srr_criterion_keeps_the_low_rank_structure_of_a_weight_and_nothing_of_n
     W, _, H = layer
     W, r = with_structure(W, strength), 8
     assert srr_preserved_rank(W, H, r, 3, 32) == expected_k
-    tails = {
+    tails = {  # in fp64: the kept part makes the error's energy large and its tail a small remainder
         k: spectral_tail(
-            W - projq_quantize(W, H, 3, 32, rank=r, iters=0, mode="srr", preserved_rank=k)[0].dequantize(),
-            H,
+            (
+                W - projq_quantize(W, H, 3, 32, rank=r, iters=0, mode="srr", preserved_rank=k)[0].dequantize()
+            ).double(),
+            H.double(),
             r,
         )
         for k in range(r + 1)

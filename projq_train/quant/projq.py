@@ -135,7 +135,7 @@ def spectral_tail(E: Tensor, H: Tensor, rank: int) -> float:
 def top_part(W: Tensor, F: Tensor, F_inv: Tensor, Z: Tensor) -> Tensor:
     """``W F Z Zᵀ F⁻¹ (out, in)``: the part of ``W`` along the right singular vectors ``Z (in, k)`` of
     ``W F``; for its top-k ones, the best rank-k part of ``W`` in the H-norm (``U_k U_kᵀ W``)."""
-    return ((W.to(F.dtype) @ F @ Z) @ (Z.T @ F_inv)).to(W.dtype)
+    return ((W.to(F.dtype) @ (F @ Z)) @ (Z.T @ F_inv)).to(W.dtype)
 
 
 def grid_noise(W: Tensor, bits: int, group_size: int) -> Tensor:

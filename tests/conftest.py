@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,14 @@ _SHAPE = {
     "max_position_embeddings": 256,
 }
 TINY = {family: {"model_type": family, **_SHAPE} for family in ("llama", "qwen2", "qwen3", "mistral")}
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n N``) every worker computes on one thread, and so do the processes
+    its tests start: N workers with a thread per core each would oversubscribe the cores."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(params=sorted(TINY))

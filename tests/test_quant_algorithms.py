@@ -12,7 +12,7 @@ from projq_train.quant import (
     rtn_quantize,
     spectral_tail,
 )
-from projq_train.quant.gptq import inverse_cholesky, upper_triangular_inverse
+from projq_train.quant.gptq import inverse_cholesky, reversed_cholesky, upper_triangular_inverse
 from projq_train.quant.projq import (
     error_subspace,
     hessian_factor,
@@ -101,7 +101,8 @@ def test_gptq_act_order_groups_follow_permutation(layer):
 
 
 def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(layer):
-    """One reversed Cholesky and a triangular inverse by halves give ``U`` with ``Uᵀ U = (H + λI)⁻¹``."""
+    """One reversed Cholesky (``R Rᵀ = H + λI``) and a triangular inverse by halves give ``U`` with
+    ``Uᵀ U = (H + λI)⁻¹``."""
     _, _, H = layer
     damp = 0.01
     U = inverse_cholesky(H, damp)
@@ -110,7 +111,11 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(layer):
     torch.testing.assert_close(
         U.double().T @ U.double() @ damped, torch.eye(128, dtype=torch.float64), atol=1e-4, rtol=0
     )
-    R = torch.linalg.cholesky(damped.flip(0, 1)).flip(0, 1)  # upper, R Rᵀ = H + λI
+    R = reversed_cholesky(H.double(), damp)
+    assert torch.equal(R, R.triu())
+    torch.testing.assert_close(R @ R.T, damped)
+    # srr_preserved_rank's column weights 1 / U_jj² are R_jj²
+    torch.testing.assert_close(R.diagonal().float() ** 2, U.diagonal() ** -2, rtol=1e-4, atol=0)
     torch.testing.assert_close(
         upper_triangular_inverse(R, base=16),
         torch.linalg.solve_triangular(R, torch.eye(128, dtype=R.dtype), upper=True),

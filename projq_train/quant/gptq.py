@@ -26,14 +26,17 @@ TRIANGULAR_BASE = 128  # upper_triangular_inverse: blocks up to this size are so
 
 
 def inverse_cholesky(H: Tensor, damp: float, max_tries: int = 6) -> Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``Uᵀ U = (H + λI)⁻¹``), ``λ = damp · mean(diag H)``.
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``Uᵀ U = (H + λI)⁻¹``), ``λ = damp · mean(diag H)``:
+    ``U = R⁻¹`` with ``R`` from :func:`reversed_cholesky` (:func:`upper_triangular_inverse`), at
+    about half the cost of inverting ``H + λI`` and factoring the inverse."""
+    return upper_triangular_inverse(reversed_cholesky(H, damp, max_tries))
 
-    One factorization: the Cholesky factor of ``H + λI`` with rows and columns in reverse order,
-    read back reversed, is an upper ``R`` with ``R Rᵀ = H + λI``, so ``U = R⁻¹``
-    (:func:`upper_triangular_inverse`), at about half the cost of inverting ``H + λI`` and
-    factoring the inverse. When the factorization fails (H is not positive definite in floating
-    point), ``λ`` is multiplied by 10 and it is retried, up to ``max_tries`` times.
-    """
+
+def reversed_cholesky(H: Tensor, damp: float, max_tries: int = 6) -> Tensor:
+    """Upper ``R`` with ``R Rᵀ = H + λI``, ``λ = damp · mean(diag H)``: the Cholesky factor of
+    ``H + λI`` with rows and columns in reverse order, read back reversed. When the factorization
+    fails (H is not positive definite in floating point), ``λ`` is multiplied by 10 and it is
+    retried, up to ``max_tries`` times."""
     mean_diag = H.diagonal().mean().clamp_min(1e-12)
     reversed_H = H.flip(0, 1)
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
@@ -41,7 +44,7 @@ def inverse_cholesky(H: Tensor, damp: float, max_tries: int = 6) -> Tensor:
         lam = damp * mean_diag * 10**attempt
         L, info = torch.linalg.cholesky_ex(reversed_H + lam * eye)
         if info.item() == 0:
-            return upper_triangular_inverse(L.flip(0, 1))
+            return L.flip(0, 1)
     raise torch.linalg.LinAlgError(
         f"Cholesky of the Hessian failed even with dampening {damp * 10 ** (max_tries - 1):g}; "
         "the calibration activations are degenerate (too few samples?)"

@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from projq_train.quant.gptq import gptq_quantize, inverse_cholesky
+from projq_train.quant.gptq import gptq_quantize, reversed_cholesky
 from projq_train.quant.rtn import QuantizedWeight
 
 EXACT_SVD_MAX_DIM = 1024  # top_singular: exact up to this min(out, in), randomized above
@@ -183,7 +183,7 @@ def srr_preserved_rank(
     U = top_singular(W @ F, rank)[0]  # (out, r)
     components = U.T @ W  # (r, in): W's part along each u_i
     g = W.shape[1] if group_size == -1 else group_size
-    column_weight = inverse_cholesky(H.to(W.dtype), damp).diagonal() ** -2  # (in,) 1 / U_jj²
+    column_weight = reversed_cholesky(H.to(W.dtype), damp).diagonal() ** 2  # (in,) 1 / U_jj² = R_jj²
     group_weight = column_weight.reshape(-1, g).sum(dim=1)  # (groups,)
     noise_var = grid_noise(W, bits, group_size)  # (out, groups), of W itself
     residual, exposed = W.clone(), [(noise_var * group_weight).sum()]

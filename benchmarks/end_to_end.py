@@ -195,6 +195,25 @@ def fine_tune(quant: QuantConfig, init: str, train: Path, args) -> tuple[ProjQMo
     return module, stats
 
 
+def step0_of_another_rate(results: dict, key: str) -> dict:
+    """The step-0 fields (artifact, quantization time, the quantized and initialized models'
+    scores) of an entry of ``results`` with ``key``'s quantization fine-tuned at another learning
+    rate: step 0 does not depend on it. Empty when there is none."""
+    quantization = key.partition("-lr")[0]
+    for other, entry in results.items():
+        if (
+            other not in ("float", "settings")
+            and other.partition("-lr")[0] == quantization
+            and "quantized" in entry
+        ):
+            return {
+                k: entry[k]
+                for k in ("artifact", "quantize_wall_seconds", "quantized", "initialized")
+                if k in entry
+            }
+    return {}
+
+
 def run(args) -> dict:
     results = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
     save = lambda: Path(args.json).write_text(json.dumps(results, indent=2))  # noqa: E731
@@ -212,6 +231,8 @@ def run(args) -> dict:
         key = variant_key(method, width, budget, compensation, args.rank, args.lr)
         quant = quant_config(method, width, budget, compensation)
         entry = results.setdefault(key, {})
+        if "quantized" not in entry:
+            entry.update(step0_of_another_rate(results, key))
         if "quantized" not in entry:
             t0 = time.perf_counter()
             if method == "nf4":  # no artifact: bitsandbytes quantizes the loaded model
@@ -345,7 +366,11 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch 8)")
     parser.add_argument(
-        "--lr", type=float, default=LR, help="peak learning rate (keys end in -lr<lr> if not 5e-4)"
+        "--lr",
+        type=float,
+        default=LR,
+        help="peak learning rate (keys end in -lr<lr> if not 5e-4); with a --json that holds the same "
+        "quantization at another rate, its step-0 scores are reused",
     )
     parser.add_argument("--rows-per-set", type=int, default=500, help="training rows from each training set")
     parser.add_argument("--rows", type=int, default=40, help="test rows scored per commonsense task")

@@ -6,7 +6,8 @@ quantized through the upper Cholesky factor of ``H⁻¹``; updates are applied l
 block of columns, so the big matrix product is done once per block; inside a block the same
 holds per sub-block of :data:`SUB_BLOCK` columns: a rounded column updates the rest of its
 sub-block at once, and the rest of the block receives a sub-block's errors in one product
-(less memory traffic than a rank-1 update of the whole block per column).
+(less memory traffic than a rank-1 update of the whole block per column). The loop works on
+``Wᵀ``, where a column is a contiguous row that each step reads and writes in place.
 """
 
 from __future__ import annotations
@@ -93,34 +94,35 @@ def gptq_quantize(
     out_f, in_f = W.shape
     gs = check_grid(bits, group_size, in_f)
     maxq = 2**bits - 1
-    W = W.detach().float().clone()
+    Wt = W.detach().float().t().clone(memory_format=torch.contiguous_format)  # (in, out): a column a row
     H = H.detach().float().clone()
 
     dead = H.diagonal() == 0  # inputs that are always zero: any value is free, use 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    Wt[dead] = 0.0
 
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        Wt, H = Wt[perm], H[perm][:, perm]
     Hinv = inverse_cholesky(H, damp)  # (in, in) upper
     d = H.diagonal()
 
-    def grid(w: Tensor, cols: slice) -> tuple[Tensor, Tensor]:
+    def grid(wt: Tensor, cols: slice) -> tuple[Tensor, Tensor]:
+        w = wt.t()  # (out, columns)
         return clipped_params(w, maxq, d[cols]) if clip else minmax_params(w, maxq)
 
     block = max(block_size // gs, 1) * gs if gs < in_f else block_size
-    deq = torch.zeros_like(W)  # the rounded columns, (code − zero) · scale
-    scales = torch.zeros(out_f, in_f // gs, device=W.device)
+    deq_t = torch.zeros_like(Wt)  # the rounded columns, (code − zero) · scale
+    scales = torch.zeros(out_f, in_f // gs, device=Wt.device)
     zeros = torch.zeros_like(scales)
     if gs == in_f:
-        scale, zero = grid(W, slice(None))
+        scale, zero = grid(Wt, slice(None))
         scales[:, 0], zeros[:, 0] = scale, zero
         low, high = -zero, maxq - zero
 
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
-        W1 = W[:, i1:i2].clone()  # (out, b) updated in place as columns are rounded
+        W1 = Wt[i1:i2].clone()  # (b, out) updated in place as columns are rounded
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         pivots = Hinv1.diagonal().tolist()
@@ -129,19 +131,18 @@ def gptq_quantize(
             for i in range(j1, j2):
                 col = i1 + i
                 if gs < in_f and col % gs == 0:  # a group starts here and lies inside this block
-                    scale, zero = grid(W1[:, i : i + gs], slice(col, col + gs))
+                    scale, zero = grid(W1[i : i + gs], slice(col, col + gs))
                     scales[:, col // gs], zeros[:, col // gs] = scale, zero
                     low, high = -zero, maxq - zero  # code − zero stays in [−zero, maxq − zero]
-                w = W1[:, i]
-                q = torch.round(w / scale).clamp_(low, high).mul_(scale)
-                err = (w - q).div_(pivots[i])
-                W1[:, i:j2].addr_(err, Hinv1[i, i:j2], alpha=-1)
-                Err1[:, i] = err
-                deq[:, col] = q
-            W1[:, j2:] -= Err1[:, j1:j2] @ Hinv1[j1:j2, j2:]
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+                w, q, err = W1[i], deq_t[col], Err1[i]
+                torch.div(w, scale, out=q).round_().clamp_(low, high).mul_(scale)
+                torch.sub(w, q, out=err).div_(pivots[i])
+                W1[i:j2].addr_(Hinv1[i, i:j2], err, alpha=-1)
+            W1[j2:] -= Hinv1[j1:j2, j2:].t() @ Err1[j1:j2]
+        Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
 
-    g_idx = torch.arange(in_f, device=W.device) // gs
+    g_idx = torch.arange(in_f, device=Wt.device) // gs
+    deq = deq_t.t()
     codes = torch.round(deq / scales[:, g_idx]) + zeros[:, g_idx]  # exact: deq is an integer times the scale
     if perm is not None:
         inv = torch.argsort(perm)

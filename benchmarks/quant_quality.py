@@ -84,6 +84,11 @@ def main() -> None:
         default="hessian",
         help="quant.compensation of every quantized row (fisher rows are named '<variant> fisher')",
     )
+    ap.add_argument(
+        "--allocate-ranks",
+        action="store_true",
+        help="quant.allocate_ranks on every quantized row (named '<variant>[ fisher] ranks')",
+    )
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ppl-windows", type=int, default=16)
@@ -146,7 +151,12 @@ def main() -> None:
 def quantized_row(model, ids, windows, name: str, bits: float, rank: int, budget: float | None, args) -> dict:
     """Quantize ``model`` in place with a variant (at ``bits``, or under ``budget``) and score it."""
     widths = {"bits": None, "budget_bits": budget} if budget is not None else {"bits": int(bits)}
-    settings = {"group_size": args.group_size, "iters": args.iters, "compensation": args.compensation}
+    settings = {
+        "group_size": args.group_size,
+        "iters": args.iters,
+        "compensation": args.compensation,
+        "allocate_ranks": args.allocate_ranks,
+    }
     cfg = QuantConfig(**widths, **settings, **VARIANTS[name])
     t0 = time.perf_counter()
     modules, reports = quantize_model(model, ids, cfg, rank, progress=False)
@@ -155,7 +165,10 @@ def quantized_row(model, ids, windows, name: str, bits: float, rank: int, budget
     return {
         "bits": bits,
         "rank": rank,
-        "variant": name + " fisher" * (args.compensation == "fisher") + " budget" * (budget is not None),
+        "variant": name
+        + " fisher" * (args.compensation == "fisher")
+        + " ranks" * args.allocate_ranks
+        + " budget" * (budget is not None),
         "config": asdict(cfg),
         "err_q": sum(r.err_quant for r in reports) / n,
         "err_qba": sum(r.err_compensated for r in reports) / n,
@@ -164,6 +177,7 @@ def quantized_row(model, ids, windows, name: str, bits: float, rank: int, budget
         "phase_seconds": {p: sum(r.phase_seconds[p] for r in reports) for p in reports[0].phase_seconds},
         "preserved_rank": [r.preserved_rank for r in reports],
         "module_bits": {r.name: r.bits for r in reports},
+        "module_ranks": {r.name: r.rank for r in reports},
         "storage": stored_bits_per_weight(modules),
         "wall_seconds": wall,
         "ppl_qba": perplexity(model, windows),
@@ -188,8 +202,8 @@ def nf4_row(model, windows, rank: int) -> dict:
 
 
 def base_variant(label: str) -> str:
-    """The ``VARIANTS`` key of a row's label (``<variant>[ fisher][ budget]``)."""
-    return label.removesuffix(" budget").removesuffix(" fisher")
+    """The ``VARIANTS`` key of a row's label (``<variant>[ fisher][ ranks][ budget]``)."""
+    return label.removesuffix(" budget").removesuffix(" ranks").removesuffix(" fisher")
 
 
 def error_ratio(base: dict | None, row: dict) -> str:

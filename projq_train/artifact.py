@@ -108,9 +108,11 @@ def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
     settings = {**asdict(quant), "rank": rank}
     if quant.compensation == "hessian":
         del settings["compensation"]
+    if not quant.allocate_ranks:  # nor the default of a key added later
+        del settings["allocate_ranks"]
     if quant.method == "projq" and quant.mode == "refresh" and quant.projection_strength > 0:
         settings["refresh_rounds"] = "projected"
-    if quant.budget_bits is not None:
+    if quant.budget_bits is not None or quant.allocate_ranks:
         settings["allocation"] = ALLOCATION_OBJECTIVE
     return settings
 
@@ -408,7 +410,9 @@ def find_or_quantize(
             "device": str(device),
             "report": [asdict(r) for r in reports],
             "configuration": (
-                BitConfiguration.of(modules, rank).to_dict() if quant.budget_bits is not None else None
+                BitConfiguration.of(modules).to_dict()
+                if quant.budget_bits is not None or quant.allocate_ranks
+                else None
             ),
             "storage_bits_per_weight": stored_bits_per_weight(modules),
         }

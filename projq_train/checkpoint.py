@@ -39,7 +39,7 @@ from projq_train.config import (
     renamed_settings,
 )
 from projq_train.integrity import verify_checkpoint
-from projq_train.lora import attach_adapters
+from projq_train.lora import attach_adapters, compensation_ranks
 from projq_train.weights import first_nonfinite
 
 # model and data settings a resumed, validated or tested run may set differently from its checkpoint
@@ -143,9 +143,10 @@ def read_fit_checkpoint(ckpt_path: str | Path, artifact_dir: str | Path | None =
 
 def build_trained(ckpt: FitCheckpoint) -> Trained:
     """The packed base of the checkpoint's artifact plus its trained adapters."""
-    model, tokenizer, _, _ = load_quantized_model(ckpt.artifact)
+    model, tokenizer, modules, _ = load_quantized_model(ckpt.artifact)
     targets, adapter = ckpt.quant.target_modules, ckpt.adapter
-    peft_model = attach_adapters(model, targets, adapter.rank, adapter.alpha, adapter.dropout)
+    ranks = compensation_ranks(modules)
+    peft_model = attach_adapters(model, targets, adapter.rank, adapter.alpha, adapter.dropout, ranks)
     missing = [k for k in peft_model.state_dict() if ".lora_" in k and k not in ckpt.adapter_state]
     if missing:
         raise ValueError(f"{ckpt.path} lacks adapter weights {missing[:3]} ({len(missing)} in all)")

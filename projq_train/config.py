@@ -76,6 +76,13 @@ class QuantConfig:
     bits, chosen from its compensated error at each width weighted by how much the loss cares
     about each of its outputs (the output Fisher on the calibration text); the choice is
     recorded in the artifact and shown in the quantization report."""
+    allocate_ranks: bool = False
+    """Spread the adapter's parameters over the modules by need instead of one ``adapter.rank``
+    everywhere: each module gets a rank from a quarter of ``adapter.rank`` to twice it (in
+    quarters), with at most as many adapter parameters in all as ``adapter.rank`` everywhere,
+    chosen from the loss the compensation of each rank would leave (the output-Fisher-weighted
+    error, as ``budget_bits`` weighs). Adds a first pass, as ``budget_bits`` does (they share it);
+    the ranks are recorded in the artifact and shown in the quantization report."""
     group_size: int = 128
     """Input columns sharing one scale/zero point; -1 for one group per output row."""
     iters: int = 5
@@ -117,8 +124,13 @@ class QuantConfig:
 
     def measures_sensitivities(self, rank: int) -> bool:
         """Whether quantizing for adapters of rank ``rank`` starts with the output-Fisher pass:
-        ``budget_bits`` allocates by it, ``compensation: fisher`` weighs a compensation by it."""
-        return self.budget_bits is not None or (self.compensation == "fisher" and rank > 0)
+        ``budget_bits`` and ``allocate_ranks`` allocate by it, ``compensation: fisher`` weighs a
+        compensation by it."""
+        return (
+            self.budget_bits is not None
+            or self.allocate_ranks
+            or (self.compensation == "fisher" and rank > 0)
+        )
 
     def __post_init__(self):
         if self.budget_bits is not None and self.bits is not None:
@@ -134,6 +146,8 @@ class QuantConfig:
             raise ValueError(
                 "quant.method nf4 is a uniform 4-bit format; quant.budget_bits needs rtn/gptq/projq"
             )
+        if self.allocate_ranks and self.method == "nf4":
+            raise ValueError("quant.allocate_ranks needs a compensation to allocate by: use rtn/gptq/projq")
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"quant.group_size must be positive or -1, got {self.group_size}")
         if self.iters < 0:

@@ -9,6 +9,7 @@ adapted model computes ``Q + B_c A_c`` at step 0: ``lora_A = A_c`` and ``lora_B 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -67,12 +68,20 @@ class QuantLoraLinear(nn.Module, LoraLayer):
 
 
 def attach_adapters(
-    model: nn.Module, target_modules: list[str], rank: int, alpha: float, dropout: float
+    model: nn.Module,
+    target_modules: list[str],
+    rank: int,
+    alpha: float,
+    dropout: float,
+    ranks: dict[str, int] | None = None,
 ) -> PeftModel:
     """Freeze ``model`` and add rank-``rank`` LoRA adapters (peft's default init: ``B = 0``) to the
-    named linear modules, whether they are ``nn.Linear``, :class:`QuantLinear` or bitsandbytes layers."""
+    named linear modules, whether they are ``nn.Linear``, :class:`QuantLinear` or bitsandbytes layers;
+    ``ranks``: full module name → its own rank (``quant.allocate_ranks``), as peft's ``rank_pattern``
+    (each name escaped: peft matches the keys as regular expressions)."""
     config = LoraConfig(
         r=rank,
+        rank_pattern={re.escape(n): r for n, r in (ranks or {}).items() if r != rank},
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=list(target_modules),
@@ -87,6 +96,11 @@ def with_quant_linear(config: LoraConfig) -> LoraConfig:
     :class:`QuantLinear` bases (peft's private ``_register_custom_module``: see the canary test)."""
     config._register_custom_module({QuantLinear: QuantLoraLinear})
     return config
+
+
+def compensation_ranks(modules: dict[str, QuantizedModule]) -> dict[str, int]:
+    """The rank of each module's compensation: what its adapter is built with."""
+    return {name: qm.lora_A.shape[0] for name, qm in modules.items()}
 
 
 def adapter_layers(model: nn.Module) -> dict[str, LoraLayer]:

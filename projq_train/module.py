@@ -41,7 +41,7 @@ from projq_train.config import (
 from projq_train.data.instruct import IGNORE_INDEX
 from projq_train.host_memory import release_during_forward, release_freed_memory, return_free_pages
 from projq_train.integrity import contents_digest
-from projq_train.lora import attach_adapters, init_from_compensation
+from projq_train.lora import attach_adapters, compensation_ranks, init_from_compensation
 from projq_train.loss import causal_lm_loss_from_hidden
 from projq_train.models import load_model_and_tokenizer
 from projq_train.strategies import shard_model  # importing it registers trainer.strategy: projq_fsdp
@@ -98,7 +98,9 @@ def prepare_model(
         )
         model, _, modules, _ = load_quantized_model(path)
         base_id = path.name
-    peft_model = attach_adapters(model, quant.target_modules, adapter.rank, adapter.alpha, adapter.dropout)
+    peft_model = attach_adapters(
+        model, quant.target_modules, adapter.rank, adapter.alpha, adapter.dropout, compensation_ranks(modules)
+    )
     if adapter.init == "compensation":
         init_from_compensation(peft_model, modules)
     return peft_model, base_id

@@ -17,6 +17,7 @@ from projq_train.checkpoint import load_trained
 from projq_train.config import ModelConfig
 from projq_train.export import load_peft_export, load_quantized_export, run_export
 from projq_train.integrity import contents_digest
+from projq_train.lora import adapter_layers
 from projq_train.models import load_model_and_tokenizer
 from projq_train.quant.linear import QuantLinear
 from tests.conftest import flip_a_bit_of
@@ -253,7 +254,13 @@ def test_flipped_bits_in_checkpoints_and_exports_are_refused_naming_the_file(che
 
 
 def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tmp_path, capsys):
-    mixed = ["--model.quant.bits=null", "--model.quant.budget_bits=3.0", "--model.quant.method=gptq"]
+    """Widths under a bit budget and ranks allocated under the adapter-parameter budget."""
+    mixed = [
+        "--model.quant.bits=null",
+        "--model.quant.budget_bits=3.0",
+        "--model.quant.method=gptq",
+        "--model.quant.allocate_ranks=true",
+    ]
     cli.main(["fit", "--config", str(TINY_FIT), *fit_args(tmp_path, 2), *mixed])
     cli.main(["fit", "--config", str(TINY_FIT), *fit_args(tmp_path, 4), *mixed, "--ckpt_path=last"])
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
@@ -262,7 +269,14 @@ def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tm
     widths = {m.bits for m in trained.model.modules() if isinstance(m, QuantLinear)}
     assert len(widths) > 1 and widths <= {2, 3, 4}  # packed layers of several widths in one model
     configuration = read_metadata(trained.artifact)["configuration"]  # recorded with the artifact
-    assert set(configuration["bits"].values()) == widths and set(configuration["ranks"].values()) == {4}
+    assert set(configuration["bits"].values()) == widths
+    layers = adapter_layers(trained.model)
+    ranks = {n: layer.r["default"] for n, layer in layers.items()}
+    assert ranks == configuration["ranks"] and len(set(ranks.values())) > 1  # adapters of several ranks
+    sizes = {n: layer.in_features + layer.out_features for n, layer in layers.items()}
+    assert sum(r * sizes[n] for n, r in ranks.items()) <= 4 * sum(sizes.values())  # rank 4's parameters
+    peft_report = export(checkpoint, tmp_path, "peft")  # peft's rank_pattern carries the ranks
+    assert peft_report["logit_rel_error"] < 1e-6 and peft_report["top1_agreement"] == 1.0
     # estimate shows it and counts the packed weights at those widths, byte for byte
     estimate = ["estimate", "--config", str(TINY_FIT), *fit_args(tmp_path, 4), *mixed, "--json"]
     capsys.readouterr()  # what the fits printed

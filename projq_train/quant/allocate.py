@@ -1,16 +1,18 @@
-"""Mixed precision under a storage budget: which modules get 2, 3 or 4 bits.
+"""Mixed precision under a storage budget, and adapter ranks under a parameter budget.
 
 A :class:`BitConfiguration` maps each quantized module to its bit width and adapter rank; it
 is recorded in the artifact, shown in the quantization report, and is what a
-configuration-aware adapter takes as input. :func:`allocate_bits` picks it from each module's
-measured cost at every width (the driver gives it the compensated error weighted by the output
-Fisher, an estimate of the loss it adds: :mod:`projq_train.quant.sensitivity`): a
-multiple-choice knapsack solved exactly by dynamic programming over the storage above all-2-bit,
-counted in units fixed by the model's shapes (not by the budget), so a larger budget never gives
-a larger total error. The unit is the greatest
-common divisor of the choices' costs (exact: uniform 3 bits fits a budget of its own storage)
-unless that makes the axis longer than :data:`MAX_UNITS_PER_MODULE` per module; costs are then
-rounded up to coarser units, and the budget still holds.
+configuration-aware adapter takes as input. :func:`allocate_bits` picks the widths from each
+module's measured cost at every width (the driver gives it the compensated error weighted by the
+output Fisher, an estimate of the loss it adds: :mod:`projq_train.quant.sensitivity`);
+:func:`allocate_ranks` picks the ranks the same way from the cost at every rank in
+:func:`rank_choices`, under the parameter count of one rank everywhere. Both are a
+multiple-choice knapsack solved exactly by dynamic programming (:func:`least_total_cost`) over
+the room above the cheapest choices, counted in units fixed by the model's shapes (not by the
+budget), so a larger budget never gives a larger total error. The unit is the greatest common
+divisor of the choices' costs (exact: uniform 3 bits fits a budget of its own storage) unless
+that makes the axis longer than :data:`MAX_UNITS_PER_MODULE` per module; costs are then rounded
+up to coarser units, and the budget still holds.
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ class BitConfiguration:
         return cls(bits=dict(d["bits"]), ranks=dict(d["ranks"]))
 
     @classmethod
-    def of(cls, modules: dict[str, Any], rank: int) -> BitConfiguration:
+    def of(cls, modules: dict[str, Any]) -> BitConfiguration:
         """The configuration quantized modules (name → ``QuantizedModule``) were made with."""
-        return cls(bits={n: m.weight.bits for n, m in modules.items()}, ranks=dict.fromkeys(modules, rank))
+        return cls(
+            bits={n: m.weight.bits for n, m in modules.items()},
+            ranks={n: m.lora_A.shape[0] for n, m in modules.items()},
+        )
 
 
 def storage_bits_per_weight(
@@ -81,6 +86,34 @@ def shifted(values: Tensor, by: int) -> Tensor:
     )
 
 
+def least_total_cost(errors: Tensor, costs: Tensor, room: float) -> list[int]:
+    """Which choice of each module (a row of ``errors`` and ``costs``, ``(modules, choices)``) gives
+    the least total error with the total cost at most ``room`` (an integer) above the cheapest
+    choices' (``inf`` errors: choices not allowed). Exact when the unit (the greatest common divisor of the
+    costs above each row's cheapest) divides every cost; with coarser units the costs are rounded
+    up, so the room still holds. Of equal totals, the cheaper choices."""
+    extra = costs - costs.min(dim=1, keepdim=True).values  # cost above the module's cheapest
+    most = extra.max(dim=1).values.sum().item()
+    unit = float(math.gcd(*(int(c) for c in extra.flatten()))) or 1.0
+    if most / unit > MAX_UNITS_PER_MODULE * len(costs):
+        unit = math.ceil(most / (MAX_UNITS_PER_MODULE * len(costs)))
+    slots = int(room // unit)
+    steps = torch.ceil(extra / unit).long()  # (modules, choices) units each choice takes
+    order = torch.argsort(costs, dim=1, stable=True)  # cheaper choices first: they win ties
+    # best[s]: the least total error of the modules so far within s units; picks: their choices
+    best = torch.zeros(slots + 1, dtype=torch.float64)
+    picks = torch.empty(len(costs), slots + 1, dtype=torch.long)
+    for m in range(len(costs)):
+        options = torch.stack([shifted(best, int(steps[m, c])) + errors[m, c] for c in order[m].tolist()])
+        best, at = options.min(dim=0)
+        picks[m] = order[m][at]
+    chosen, s = [0] * len(costs), slots
+    for m in reversed(range(len(costs))):
+        chosen[m] = int(picks[m, s])
+        s -= int(steps[m, chosen[m]])
+    return chosen
+
+
 def allocate_bits(
     errors: dict[str, dict[int, float]],
     shapes: dict[str, tuple[int, int]],
@@ -89,33 +122,35 @@ def allocate_bits(
 ) -> dict[str, int]:
     """The bit width of each module that minimizes the total error ``Σ errors[module][bits]``
     with the average stored bits per weight (:func:`storage_bits_per_weight`) at most
-    ``budget_bits``. Exact when the units divide every cost (see the module docstring); with
-    coarser units the costs are rounded up, so the budget still holds."""
+    ``budget_bits`` (:func:`least_total_cost`)."""
     check_budget(budget_bits, shapes, group_size)
-    names = list(shapes)
-    widths = sorted(SUPPORTED_BITS)
+    names, widths = list(shapes), sorted(SUPPORTED_BITS)
     cost = torch.tensor(
         [[packed_storage_bits(*shapes[n], b, group_size) for b in widths] for n in names], dtype=torch.float64
     )
-    extra = cost - cost[:, :1]  # storage above the module's 2-bit one
-    most = extra[:, -1].sum().item()
-    unit = float(math.gcd(*(int(c) for c in extra[:, 1:].flatten())))
-    if most / unit > MAX_UNITS_PER_MODULE * len(names):
-        unit = math.ceil(most / (MAX_UNITS_PER_MODULE * len(names)))
+    err = torch.tensor([[errors[n][b] for b in widths] for n in names], dtype=torch.float64)
     weights = sum(o * i for o, i in shapes.values())
     room = math.floor(budget_bits * weights * (1 + 1e-12)) - cost[:, 0].sum().item()  # bits above all-2
-    slots = int(room // unit)
-    steps = torch.ceil(extra / unit).long()  # (modules, widths) units each choice takes
-    err = torch.tensor([[errors[n][b] for b in widths] for n in names], dtype=torch.float64)
-    # best[s]: the least total error of the modules so far within s units; choices: their widths
-    best = torch.zeros(slots + 1, dtype=torch.float64)
-    choices = torch.empty(len(names), slots + 1, dtype=torch.int8)
-    for m in range(len(names)):
-        options = torch.stack([shifted(best, int(steps[m, c])) + err[m, c] for c in range(len(widths))])
-        best, choices[m] = options.min(dim=0)  # of equal errors, the fewer bits
-    chosen, s = {}, slots
-    for m in reversed(range(len(names))):
-        c = int(choices[m, s])
-        chosen[names[m]] = widths[c]
-        s -= int(steps[m, c])
-    return {n: chosen[n] for n in names}
+    return {n: widths[c] for n, c in zip(names, least_total_cost(err, cost, room), strict=True)}
+
+
+def rank_choices(rank: int) -> tuple[int, ...]:
+    """The ranks :func:`allocate_ranks` chooses from for an average of ``rank``: a quarter of it
+    to twice it, in quarters (at least 1)."""
+    return tuple(sorted({max(1, round(rank * k / 4)) for k in range(1, 9)}))
+
+
+def allocate_ranks(
+    errors: dict[str, dict[int, float]], shapes: dict[str, tuple[int, int]], rank: int
+) -> dict[str, int]:
+    """The adapter rank of each module (from :func:`rank_choices`, at most ``min(out, in)``) that
+    minimizes the total error ``Σ errors[module][rank]`` with at most as many adapter parameters
+    (``rank · (out + in)`` per module) as ``rank`` everywhere (:func:`least_total_cost`)."""
+    names, choices = list(shapes), rank_choices(rank)
+    cost = torch.tensor([[r * sum(shapes[n]) for r in choices] for n in names], dtype=torch.float64)
+    err = torch.tensor(
+        [[errors[n][r] if r <= min(shapes[n]) else math.inf for r in choices] for n in names],
+        dtype=torch.float64,
+    )
+    room = sum(min(rank, *shapes[n]) * sum(shapes[n]) for n in names) - cost[:, 0].sum().item()
+    return {n: choices[c] for n, c in zip(names, least_total_cost(err, cost, room), strict=True)}

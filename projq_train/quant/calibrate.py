@@ -24,12 +24,24 @@ from projq_train.config import SUPPORTED_BITS, QuantConfig
 from projq_train.host_memory import release_freed_memory
 from projq_train.models import decoder_layers
 from projq_train.quant import lowrank_compensation, quantize_weight
-from projq_train.quant.allocate import allocate_bits, check_budget, uniform_storage
+from projq_train.quant.allocate import (
+    BitConfiguration,
+    allocate_bits,
+    allocate_ranks,
+    check_budget,
+    rank_choices,
+    uniform_storage,
+)
 from projq_train.quant.layerwise import StopForward, capture_layer_inputs, release_batch, run_layer
 from projq_train.quant.pack import PackedWeight
 from projq_train.quant.projq import check_rank, hessian_factor, srr_preserved_rank
 from projq_train.quant.rtn import check_grid
-from projq_train.quant.sensitivity import compensation_row_weights, output_sensitivities, weighted_error
+from projq_train.quant.sensitivity import (
+    compensation_row_weights,
+    output_sensitivities,
+    weighted_error,
+    weighted_tails,
+)
 from projq_train.weights import (
     WeightSource,
     load_to_device,
@@ -74,6 +86,8 @@ class ModuleReport:
     err_by_bits: dict[int, float] | None = None  # mixed precision: err Q+BA measured at each width
     loss_by_bits: dict[int, float] | None = None  # and Σ_j F_j (E H Eᵀ)_jj, what the allocation weighs
     phase_seconds: dict[str, float] | None = None  # of `seconds` and the layer's forwards, by phase
+    loss_by_rank: dict[int, dict[int, float]] | None = None  # allocate_ranks: width → rank → that loss
+    rank: int | None = None  # the module's adapter rank
 
 
 def _hnorm(E: Tensor, H: Tensor) -> float:
@@ -101,6 +115,10 @@ def check_model_settings(model: nn.Module, cfg: QuantConfig, rank: int) -> None:
                 raise ValueError(f"layer {li} {name}: {e}") from None
     if cfg.budget_bits is not None:
         check_budget(cfg.budget_bits, target_shapes(model, cfg.target_modules), cfg.group_size)
+    if cfg.allocate_ranks and rank == 0:
+        raise ValueError(
+            "quant.allocate_ranks spreads the adapter parameters of adapter.rank: it needs rank > 0"
+        )
 
 
 def target_shapes(model: nn.Module, targets: list[str]) -> dict[str, tuple[int, int]]:
@@ -215,14 +233,20 @@ def quantize_model(
     bits: dict[str, int] | None = None,
     measure_bits: tuple[int, ...] = (),
     sensitivities: dict[str, Tensor] | None = None,
+    ranks: dict[str, int] | None = None,
+    measure_ranks: tuple[int, ...] = (),
 ) -> tuple[dict[str, QuantizedModule], list[ModuleReport]]:
     """Quantize every target linear of ``model`` (on CPU) in place, calibrating on ``ids (n, seqlen)``,
-    for adapters of rank ``rank`` (0: no compensation), at ``cfg.bits`` or at ``bits[module name]``.
-    Under ``cfg.budget_bits`` (and no ``bits``) a first pass chooses the widths
-    (:func:`allocate_under_budget`: a sensitivity pass, then four quantizations per module in
-    all) and each report row keeps the errors it measured (``err_by_bits``, ``loss_by_bits``).
+    for adapters of rank ``rank`` (0: no compensation), at ``cfg.bits`` or at ``bits[module name]``,
+    of rank ``ranks[module name]`` when given. Under ``cfg.budget_bits`` (and no ``bits``) or
+    ``cfg.allocate_ranks`` (and no ``ranks``) a first pass chooses the configuration
+    (:func:`allocate_configuration`: a sensitivity pass, then four quantizations per module in
+    all under a budget, two at uniform bits) and each report row keeps the errors it measured
+    (``err_by_bits``, ``loss_by_bits``, ``loss_by_rank``).
     With ``measure_bits``, each module is also quantized at those widths (from the same inputs)
-    and its compensated error at each reported, and its weighted error ``Σ_j F_j (E H Eᵀ)_jj``.
+    and its compensated error at each reported, and its weighted error ``Σ_j F_j (E H Eᵀ)_jj``;
+    with ``measure_ranks`` too, the weighted error the best correction of each of those ranks
+    would leave of each width's ``W − Q`` (:func:`~projq_train.quant.sensitivity.weighted_tails`).
     ``sensitivities``: module name → output Fisher ``F`` (:mod:`~projq_train.quant.sensitivity`),
     which weighs those errors and, under ``cfg.compensation: fisher``, the compensation; measured
     here first (one forward and backward pass, a phase of the report) when the budget or the
@@ -240,7 +264,7 @@ def quantize_model(
         raise ValueError("the calibration set is empty: no token windows to calibrate on")
     device = torch.device(device)
     first_pass, sensitivity_seconds = None, None
-    allocating = cfg.budget_bits is not None and bits is None
+    allocating = (cfg.budget_bits is not None and bits is None) or (cfg.allocate_ranks and ranks is None)
     fisher = cfg.compensation == "fisher" and rank > 0
     if sensitivities is None and (allocating or fisher):
         t_sensitivity = time.perf_counter()
@@ -248,9 +272,11 @@ def quantize_model(
         sensitivities = output_sensitivities(model, ids, names, device, source)
         sensitivity_seconds = time.perf_counter() - t_sensitivity
     if allocating:
-        bits, first_pass = allocate_under_budget(
+        configuration, first_pass = allocate_configuration(
             model, ids, cfg, rank, device, batch_size, progress, source, sensitivities
         )
+        bits = configuration.bits if cfg.budget_bits is not None else bits
+        ranks = configuration.ranks if cfg.allocate_ranks else ranks
     layer_names = {id(m): n for n, m in model.named_modules()}
     dtype = model.model.embed_tokens.weight.dtype
     others = [m for name, m in model.model.named_children() if name != "layers"]
@@ -283,19 +309,30 @@ def quantize_model(
                 t0 = time.perf_counter()
                 W, H, name = mod.weight.float(), hessians[short], layer_names[id(mod)]
                 width = cfg.bits if bits is None else bits[name]
+                module_rank = rank if ranks is None else ranks[name]
                 wn = _hnorm(W, H)
                 phases = {"calibration forwards": forwards, "Hessian factors": 0.0}
-                if rank > 0 and id(H) not in factor_of:
+                if module_rank > 0 and id(H) not in factor_of:
                     factor_of[id(H)] = hessian_factor(H)
                     phases["Hessian factors"] = time.perf_counter() - t0
                 factor = factor_of.get(id(H))
                 row_weights = compensation_row_weights(sensitivities[name]) if fisher else None
                 measured = {
-                    b: quantize_module(W, H, cfg, rank, b, factor, phases, row_weights) for b in measure_bits
+                    b: quantize_module(W, H, cfg, module_rank, b, factor, phases, row_weights)
+                    for b in measure_bits
                 }
                 if width not in measured:
-                    measured[width] = quantize_module(W, H, cfg, rank, width, factor, phases, row_weights)
+                    measured[width] = quantize_module(
+                        W, H, cfg, module_rank, width, factor, phases, row_weights
+                    )
                 qm = measured[width]
+                loss_by_rank = {
+                    b: weighted_tails(
+                        W - measured[b].weight.dequantize(), factor[0], sensitivities[name], measure_ranks
+                    )
+                    for b in measure_bits
+                    if measure_ranks
+                }
                 step0 = qm.step0_weight()
                 err_q, err_c = _hnorm(W - qm.weight.dequantize(), H) / wn, _hnorm(W - step0, H) / wn
                 errors = {b: W - measured[b].step0_weight() for b in measure_bits}
@@ -323,6 +360,8 @@ def quantize_model(
                         err_by_bits or None,
                         loss_by_bits or None,
                         phases,
+                        loss_by_rank or None,
+                        module_rank,
                     )
                 )
                 layer_reports.append(reports[-1])
@@ -340,13 +379,15 @@ def quantize_model(
         release_freed_memory()  # the layer's forward, before the next layer's weights arrive
         bar.set_postfix(err=f"{sum(r.err_compensated for r in reports[-len(linears) :]) / len(linears):.4f}")
     for r in reports if first_pass is not None else ():
-        r.err_by_bits, r.loss_by_bits = first_pass[r.name].err_by_bits, first_pass[r.name].loss_by_bits
+        measured = first_pass[r.name]
+        r.err_by_bits, r.loss_by_bits = measured.err_by_bits, measured.loss_by_bits
+        r.loss_by_rank = measured.loss_by_rank
     log.info("quantized %d modules with %s at %s", len(result), cfg.method, widths)
     return result, reports
 
 
 @torch.no_grad()
-def allocate_under_budget(
+def allocate_configuration(
     model: nn.Module,
     ids: Tensor,
     cfg: QuantConfig,
@@ -356,28 +397,62 @@ def allocate_under_budget(
     progress: bool,
     source: WeightSource | None,
     sensitivities: dict[str, Tensor],
-) -> tuple[dict[str, int], dict[str, ModuleReport]]:
-    """The first pass of mixed precision under ``cfg.budget_bits``: given the output Fisher of
-    every module measured on the float model (``sensitivities``, from
-    :func:`~projq_train.quant.sensitivity.output_sensitivities`), every module is quantized at 2,
-    3 and 4 bits from the same inputs (the next layer calibrated on the width whose uniform
-    storage is nearest the budget) and its Fisher-weighted compensated error measured at each;
+) -> tuple[BitConfiguration, dict[str, ModuleReport]]:
+    """The first pass of mixed precision (``cfg.budget_bits``) and of rank allocation
+    (``cfg.allocate_ranks``): given the output Fisher of every module measured on the float model
+    (``sensitivities``, from :func:`~projq_train.quant.sensitivity.output_sensitivities`), every
+    module is quantized from the same inputs at each width the choice needs (2, 3 and 4 bits
+    under a budget, the next layer calibrated on the width whose uniform storage is nearest it;
+    ``cfg.bits`` otherwise) and its Fisher-weighted error measured at each.
     :func:`~projq_train.quant.allocate.allocate_bits` picks the widths that add the least to the
-    loss. The model's target weights are left as they were (without a weight ``source`` they are
-    copied once to restore them). Returns the widths and the first pass's report row of each
-    module."""
+    loss; then :func:`~projq_train.quant.allocate.allocate_ranks` the ranks, from the loss the best
+    correction of each rank in :func:`~projq_train.quant.allocate.rank_choices` would leave of
+    ``W − Q`` at the module's width. When ranks are allocated the first pass quantizes for the
+    smallest choice, so every larger rank's loss is one its ``Q`` reaches (the second pass,
+    quantizing for the rank chosen, does at least about as well); the widths are then chosen by
+    the losses at ``rank``. The model's target weights are left as they were (without a weight
+    ``source`` they are copied once to restore them). Returns the configuration and the first
+    pass's report row of each module."""
     shapes = target_shapes(model, cfg.target_modules)
-    uniform = uniform_storage(shapes, cfg.group_size)
-    nearest = min(SUPPORTED_BITS, key=lambda b: abs(uniform[b] - cfg.budget_bits))
+    if cfg.budget_bits is not None:
+        uniform = uniform_storage(shapes, cfg.group_size)
+        widths = SUPPORTED_BITS
+        nearest = min(widths, key=lambda b: abs(uniform[b] - cfg.budget_bits))
+    else:
+        widths, nearest = (cfg.bits,), cfg.bits
+    choices = rank_choices(rank) if cfg.allocate_ranks else ()
     originals = None if source is not None else {n: model.get_submodule(n).weight.clone() for n in shapes}
-    first = replace(cfg, bits=nearest, budget_bits=None)
+    first = replace(cfg, bits=nearest, budget_bits=None, allocate_ranks=False)
     _, reports = quantize_model(
-        model, ids, first, rank, device, batch_size, progress, source, None, SUPPORTED_BITS, sensitivities
+        model,
+        ids,
+        first,
+        min(choices, default=rank),
+        device,
+        batch_size,
+        progress,
+        source,
+        None,
+        widths,
+        sensitivities,
+        measure_ranks=choices,
     )
     for name, weight in (originals or {}).items():
         model.get_submodule(name).weight.copy_(weight)
-    losses = {r.name: r.loss_by_bits for r in reports}
-    return allocate_bits(losses, shapes, cfg.group_size, cfg.budget_bits), {r.name: r for r in reports}
+    measured = {r.name: r for r in reports}
+    if cfg.budget_bits is None:
+        bits = dict.fromkeys(shapes, cfg.bits)
+    else:
+        losses = {
+            n: ({b: r.loss_by_rank[b][rank] for b in widths} if choices else r.loss_by_bits)
+            for n, r in measured.items()
+        }
+        bits = allocate_bits(losses, shapes, cfg.group_size, cfg.budget_bits)
+    if choices:
+        ranks = allocate_ranks({n: measured[n].loss_by_rank[bits[n]] for n in shapes}, shapes, rank)
+    else:
+        ranks = dict.fromkeys(shapes, rank)
+    return BitConfiguration(bits, ranks), measured
 
 
 def stored_bits_per_weight(modules: dict[str, QuantizedModule]) -> float:
@@ -412,9 +487,13 @@ def apply_quantized(
 
 def format_report(reports: list[ModuleReport]) -> str:
     """A fixed-width table of the per-module report with a mean row; with srr, the preserved rank
-    ``k`` of each module too."""
+    ``k`` of each module too, and its width and rank where they differ between modules."""
     srr = any(r.preserved_rank is not None for r in reports)
     mixed = len({r.bits for r in reports}) > 1
+    ranked = len({r.rank for r in reports}) > 1
+
+    def rank(value: int | None) -> str:  # the rank allocation's column
+        return f" {value:>4}" if ranked else ""
 
     def k(value: int | None) -> str:  # the srr column
         return f" {'' if value is None else value:>4}" if srr else ""
@@ -422,20 +501,25 @@ def format_report(reports: list[ModuleReport]) -> str:
     def width(value: int | None) -> str:  # the mixed-precision column
         return f" {value:>4}" if mixed else ""
 
-    head = (f" {'bits':>4}" if mixed else "") + (f" {'k':>4}" if srr else "")
+    head = (
+        (f" {'bits':>4}" if mixed else "")
+        + (f" {'rank':>4}" if ranked else "")
+        + (f" {'k':>4}" if srr else "")
+    )
     lines = [f"{'module':<40} {'shape':>12}{head} {'err Q':>9} {'err Q+BA':>9} {'tail %':>7} {'sec':>6}"]
     for r in reports:
         shape = f"{r.shape[0]}x{r.shape[1]}"
         lines.append(
-            f"{r.name:<40} {shape:>12}{width(r.bits)}{k(r.preserved_rank)} {r.err_quant:9.5f} "
+            f"{r.name:<40} {shape:>12}{width(r.bits)}{rank(r.rank)}{k(r.preserved_rank)} {r.err_quant:9.5f} "
             f"{r.err_compensated:9.5f} {100 * r.tail_fraction:7.2f} {r.seconds:6.2f}"
         )
     n = max(len(reports), 1)
     ks = [r.preserved_rank for r in reports if r.preserved_rank is not None]
     mean_k = f" {sum(ks) / len(ks):4.1f}" if ks else k(None)
     mean_bits = f" {'':>4}" if mixed else ""
+    mean_rank = f" {sum(r.rank for r in reports) / n:4.1f}" if ranked else ""
     lines.append(
-        f"{'mean':<40} {'':>12}{mean_bits}{mean_k} {sum(r.err_quant for r in reports) / n:9.5f} "
+        f"{'mean':<40} {'':>12}{mean_bits}{mean_rank}{mean_k} {sum(r.err_quant for r in reports) / n:9.5f} "
         f"{sum(r.err_compensated for r in reports) / n:9.5f} "
         f"{100 * sum(r.tail_fraction for r in reports) / n:7.2f} {sum(r.seconds for r in reports):6.2f}"
     )

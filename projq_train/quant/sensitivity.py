@@ -59,6 +59,20 @@ def weighted_error(E: Tensor, H: Tensor, sensitivity: Tensor) -> float:
     return torch.einsum("oi,ij,oj,o->", E, H, E, sensitivity.to(E)).item()
 
 
+def weighted_tails(E: Tensor, F: Tensor, sensitivity: Tensor, ranks: tuple[int, ...]) -> dict[int, float]:
+    """The weighted error ``Σ_j F_j ((E − C) H (E − C)ᵀ)_jj`` (:func:`weighted_error`) left after the
+    best rank-r correction ``C`` in that norm, for each ``r`` in ``ranks``: the tail
+    ``Σ_{i>r} σ_i²`` of ``diag(√F) E F_H`` (``F_H F_Hᵀ = H``:
+    :func:`~projq_train.quant.projq.hessian_factor`), from the eigenvalues of its smaller Gram
+    matrix in fp64."""
+    K = (sensitivity.double().clamp_min(0).sqrt()[:, None] * E.double()) @ F.double()
+    gram = K.T @ K if K.shape[1] <= K.shape[0] else K @ K.T
+    energy = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)  # σ_i², descending
+    kept = torch.cat([energy.new_zeros(1), energy.cumsum(0)])
+    total = K.pow(2).sum()
+    return {r: max((total - kept[min(r, len(energy))]).item(), 0.0) for r in ranks}
+
+
 def output_sensitivities(
     model: nn.Module,
     ids: Tensor,

@@ -992,10 +992,16 @@ def report(result: dict[str, Any]) -> str:
             f"widths {counts}; {c['storage_bits_per_weight']:.3f} bits per weight stored "
             f"(recorded in {c['artifact']})"
         )
+        ranked = len(set(c["ranks"].values())) > 1  # quant.allocate_ranks
+        if ranked:
+            ranks = list(c["ranks"].values())
+            mean = sum(ranks) / len(ranks)
+            out.append(f"ranks  {min(ranks)} to {max(ranks)} per module (rN below), mean {mean:.1f}")
         by_layer: dict[int, list[str]] = {}
         for name, bits in c["bits"].items():
             layer, kind = module_position(name)
-            by_layer.setdefault(layer, []).append(f"{kind.removesuffix('_proj')} {bits}")
+            rank = f" r{c['ranks'][name]}" if ranked else ""
+            by_layer.setdefault(layer, []).append(f"{kind.removesuffix('_proj')} {bits}{rank}")
         out += [f"  layer {i:>3}  " + " ".join(by_layer[i]) for i in sorted(by_layer)]
     out.append(f"run    {result['device']}")
     fit, quantize = result.get("fit"), result["quantize"]

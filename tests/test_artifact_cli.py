@@ -392,11 +392,17 @@ def test_tiny_quantize_recipe_makes_the_artifact_the_tiny_fit_recipe_uses():
 
 
 def test_the_default_compensation_keeps_the_hash_of_artifacts_made_before_the_key():
-    """``quant.compensation`` is new: its default is left out of the hashed settings (artifacts
-    already made are still found); ``fisher`` is in them (its artifact is another)."""
+    """``quant.compensation`` and ``quant.allocate_ranks`` are new: their defaults are left out of
+    the hashed settings (artifacts already made are still found); other values are in them."""
     default = artifact.quantization_settings(QuantConfig(), 8)
     fisher = artifact.quantization_settings(QuantConfig(compensation="fisher"), 8)
     assert "compensation" not in default and fisher == {**default, "compensation": "fisher"}
+    ranks = artifact.quantization_settings(QuantConfig(allocate_ranks=True), 8)
+    assert "allocate_ranks" not in default and ranks == {
+        **default,
+        "allocate_ranks": True,
+        "allocation": "fisher-weighted output error",
+    }
 
 
 def test_a_refresh_artifact_made_before_its_rounds_projected_the_hessian_is_not_reused():

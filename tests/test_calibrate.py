@@ -96,6 +96,32 @@ def test_mixed_precision_quantizes_each_module_at_its_allocated_width_within_the
             torch.testing.assert_close(module.weight, modules[name].step0_weight())
 
 
+def test_allocated_ranks_spend_the_parameters_of_one_rank_everywhere_at_uniform_bits():
+    from projq_train.quant.allocate import rank_choices
+
+    model, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    ids = calibration_tokens(CalibrationConfig(nsamples=8, seqlen=64), tok)
+    cfg = QuantConfig(method="gptq", bits=2, group_size=32, allocate_ranks=True)
+    modules, reports = quantize_model(model, ids, cfg, 8, progress=False)
+    ranks = {n: qm.lora_A.shape[0] for n, qm in modules.items()}
+    assert [r.rank for r in reports] == list(ranks.values()) and set(ranks.values()) <= set(rank_choices(8))
+    assert len(set(ranks.values())) > 1 and {qm.weight.bits for qm in modules.values()} == {2}
+    sizes = {r.name: sum(r.shape) for r in reports}
+    assert sum(ranks[n] * sizes[n] for n in ranks) <= 8 * sum(sizes.values())
+    for r in reports:  # the first pass (at the smallest choice) measured every choice at the width
+        assert set(r.loss_by_rank) == {2} and list(r.loss_by_rank[2]) == list(rank_choices(8))
+        losses = list(r.loss_by_rank[2].values())
+        assert all(a >= b for a, b in zip(losses, losses[1:], strict=False))  # more rank, less loss
+    assert format_report(reports).splitlines()[0].split()[:3] == ["module", "shape", "rank"]
+    for name, module in model.named_modules():  # the model computes the second pass's Q + BA
+        if name in modules:
+            torch.testing.assert_close(module.weight, modules[name].step0_weight())
+    with pytest.raises(ValueError, match="quant.allocate_ranks spreads the parameters of adapter.rank"):
+        quantize_model(model, ids, cfg, 0, progress=False)
+    with pytest.raises(ValueError, match="quant.allocate_ranks needs a compensation"):
+        QuantConfig(method="nf4", bits=4, allocate_ranks=True)
+
+
 def test_calibration_feeds_quantized_outputs_forward():
     """Layer 1 is calibrated on the outputs of the already-quantized layer 0, not the float one."""
     cfg = QuantConfig(method="gptq", bits=2, group_size=32)

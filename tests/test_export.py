@@ -288,6 +288,7 @@ def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tm
     cli.main([*estimate[:-1], "--artifact", str(trained.artifact)])
     text = capsys.readouterr().out
     assert "widths " in text and "layer   0  q " in text and str(trained.artifact) in text
+    assert "ranks  " in text and f" r{ranks['model.layers.0.self_attn.q_proj']} " in text
     with pytest.raises(SystemExit):  # not this recipe's artifact: one line
         cli.main([*estimate, "--artifact", str(trained.artifact), "--model.adapter.rank=8"])
     assert capsys.readouterr().err.strip().endswith("group size 64 and rank 4; the recipe has 64 and 8")

@@ -454,6 +454,33 @@ def test_bit_allocation_meets_the_budget_is_optimal_and_a_larger_budget_never_er
     assert set(allocate_bits(errors, shapes, 64, uniform[3]).values()) <= {2, 3, 4}
 
 
+def test_rank_allocation_is_optimal_within_the_parameters_of_one_rank_everywhere():
+    import itertools
+
+    from projq_train.quant.allocate import allocate_ranks, rank_choices
+
+    assert rank_choices(8) == (2, 4, 6, 8, 10, 12, 14, 16) and rank_choices(1) == (1, 2)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (64, 64), "b": (192, 64), "c": (64, 256), "d": (8, 128)}  # d: at most rank 8
+    errors = {}
+    for n in shapes:  # falling and convex in the rank, as spectral tails are
+        energies = torch.rand(20, generator=g).sort(descending=True).values * torch.rand(1, generator=g)
+        errors[n] = {r: energies[r:].sum().item() for r in rank_choices(8)}
+    chosen = allocate_ranks(errors, shapes, 8)
+    params = {n: sum(shape) for n, shape in shapes.items()}
+    room = sum(8 * p for p in params.values())
+    assert sum(chosen[n] * params[n] for n in shapes) <= room and chosen["d"] <= 8
+    best = min(
+        sum(errors[n][r] for n, r in zip(shapes, ranks, strict=True))
+        for ranks in itertools.product(rank_choices(8), repeat=len(shapes))
+        if sum(r * params[n] for n, r in zip(shapes, ranks, strict=True)) <= room and ranks[3] <= 8
+    )
+    assert sum(errors[n][r] for n, r in chosen.items()) == pytest.approx(best, rel=1e-12)
+    assert len(set(chosen.values())) > 1  # not every module at 8
+    flat = {n: dict.fromkeys(rank_choices(8), 1.0) for n in shapes}  # nothing to gain: the fewest
+    assert set(allocate_ranks(flat, shapes, 8).values()) == {2}
+
+
 def test_a_budget_outside_what_2_to_4_bits_store_is_one_clear_error():
     from projq_train.quant.allocate import allocate_bits
 

@@ -13,7 +13,12 @@ from projq_train.models import build_skeleton, load_model_and_tokenizer, model_c
 from projq_train.quant import spectral_tail
 from projq_train.quant.calibrate import accumulate_hessians, quantize_model, target_shapes
 from projq_train.quant.layerwise import capture_layer_inputs
-from projq_train.quant.sensitivity import compensation_row_weights, output_sensitivities, weighted_error
+from projq_train.quant.sensitivity import (
+    compensation_row_weights,
+    output_sensitivities,
+    weighted_error,
+    weighted_tails,
+)
 from projq_train.weights import RandomInitSource
 from tests.conftest import TINY
 
@@ -134,3 +139,21 @@ def test_fisher_compensation_is_the_best_one_in_the_fisher_weighted_norm():
 
         assert weighted(fisher[name]) == pytest.approx(spectral_tail(d * E, H, rank), rel=1e-3)
         assert weighted(fisher[name]) < 0.99 * weighted(plain[name])
+
+
+def test_weighted_tails_are_what_the_best_correction_of_each_rank_leaves_in_the_loss_norm():
+    g = torch.Generator().manual_seed(0)
+    for out_f, in_f in ((24, 40), (40, 24)):  # either Gram matrix
+        E = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+        X = torch.randn(200, in_f, generator=g, dtype=torch.float64)
+        H = X.T @ X / 200
+        F_out = torch.rand(out_f, generator=g, dtype=torch.float64)
+        F_H = torch.linalg.cholesky(H)
+        tails = weighted_tails(E, F_H, F_out, (0, 3, 10, 24, 30))
+        d = F_out.sqrt()[:, None]
+        U, S, Vh = torch.linalg.svd(d * E @ F_H, full_matrices=False)
+        for r, tail in tails.items():  # the best rank-r correction in that norm, built directly
+            C = (U[:, :r] * S[:r]) @ Vh[:r] @ torch.linalg.inv(F_H) / d
+            assert tail == pytest.approx(weighted_error(E - C, H, F_out), rel=1e-9, abs=1e-9)
+        assert tails[0] == pytest.approx(weighted_error(E, H, F_out), rel=1e-9)
+        assert tails[24] == tails[30] == pytest.approx(0.0, abs=1e-9)  # rank 24 removes it all

@@ -116,9 +116,7 @@ def check_model_settings(model: nn.Module, cfg: QuantConfig, rank: int) -> None:
     if cfg.budget_bits is not None:
         check_budget(cfg.budget_bits, target_shapes(model, cfg.target_modules), cfg.group_size)
     if cfg.allocate_ranks and rank == 0:
-        raise ValueError(
-            "quant.allocate_ranks spreads the adapter parameters of adapter.rank: it needs rank > 0"
-        )
+        raise ValueError("quant.allocate_ranks spreads the parameters of adapter.rank: it needs a rank > 0")
 
 
 def target_shapes(model: nn.Module, targets: list[str]) -> dict[str, tuple[int, int]]:

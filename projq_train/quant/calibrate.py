@@ -377,9 +377,12 @@ def quantize_model(
         release_freed_memory()  # the layer's forward, before the next layer's weights arrive
         bar.set_postfix(err=f"{sum(r.err_compensated for r in reports[-len(linears) :]) / len(linears):.4f}")
     for r in reports if first_pass is not None else ():
-        measured = first_pass[r.name]
-        r.err_by_bits, r.loss_by_bits = measured.err_by_bits, measured.loss_by_bits
-        r.loss_by_rank = measured.loss_by_rank
+        first = first_pass[r.name]
+        r.err_by_bits, r.loss_by_bits, r.loss_by_rank = (
+            first.err_by_bits,
+            first.loss_by_bits,
+            first.loss_by_rank,
+        )
     log.info("quantized %d modules with %s at %s", len(result), cfg.method, widths)
     return result, reports
 

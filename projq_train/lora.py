@@ -78,10 +78,13 @@ def attach_adapters(
     """Freeze ``model`` and add rank-``rank`` LoRA adapters (peft's default init: ``B = 0``) to the
     named linear modules, whether they are ``nn.Linear``, :class:`QuantLinear` or bitsandbytes layers;
     ``ranks``: full module name → its own rank (``quant.allocate_ranks``), as peft's ``rank_pattern``
-    (each name escaped: peft matches the keys as regular expressions)."""
+    (each name escaped: peft matches the keys as regular expressions), with ``alpha_pattern``
+    keeping every module's scaling at ``alpha / rank``."""
+    own = {re.escape(n): r for n, r in (ranks or {}).items() if r != rank}
     config = LoraConfig(
         r=rank,
-        rank_pattern={re.escape(n): r for n, r in (ranks or {}).items() if r != rank},
+        rank_pattern=own,
+        alpha_pattern={n: alpha * r / rank for n, r in own.items()},
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=list(target_modules),

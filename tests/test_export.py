@@ -272,6 +272,7 @@ def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tm
     assert set(configuration["bits"].values()) == widths
     layers = adapter_layers(trained.model)
     ranks = {n: layer.r["default"] for n, layer in layers.items()}
+    assert {layer.scaling["default"] for layer in layers.values()} == {16 / 4}  # alpha / rank for all
     assert ranks == configuration["ranks"] and len(set(ranks.values())) > 1  # adapters of several ranks
     sizes = {n: layer.in_features + layer.out_features for n, layer in layers.items()}
     assert sum(r * sizes[n] for n, r in ranks.items()) <= 4 * sum(sizes.values())  # rank 4's parameters

@@ -76,7 +76,9 @@ COLORS = {
 log = logging.getLogger("end-to-end")
 
 
-def quant_config(method: str, width: float, budget: bool, compensation: str = "hessian") -> QuantConfig:
+def quant_config(
+    method: str, width: float, budget: bool, compensation: str = "hessian", allocate_ranks: bool = False
+) -> QuantConfig:
     """``width`` bits, or (``budget``) the storage budget ``quant.budget_bits``."""
     if method == "nf4":
         return QuantConfig(method="nf4", bits=4)
@@ -88,6 +90,7 @@ def quant_config(method: str, width: float, budget: bool, compensation: str = "h
         "mode": mode or "paper",
         "clip": True,
         "compensation": compensation,
+        "allocate_ranks": allocate_ranks,
     }
     return QuantConfig(method=method, **widths, **settings)
 
@@ -99,25 +102,34 @@ def variant_key(
     compensation: str = "hessian",
     rank: int = RANK,
     lr: float = LR,
+    allocate_ranks: bool = False,
 ) -> str:
     """``gptq-w3`` (uniform 3 bits), ``gptq-b3.3`` (a budget of 3.3 bits per weight), ``nf4-w4``;
-    ``projq-srr-b3.3-r64-fisher`` at adapter rank 64 with ``quant.compensation: fisher``, and
-    ``...-lr0.0001`` when fine-tuned at a learning rate other than :data:`LR`."""
-    suffix = f"-r{rank}" * (rank != RANK) + "-fisher" * (compensation == "fisher") + f"-lr{lr:g}" * (lr != LR)
+    ``projq-srr-b3.3-r64-fisher`` at adapter rank 64 with ``quant.compensation: fisher``,
+    ``...-ranks`` with ``quant.allocate_ranks``, and ``...-lr0.0001`` when fine-tuned at a
+    learning rate other than :data:`LR`."""
+    suffix = (
+        f"-r{rank}" * (rank != RANK)
+        + "-fisher" * (compensation == "fisher")
+        + "-ranks" * allocate_ranks
+        + f"-lr{lr:g}" * (lr != LR)
+    )
     return f"{method}-{'b' if budget else 'w'}{width:g}{suffix}"
 
 
 def parse_key(key: str) -> tuple[str, float, bool]:
     """(label, width, budget) of a :func:`variant_key`; the label is the method, then ``r<rank>``
-    when the rank is not :data:`RANK`, ``fisher`` for a Fisher-weighted compensation and
-    ``lr <lr>`` for another learning rate."""
+    when the rank is not :data:`RANK`, ``fisher`` for a Fisher-weighted compensation, ``ranks``
+    for allocated ranks and ``lr <lr>`` for another learning rate."""
     rest, _, lr = key.partition("-lr")
+    ranks = rest.endswith("-ranks")
+    rest = rest.removesuffix("-ranks")
     fisher = rest.endswith("-fisher")
     rest = rest.removesuffix("-fisher")
     head, last = rest.rsplit("-", 1)
     rank = last if last[0] == "r" and last[1:].isdigit() else None
     method, width = (head if rank else rest).rsplit("-", 1)
-    label = method + f" {rank}" * bool(rank) + " fisher" * fisher + f" lr {lr}" * bool(lr)
+    label = method + f" {rank}" * bool(rank) + " fisher" * fisher + " ranks" * ranks + f" lr {lr}" * bool(lr)
     return label, float(width[1:]), width[0] == "b"
 
 
@@ -228,8 +240,9 @@ def run(args) -> dict:
     variants += [("nf4", 4, False)] if "nf4" in args.methods else []  # 4 bits, whatever --bits says
     for method, width, budget in variants:
         compensation = "hessian" if method == "nf4" else args.compensation
-        key = variant_key(method, width, budget, compensation, args.rank, args.lr)
-        quant = quant_config(method, width, budget, compensation)
+        allocate_ranks = args.allocate_ranks and method != "nf4"
+        key = variant_key(method, width, budget, compensation, args.rank, args.lr, allocate_ranks)
+        quant = quant_config(method, width, budget, compensation, allocate_ranks)
         entry = results.setdefault(key, {})
         if "quantized" not in entry:
             entry.update(step0_of_another_rate(results, key))
@@ -363,6 +376,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--rank", type=int, default=RANK, help="adapter rank (keys end in -r<rank> if not 32)"
+    )
+    parser.add_argument(
+        "--allocate-ranks",
+        action="store_true",
+        help="quant.allocate_ranks for the quantized bases (their keys end in -ranks)",
     )
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch 8)")
     parser.add_argument(

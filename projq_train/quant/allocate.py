@@ -102,7 +102,7 @@ def least_total_cost(errors: Tensor, costs: Tensor, room: float) -> list[int]:
     order = torch.argsort(costs, dim=1, stable=True)  # cheaper choices first: they win ties
     # best[s]: the least total error of the modules so far within s units; picks: their choices
     best = torch.zeros(slots + 1, dtype=torch.float64)
-    picks = torch.empty(len(costs), slots + 1, dtype=torch.long)
+    picks = torch.empty(len(costs), slots + 1, dtype=torch.int8)  # a few choices per module
     for m in range(len(costs)):
         options = torch.stack([shifted(best, int(steps[m, c])) + errors[m, c] for c in order[m].tolist()])
         best, at = options.min(dim=0)

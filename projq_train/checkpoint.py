@@ -39,7 +39,8 @@ from projq_train.config import (
     renamed_settings,
 )
 from projq_train.integrity import verify_checkpoint
-from projq_train.lora import attach_adapters, compensation_ranks
+from projq_train.lora import attach_adapters
+from projq_train.quant.allocate import BitConfiguration
 from projq_train.weights import first_nonfinite
 
 # model and data settings a resumed, validated or tested run may set differently from its checkpoint
@@ -145,7 +146,7 @@ def build_trained(ckpt: FitCheckpoint) -> Trained:
     """The packed base of the checkpoint's artifact plus its trained adapters."""
     model, tokenizer, modules, _ = load_quantized_model(ckpt.artifact)
     targets, adapter = ckpt.quant.target_modules, ckpt.adapter
-    ranks = compensation_ranks(modules)
+    ranks = BitConfiguration.of(modules).ranks
     peft_model = attach_adapters(model, targets, adapter.rank, adapter.alpha, adapter.dropout, ranks)
     missing = [k for k in peft_model.state_dict() if ".lora_" in k and k not in ckpt.adapter_state]
     if missing:

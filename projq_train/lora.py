@@ -101,11 +101,6 @@ def with_quant_linear(config: LoraConfig) -> LoraConfig:
     return config
 
 
-def compensation_ranks(modules: dict[str, QuantizedModule]) -> dict[str, int]:
-    """The rank of each module's compensation: what its adapter is built with."""
-    return {name: qm.lora_A.shape[0] for name, qm in modules.items()}
-
-
 def adapter_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """LoRA layers of a peft model by the name of the module they wrap in the base model."""
     prefix = "base_model.model."

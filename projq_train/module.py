@@ -41,9 +41,10 @@ from projq_train.config import (
 from projq_train.data.instruct import IGNORE_INDEX
 from projq_train.host_memory import release_during_forward, release_freed_memory, return_free_pages
 from projq_train.integrity import contents_digest
-from projq_train.lora import attach_adapters, compensation_ranks, init_from_compensation
+from projq_train.lora import attach_adapters, init_from_compensation
 from projq_train.loss import causal_lm_loss_from_hidden
 from projq_train.models import load_model_and_tokenizer
+from projq_train.quant.allocate import BitConfiguration
 from projq_train.strategies import shard_model  # importing it registers trainer.strategy: projq_fsdp
 from projq_train.swiglu import use_lean_mlps
 from projq_train.weights import base_identity, first_nonfinite
@@ -98,8 +99,9 @@ def prepare_model(
         )
         model, _, modules, _ = load_quantized_model(path)
         base_id = path.name
+    ranks = BitConfiguration.of(modules).ranks
     peft_model = attach_adapters(
-        model, quant.target_modules, adapter.rank, adapter.alpha, adapter.dropout, compensation_ranks(modules)
+        model, quant.target_modules, adapter.rank, adapter.alpha, adapter.dropout, ranks
     )
     if adapter.init == "compensation":
         init_from_compensation(peft_model, modules)

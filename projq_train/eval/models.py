@@ -15,8 +15,9 @@ from projq_train.artifact import check_base, load_quantized_model
 from projq_train.checkpoint import build_trained, read_fit_checkpoint
 from projq_train.config import ModelConfig
 from projq_train.export import load_quantized_export
-from projq_train.lora import attach_adapters, compensation_ranks, init_from_compensation
+from projq_train.lora import attach_adapters, init_from_compensation
 from projq_train.models import load_model_and_tokenizer
+from projq_train.quant.allocate import BitConfiguration
 
 Loaded = tuple[nn.Module, Any, str]  # model, tokenizer, prompt template
 
@@ -35,7 +36,7 @@ def artifact_model(path: str | Path, adapter_init: bool) -> tuple[nn.Module, Any
         targets, rank = meta["recipe"]["quant"]["target_modules"], meta["recipe"]["adapter"]["rank"]
         if rank == 0:
             raise ValueError(f"{path} has no compensation (rank 0) to initialize an adapter from")
-        model = attach_adapters(model, targets, rank, rank, 0.0, compensation_ranks(modules))
+        model = attach_adapters(model, targets, rank, rank, 0.0, BitConfiguration.of(modules).ranks)
         init_from_compensation(model, modules)
     return model, tokenizer
 

@@ -21,8 +21,9 @@ so a recipe that would produce the same result finds the existing artifact witho
 the base's weights. :func:`load_quantized_model` builds the model on the meta device and fills
 it from these files: no float copy of a quantized weight ever exists. Writes go to a temporary
 sibling directory renamed into place, so a crash never leaves a directory that looks complete.
-A writer holds a lock on ``<root>`` (:func:`artifact_lock`): a second process that wants the
-same artifact waits for it instead of quantizing too. Before writing, temporary folders of a
+A writer holds a lock on its artifact (:func:`artifact_lock`, a file under ``<root>/.locks/``):
+a second process that wants the same artifact waits for it instead of quantizing too, while one
+that wants another artifact under the same root goes ahead. Before writing, temporary folders of a
 killed writer are removed and a folder under the final name that is not the artifact is moved
 aside (:func:`clear_leftovers`).
 
@@ -87,6 +88,7 @@ FLOAT_TENSORS = "float.safetensors"
 TOKENIZER = "tokenizer"
 METADATA = "metadata.json"
 TOKENIZER_CACHE = "tokenizers"  # <root>/tokenizers/<key>/: tokenizers converted from GGUF files
+LOCKS = ".locks"  # <root>/.locks/<hash[:16]>: the writer's lock on each artifact
 
 
 def artifact_hash(base_identity: str, calibration_ids: Tensor, settings: dict[str, Any]) -> str:
@@ -283,18 +285,19 @@ def float_tensors(model: nn.Module, source: WeightSource, quantized: set[str]) -
 
 
 @contextmanager
-def artifact_lock(root: str | Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on the directory ``root`` itself (no lock file): a second
-    process that wants an artifact there waits until the first has written its own. The OS
-    releases the lock of a process that dies, so a killed run never blocks the next one."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root, os.O_RDONLY)
+def artifact_lock(root: str | Path, full_hash: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<root>/.locks/<hash[:16]>``: a second process that wants
+    this artifact waits until the first has written it; one that wants another artifact under
+    ``root`` does not wait. The OS releases the lock of a process that dies, so a killed run
+    never blocks the next one; the empty lock file stays (removing it would race a waiter)."""
+    locks = Path(root) / LOCKS
+    locks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(locks / artifact_path(root, full_hash).name, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("another process is writing an artifact under %s; waiting for it", root)
+            log.info("another process is writing artifact %s; waiting for it", artifact_path(root, full_hash))
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -380,7 +383,7 @@ def find_or_quantize(
         waited += poll_seconds
         if (existing := find_artifact(artifact_dir, full_hash)) is not None:
             return existing
-    with artifact_lock(artifact_dir):  # one process quantizes, the others wait here
+    with artifact_lock(artifact_dir, full_hash):  # one process quantizes, the others wait here
         if (existing := find_artifact(artifact_dir, full_hash)) is not None:
             log.info("artifact %s was written by another process while this one waited", existing)
             return existing

@@ -1,5 +1,6 @@
 """Artifacts (round trip, reuse, atomic writes) and the quantize command."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -371,6 +372,36 @@ def test_two_processes_wanting_one_artifact_quantize_it_once(tmp_path, monkeypat
         w.join()
     assert len(calls) == 1 and len(paths) == 2 and paths[0] == paths[1]
     load_quantized_model(paths[0])
+
+
+def test_two_processes_quantizing_different_artifacts_under_one_root_do_not_wait(tmp_path, monkeypatch):
+    import threading
+
+    inside = [threading.Event(), threading.Event()]
+    met = []
+    real = artifact.quantize_model
+
+    def meet(*args, **kwargs):
+        me = 0 if args[2].bits == 2 else 1
+        inside[me].set()
+        met.append(inside[1 - me].wait(timeout=30))  # the other is quantizing at the same time
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(artifact, "quantize_model", meet)
+    settings = [dataclasses.replace(QUANT, bits=2), QUANT]
+    paths = []
+    workers = [
+        threading.Thread(
+            target=lambda q=q: paths.append(find_or_quantize(MODEL, q, RANK, CALIB, tmp_path, "cpu"))
+        )
+        for q in settings
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert met == [True, True] and len(set(paths)) == 2
+    assert sorted(p.name for p in (tmp_path / artifact.LOCKS).iterdir()) == sorted(p.name for p in paths)
 
 
 def test_tiny_quantize_recipe_makes_the_artifact_the_tiny_fit_recipe_uses():

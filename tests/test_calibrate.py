@@ -77,13 +77,15 @@ def test_srr_reports_the_rank_it_preserves_in_each_module():
     assert format_report(plain).splitlines()[0].split()[:3] == ["module", "shape", "err"]  # no k column
 
 
-def test_mixed_precision_quantizes_each_module_at_its_allocated_width_within_the_budget():
+def test_mixed_precision_quantizes_each_module_at_its_allocated_width_within_the_budget(capsys):
     from projq_train.quant.calibrate import format_storage, stored_bits_per_weight
 
     model, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
     ids = calibration_tokens(CalibrationConfig(nsamples=8, seqlen=64), tok)
     cfg = QuantConfig(method="gptq", budget_bits=3.0, group_size=32)
-    modules, reports = quantize_model(model, ids, cfg, 8, progress=False)
+    modules, reports = quantize_model(model, ids, cfg, 8)
+    progress = capsys.readouterr().err  # the two passes are told apart
+    assert "gptq first pass, measuring 2/3/4 bits:" in progress and "gptq mixed bits:" in progress
     assert len({qm.weight.bits for qm in modules.values()}) > 1  # tiny's uniform 3 bits store 3.59
     assert [r.bits for r in reports] == [qm.weight.bits for qm in modules.values()]
     assert stored_bits_per_weight(modules) <= 3.0

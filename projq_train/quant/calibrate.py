@@ -288,8 +288,11 @@ def quantize_model(
     groups = SEQUENTIAL_GROUPS if cfg.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
     result: dict[str, QuantizedModule] = {}
     reports: list[ModuleReport] = []
-    widths = f"w{cfg.bits}" if bits is None else "mixed bits"
-    bar = tqdm(decoder_layers(model), desc=f"{cfg.method} {widths}", disable=not progress)
+    if measure_bits:  # the first pass of an allocation
+        label = f"{cfg.method} first pass, measuring {'/'.join(map(str, measure_bits))} bits"
+    else:
+        label = f"{cfg.method} w{cfg.bits}" if bits is None else f"{cfg.method} mixed bits"
+    bar = tqdm(decoder_layers(model), desc=label, disable=not progress)
     for layer in bar:
         load_to_device(layer, f"{layer_names[id(layer)]}.", source, dtype, device)
         linears = target_linears(layer, cfg.target_modules)
@@ -383,7 +386,7 @@ def quantize_model(
             first.loss_by_bits,
             first.loss_by_rank,
         )
-    log.info("quantized %d modules with %s at %s", len(result), cfg.method, widths)
+    log.info("quantized %d modules (%s)", len(result), label)
     return result, reports
 
 

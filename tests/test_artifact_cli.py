@@ -1,6 +1,5 @@
 """Artifacts (round trip, reuse, atomic writes) and the quantize command."""
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -388,7 +387,7 @@ def test_two_processes_quantizing_different_artifacts_under_one_root_do_not_wait
         return real(*args, **kwargs)
 
     monkeypatch.setattr(artifact, "quantize_model", meet)
-    settings = [dataclasses.replace(QUANT, bits=2), QUANT]
+    settings = [QuantConfig(method="gptq", bits=b, group_size=32) for b in (2, 3)]
     paths = []
     workers = [
         threading.Thread(

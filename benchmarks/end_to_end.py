@@ -34,6 +34,7 @@ import argparse
 import json
 import logging
 import random
+import re
 import time
 from pathlib import Path
 
@@ -65,6 +66,7 @@ INITS = ("standard", "compensation")  # adapter.init
 METHODS = ("rtn", "gptq", "projq", "projq-refresh", "projq-srr", "nf4")  # projq-<mode>: quant.mode
 RANK = 32  # adapter rank, and the compensation's, unless --rank says otherwise (then in the keys)
 LR = 5e-4  # the fine-tune's peak learning rate, unless --lr says otherwise (then in the keys)
+DROPOUT = 0.05  # the adapter's dropout in the fine-tune, unless --dropout says otherwise (then in the keys)
 COLORS = {
     "rtn": "tab:gray",
     "gptq": "tab:blue",
@@ -103,25 +105,32 @@ def variant_key(
     rank: int = RANK,
     lr: float = LR,
     allocate_ranks: bool = False,
+    dropout: float = DROPOUT,
 ) -> str:
     """``gptq-w3`` (uniform 3 bits), ``gptq-b3.3`` (a budget of 3.3 bits per weight), ``nf4-w4``;
     ``projq-srr-b3.3-r64-fisher`` at adapter rank 64 with ``quant.compensation: fisher``,
-    ``...-ranks`` with ``quant.allocate_ranks``, and ``...-lr0.0001`` when fine-tuned at a
-    learning rate other than :data:`LR`."""
-    suffix = (
-        f"-r{rank}" * (rank != RANK)
-        + "-fisher" * (compensation == "fisher")
-        + "-ranks" * allocate_ranks
-        + f"-lr{lr:g}" * (lr != LR)
+    ``...-ranks`` with ``quant.allocate_ranks``; then the fine-tune's settings, ``...-lr0.0001``
+    for a learning rate other than :data:`LR` and ``...-dropout0`` for a dropout other than
+    :data:`DROPOUT`."""
+    quantization = (
+        f"-r{rank}" * (rank != RANK) + "-fisher" * (compensation == "fisher") + "-ranks" * allocate_ranks
     )
-    return f"{method}-{'b' if budget else 'w'}{width:g}{suffix}"
+    fine_tune = f"-lr{lr:g}" * (lr != LR) + f"-dropout{dropout:g}" * (dropout != DROPOUT)
+    return f"{method}-{'b' if budget else 'w'}{width:g}{quantization}{fine_tune}"
+
+
+def split_key(key: str) -> tuple[str, str | None, str | None]:
+    """(the quantization's key, lr, dropout) of a :func:`variant_key`; None where the default."""
+    match = re.fullmatch(r"(.+?)(?:-lr([0-9.e+-]+?))?(?:-dropout([0-9.e+-]+))?", key)
+    return match[1], match[2], match[3]
 
 
 def parse_key(key: str) -> tuple[str, float, bool]:
     """(label, width, budget) of a :func:`variant_key`; the label is the method, then ``r<rank>``
     when the rank is not :data:`RANK`, ``fisher`` for a Fisher-weighted compensation, ``ranks``
-    for allocated ranks and ``lr <lr>`` for another learning rate."""
-    rest, _, lr = key.partition("-lr")
+    for allocated ranks, ``lr <lr>`` for another learning rate and ``dropout <p>`` for another
+    dropout."""
+    rest, lr, dropout = split_key(key)
     ranks = rest.endswith("-ranks")
     rest = rest.removesuffix("-ranks")
     fisher = rest.endswith("-fisher")
@@ -129,7 +138,14 @@ def parse_key(key: str) -> tuple[str, float, bool]:
     head, last = rest.rsplit("-", 1)
     rank = last if last[0] == "r" and last[1:].isdigit() else None
     method, width = (head if rank else rest).rsplit("-", 1)
-    label = method + f" {rank}" * bool(rank) + " fisher" * fisher + " ranks" * ranks + f" lr {lr}" * bool(lr)
+    label = (
+        method
+        + f" {rank}" * bool(rank)
+        + " fisher" * fisher
+        + " ranks" * ranks
+        + f" lr {lr}" * bool(lr)
+        + f" dropout {dropout}" * bool(dropout)
+    )
     return label, float(width[1:]), width[0] == "b"
 
 
@@ -172,7 +188,7 @@ def fine_tune(quant: QuantConfig, init: str, train: Path, args) -> tuple[ProjQMo
     module = ProjQModule(
         MODEL,
         quant,
-        AdapterConfig(rank=args.rank, init=init, alpha=float(args.rank), dropout=0.05),
+        AdapterConfig(rank=args.rank, init=init, alpha=float(args.rank), dropout=args.dropout),
         CALIBRATION,
         artifact_dir=args.artifact_dir,
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
@@ -207,15 +223,15 @@ def fine_tune(quant: QuantConfig, init: str, train: Path, args) -> tuple[ProjQMo
     return module, stats
 
 
-def step0_of_another_rate(results: dict, key: str) -> dict:
+def step0_of_another_fine_tune(results: dict, key: str) -> dict:
     """The step-0 fields (artifact, quantization time, the quantized and initialized models'
     scores) of an entry of ``results`` with ``key``'s quantization fine-tuned at another learning
-    rate: step 0 does not depend on it. Empty when there is none."""
-    quantization = key.partition("-lr")[0]
+    rate or dropout: step 0 depends on neither. Empty when there is none."""
+    quantization = split_key(key)[0]
     for other, entry in results.items():
         if (
             other not in ("float", "settings")
-            and other.partition("-lr")[0] == quantization
+            and split_key(other)[0] == quantization
             and "quantized" in entry
         ):
             return {
@@ -241,11 +257,13 @@ def run(args) -> dict:
     for method, width, budget in variants:
         compensation = "hessian" if method == "nf4" else args.compensation
         allocate_ranks = args.allocate_ranks and method != "nf4"
-        key = variant_key(method, width, budget, compensation, args.rank, args.lr, allocate_ranks)
+        key = variant_key(
+            method, width, budget, compensation, args.rank, args.lr, allocate_ranks, args.dropout
+        )
         quant = quant_config(method, width, budget, compensation, allocate_ranks)
         entry = results.setdefault(key, {})
         if "quantized" not in entry:
-            entry.update(step0_of_another_rate(results, key))
+            entry.update(step0_of_another_fine_tune(results, key))
         if "quantized" not in entry:
             t0 = time.perf_counter()
             if method == "nf4":  # no artifact: bitsandbytes quantizes the loaded model
@@ -389,6 +407,13 @@ def main() -> None:
         default=LR,
         help="peak learning rate (keys end in -lr<lr> if not 5e-4); with a --json that holds the same "
         "quantization at another rate, its step-0 scores are reused",
+    )
+    parser.add_argument(
+        "--dropout",
+        type=float,
+        default=DROPOUT,
+        help="adapter.dropout of the fine-tune (keys end in -dropout<p> if not 0.05); step-0 scores "
+        "are reused as for --lr",
     )
     parser.add_argument("--rows-per-set", type=int, default=500, help="training rows from each training set")
     parser.add_argument("--rows", type=int, default=40, help="test rows scored per commonsense task")

@@ -57,6 +57,7 @@ VARIANTS = {
     "nf4": {"method": "nf4"},  # bitsandbytes NF4 4-bit (QLoRA's base; its adapter starts at B = 0)
 }
 SETTINGS = ("group_size", "nsamples", "seqlen", "ppl_windows")  # stored with the rows, shown in the table
+DEFAULT_ROUNDS = QuantConfig.iters  # rows quantized with other --iters say so
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
@@ -75,7 +76,7 @@ def main() -> None:
     ap.add_argument(
         "--group-size", type=int, default=64, help="128 does not divide SmolLM2's hidden size 576"
     )
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=DEFAULT_ROUNDS, help="quant.iters (rows say so if not 5)")
     ap.add_argument("--budgets", nargs="*", type=float, default=[], help="quant.budget_bits rows")
     ap.add_argument("--budget-variants", nargs="+", default=["gptq-clip"], choices=list(VARIANTS))
     ap.add_argument(
@@ -241,7 +242,10 @@ def print_table(rows: list[dict], settings: dict) -> None:
     for r in rows[1:]:
         g = by.get((r["bits"], r["rank"], "gptq"))
         ks = [k for k in r.get("preserved_rank") or [] if k is not None]
-        method = f"{r['variant']} (mean k {sum(ks) / len(ks):.1f})" if ks else r["variant"]
+        method = r["variant"]
+        if r.get("config", {}).get("method") == "projq" and r["config"]["iters"] != DEFAULT_ROUNDS:
+            method += f" {r['config']['iters']} rounds"
+        method += f" (mean k {sum(ks) / len(ks):.1f})" if ks else ""
         storage = f"{r['storage']:.3f}" if "storage" in r else "-"
         tratio = f"{r['quant_seconds'] / g['quant_seconds']:.2f}x" if g else "-"
         phases = r.get("phase_seconds")

@@ -209,8 +209,12 @@ class AdapterConfig:
     QLoRA init (``B = 0``), step 0 computes ``Q``."""
     alpha: float = 16.0
     """LoRA scaling numerator: the update is ``alpha / rank · B A``."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input during training."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input during training. 0 by default: an adapter initialized from
+    the compensation carries part of the model (``BA``; with ``refresh`` and ``srr`` also W's top
+    directions), and dropping its input perturbs that part at every step; the fine-tuned model
+    drifts much further from its step 0 with dropout than without (README, "Adapter dropout").
+    Dropout also keeps a mask and a dropped copy of each adapted module's input for the backward."""
 
     def __post_init__(self):
         if self.rank < 0:

@@ -61,3 +61,10 @@ def peak_allocated_bytes(fn) -> int:
             live -= size
         peak = max(peak, live)
     return peak
+
+
+def artifact_root_entries(root) -> list[Path]:
+    """What an artifact root holds besides the writers' lock files (``.locks/``)."""
+    from projq_train.artifact import LOCKS
+
+    return [p for p in Path(root).iterdir() if p.name != LOCKS]

@@ -31,7 +31,7 @@ from projq_train.models import decoder_layers, load_model_and_tokenizer
 from projq_train.module import prepare_model
 from projq_train.quant.calibrate import apply_quantized, quantize_model
 from projq_train.quant.linear import QuantLinear
-from tests.conftest import TINY, flip_a_bit_of
+from tests.conftest import TINY, artifact_root_entries, flip_a_bit_of
 
 TINY_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny-quantize.yaml"
 
@@ -245,7 +245,7 @@ def test_a_recipe_run_from_any_working_directory_finds_its_artifact(tmp_path, mo
         cli.main(["quantize", "--config", str(recipe), "--quant.iters", "1"])
         found.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["artifact"])
         monkeypatch.setattr(artifact, "quantize_model", None)  # the later runs must not quantize
-    made = list((tmp_path / "project" / "artifacts").iterdir())
+    made = artifact_root_entries(tmp_path / "project" / "artifacts")
     assert len(made) == 1 and found == [str(made[0])] * 3
     assert [p.name for p in tmp_path.iterdir()] == ["project"]  # nothing written where it ran
     assert sorted(p.name for p in (tmp_path / "project").iterdir()) == ["artifacts", "recipes"]

@@ -289,7 +289,8 @@ class ProjQModule(L.LightningModule):
 
     def _log_perplexity(self, prefix: str) -> None:
         self.log(f"{prefix}_ppl", self.nll.compute().exp(), prog_bar=True)  # over the whole epoch
-        self.nll.reset()
+        with torch.inference_mode(False):  # fresh states a later fit's validation may update in place
+            self.nll.reset()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")

@@ -1,5 +1,6 @@
 """The fit job: LightningCLI recipes, step-0 model, training, adapter-only checkpoints, resume."""
 
+import math
 import os
 import re
 import signal
@@ -94,6 +95,36 @@ def test_loss_decreases_when_overfitting_a_small_set(tmp_path, monkeypatch):
     trainer.fit(module, datamodule=data)
     assert len(losses) == 40 and losses[-1] < 0.1 * losses[0]
     assert released == list(module.model.get_base_model().model.layers)
+
+
+def test_a_module_validated_before_fit_validates_again_during_fit(tmp_path):
+    module = ProjQModule(
+        ModelConfig(config=TINY["llama"]),
+        tiny_quant(),
+        AdapterConfig(rank=4),
+        CALIB,
+        artifact_dir=str(tmp_path),
+    )
+    data = InstructionData(
+        "builtin:toy_instructions", limit=16, batch_size=4, val_fraction=0.25, tokenizer=module.tokenizer
+    )
+    trainer = L.Trainer(
+        max_steps=2,
+        val_check_interval=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    before = trainer.validate(module, datamodule=data, verbose=False)[0]["val_ppl"]  # inference mode
+    trainer.fit(module, datamodule=data)  # validates at step 2 with the metric reset in inference mode
+    assert (
+        trainer.global_step == 2
+        and math.isfinite(before)
+        and math.isfinite(trainer.callback_metrics["val_ppl"])
+    )
 
 
 def run_cli(*args: str) -> None:

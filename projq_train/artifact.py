@@ -290,14 +290,14 @@ def artifact_lock(root: str | Path, full_hash: str) -> Iterator[None]:
     this artifact waits until the first has written it; one that wants another artifact under
     ``root`` does not wait. The OS releases the lock of a process that dies, so a killed run
     never blocks the next one; the empty lock file stays (removing it would race a waiter)."""
-    locks = Path(root) / LOCKS
+    final, locks = artifact_path(root, full_hash), Path(root) / LOCKS
     locks.mkdir(parents=True, exist_ok=True)
-    fd = os.open(locks / artifact_path(root, full_hash).name, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(locks / final.name, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("another process is writing artifact %s; waiting for it", artifact_path(root, full_hash))
+            log.info("another process is writing artifact %s; waiting for it", final)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:

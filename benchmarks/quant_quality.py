@@ -58,6 +58,7 @@ VARIANTS = {
 }
 SETTINGS = ("group_size", "nsamples", "seqlen", "ppl_windows")  # stored with the rows, shown in the table
 DEFAULT_ROUNDS = QuantConfig.iters  # rows quantized with other --iters say so
+DEFAULT_STRENGTH = QuantConfig.projection_strength  # rows with another --projection-strength say so
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
@@ -77,6 +78,12 @@ def main() -> None:
         "--group-size", type=int, default=64, help="128 does not divide SmolLM2's hidden size 576"
     )
     ap.add_argument("--iters", type=int, default=DEFAULT_ROUNDS, help="quant.iters (rows say so if not 5)")
+    ap.add_argument(
+        "--projection-strength",
+        type=float,
+        default=DEFAULT_STRENGTH,
+        help="quant.projection_strength (rows say so if not 1.0)",
+    )
     ap.add_argument("--budgets", nargs="*", type=float, default=[], help="quant.budget_bits rows")
     ap.add_argument("--budget-variants", nargs="+", default=["gptq-clip"], choices=list(VARIANTS))
     ap.add_argument(
@@ -155,6 +162,7 @@ def quantized_row(model, ids, windows, name: str, bits: float, rank: int, budget
     settings = {
         "group_size": args.group_size,
         "iters": args.iters,
+        "projection_strength": args.projection_strength,
         "compensation": args.compensation,
         "allocate_ranks": args.allocate_ranks,
     }
@@ -243,8 +251,10 @@ def print_table(rows: list[dict], settings: dict) -> None:
         g = by.get((r["bits"], r["rank"], "gptq"))
         ks = [k for k in r.get("preserved_rank") or [] if k is not None]
         method = r["variant"]
-        if r.get("config", {}).get("method") == "projq" and r["config"]["iters"] != DEFAULT_ROUNDS:
-            method += f" {r['config']['iters']} rounds"
+        if r.get("config", {}).get("method") == "projq":
+            method += f" {r['config']['iters']} rounds" * (r["config"]["iters"] != DEFAULT_ROUNDS)
+            strength = r["config"]["projection_strength"]
+            method += f" strength {strength:g}" * (strength != DEFAULT_STRENGTH)
         method += f" (mean k {sum(ks) / len(ks):.1f})" if ks else ""
         storage = f"{r['storage']:.3f}" if "storage" in r else "-"
         tratio = f"{r['quant_seconds'] / g['quant_seconds']:.2f}x" if g else "-"

@@ -251,6 +251,8 @@ def print_table(rows: list[dict], settings: dict) -> None:
         g = by.get((r["bits"], r["rank"], "gptq"))
         ks = [k for k in r.get("preserved_rank") or [] if k is not None]
         method = r["variant"]
+        if r.get("config", {}).get("group_size", settings["group_size"]) != settings["group_size"]:
+            method += f" g{r['config']['group_size']}"
         if r.get("config", {}).get("method") == "projq":
             method += f" {r['config']['iters']} rounds" * (r["config"]["iters"] != DEFAULT_ROUNDS)
             strength = r["config"]["projection_strength"]

@@ -255,7 +255,7 @@ def print_table(rows: list[dict], settings: dict) -> None:
             method += f" g{r['config']['group_size']}"
         if r.get("config", {}).get("method") == "projq":
             method += f" {r['config']['iters']} rounds" * (r["config"]["iters"] != DEFAULT_ROUNDS)
-            strength = r["config"]["projection_strength"]
+            strength = r["config"].get("projection_strength", DEFAULT_STRENGTH)
             method += f" strength {strength:g}" * (strength != DEFAULT_STRENGTH)
         method += f" (mean k {sum(ks) / len(ks):.1f})" if ks else ""
         storage = f"{r['storage']:.3f}" if "storage" in r else "-"

@@ -195,6 +195,32 @@ def test_top_singular_is_exact_below_the_threshold_and_close_by_the_randomized_f
     torch.testing.assert_close(U2 * S2 @ V2.T, (U2 @ U2.T) @ K)
 
 
+def test_small_svd_retries_a_failed_decomposition_on_the_cpu_in_float64(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    B = torch.randn(12, 4, generator=gen) @ torch.randn(4, 50, generator=gen)  # rank 4 of 12: repeated zeros
+    svd = torch.linalg.svd
+    calls = []
+
+    def failing_below_float64(A, full_matrices=True):  # as cuSOLVER failed on an H200
+        calls.append(A.dtype)
+        if A.dtype != torch.float64:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return svd(A, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_below_float64)
+    U, S, Vh = projq.small_svd(B)
+    assert calls == [torch.float32, torch.float64]
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    torch.testing.assert_close(S, svd(B.double())[1].float())
+    torch.testing.assert_close(U * S @ Vh, B, atol=1e-4, rtol=0)
+    monkeypatch.setattr(torch.linalg, "svd", lambda A, full_matrices=True: failing_below_float64(A.float()))
+    with pytest.raises(torch.linalg.LinAlgError):  # a float64 CPU matrix has nothing left to retry with
+        projq.small_svd(B.double())
+    B[3, 7] = float("nan")
+    with pytest.raises(ValueError, match="12x50 matrix to decompose holds NaN"):
+        projq.small_svd(B)
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_projq_lowers_compensated_error(layer, bits):
     W, _, H = layer

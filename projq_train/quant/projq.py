@@ -116,8 +116,26 @@ def randomized_top_singular(
     Q = torch.linalg.qr(K @ omega).Q  # (out, width)
     for _ in range(power_iters):
         Q = torch.linalg.qr(K @ torch.linalg.qr(K.T @ Q).Q).Q
-    U, S, Vh = torch.linalg.svd(Q.T @ K, full_matrices=False)  # (width, in): small
+    U, S, Vh = small_svd(Q.T @ K)  # (width, in)
     return (Q @ U)[:, :rank], S[:rank], Vh[:rank].T
+
+
+def small_svd(B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD ``U, σ, Vᴴ`` of a matrix with few rows. cuSOLVER can fail to converge on a
+    finite one (seen on an H200: a random-init 1B model's projection, rank-deficient since a few
+    calibration tokens span fewer directions than its 8192 inputs); then the SVD is taken on the
+    CPU in float64 (LAPACK), and the result returned on ``B``'s device and dtype."""
+    if not torch.isfinite(B).all():
+        raise ValueError(
+            f"the {B.shape[0]}x{B.shape[1]} matrix to decompose holds NaN or infinite values: the weights or "
+            "the calibration activations of this module are not finite"
+        )
+    try:
+        return torch.linalg.svd(B, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if B.device.type == "cpu" and B.dtype == torch.float64:
+            raise
+        return tuple(t.to(B.device, B.dtype) for t in torch.linalg.svd(B.cpu().double(), full_matrices=False))
 
 
 def error_subspace(E: Tensor, F: Tensor, rank: int) -> tuple[float, Tensor]:

@@ -195,6 +195,27 @@ def test_top_singular_is_exact_below_the_threshold_and_close_by_the_randomized_f
     torch.testing.assert_close(U2 * S2 @ V2.T, (U2 @ U2.T) @ K)
 
 
+@pytest.mark.parametrize("factor", ["hessian_factor", "reversed_cholesky"])
+def test_a_nan_factor_reported_as_a_success_is_retried_with_more_damping(factor, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(8, 32, generator=gen, dtype=torch.float64)
+    H = X.T @ X  # rank 8 of 32
+    cholesky_ex, factored = torch.linalg.cholesky_ex, []
+
+    def nan_on_first_call(A):  # as CUDA answers a matrix that is not positive definite
+        factored.append(A.flip(0, 1) if factor == "reversed_cholesky" else A)
+        L, info = cholesky_ex(A)
+        return (torch.full_like(L, float("nan")), torch.zeros_like(info)) if len(factored) == 1 else (L, info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", nan_on_first_call)
+    F = hessian_factor(H)[0] if factor == "hessian_factor" else reversed_cholesky(H, damp=0.01)
+    assert len(factored) == 2
+    first, second = ((A - H).diagonal() for A in factored)
+    assert (second > first).all()  # the damping grew
+    assert torch.isfinite(F).all()
+    torch.testing.assert_close(F @ F.T, factored[1])
+
+
 def test_small_svd_retries_a_failed_decomposition_on_the_cpu_in_float64(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     B = torch.randn(12, 4, generator=gen) @ torch.randn(4, 50, generator=gen)  # rank 4 of 12: repeated zeros

@@ -33,6 +33,15 @@ def inverse_cholesky(H: Tensor, damp: float, max_tries: int = 6) -> Tensor:
     return upper_triangular_inverse(reversed_cholesky(H, damp, max_tries))
 
 
+def cholesky_or_none(A: Tensor) -> Tensor | None:
+    """The lower Cholesky factor of ``A``, or ``None`` where ``A`` is not positive definite in
+    floating point. On CUDA such a matrix can come back as NaN with ``info`` 0
+    (pytorch/pytorch#121009; most likely what crashed a quantization on an H200), so a factor needs a
+    finite diagonal too: a NaN anywhere in a row reaches that row's diagonal entry."""
+    L, info = torch.linalg.cholesky_ex(A)
+    return L if info.item() == 0 and bool(torch.isfinite(L.diagonal()).all()) else None
+
+
 def reversed_cholesky(H: Tensor, damp: float, max_tries: int = 6) -> Tensor:
     """Upper ``R`` with ``R Rᵀ = H + λI``, ``λ = damp · mean(diag H)``: the Cholesky factor of
     ``H + λI`` with rows and columns in reverse order, read back reversed. When the factorization
@@ -43,8 +52,8 @@ def reversed_cholesky(H: Tensor, damp: float, max_tries: int = 6) -> Tensor:
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(max_tries):
         lam = damp * mean_diag * 10**attempt
-        L, info = torch.linalg.cholesky_ex(reversed_H + lam * eye)
-        if info.item() == 0:
+        L = cholesky_or_none(reversed_H + lam * eye)
+        if L is not None:
             return L.flip(0, 1)
     raise torch.linalg.LinAlgError(
         f"Cholesky of the Hessian failed even with dampening {damp * 10 ** (max_tries - 1):g}; "

@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from projq_train.quant.gptq import gptq_quantize, reversed_cholesky
+from projq_train.quant.gptq import cholesky_or_none, gptq_quantize, reversed_cholesky
 from projq_train.quant.rtn import QuantizedWeight
 
 EXACT_SVD_MAX_DIM = 1024  # top_singular: exact up to this min(out, in), randomized above
@@ -70,8 +70,8 @@ def hessian_factor(H: Tensor, rel_floor: float = 1e-8) -> tuple[Tensor, Tensor]:
     eye = torch.eye(Hw.shape[0], dtype=Hw.dtype, device=Hw.device)
     delta = rel_floor * Hw.diagonal().max().clamp_min(1e-30)
     for _ in range(12):
-        F, info = torch.linalg.cholesky_ex(Hw + delta * eye)
-        if info == 0:
+        F = cholesky_or_none(Hw + delta * eye)
+        if F is not None:
             return F, torch.linalg.solve_triangular(F, eye, upper=False)
         delta = delta * 10
     raise ValueError("the Hessian is not positive semi-definite: its factorization failed")
@@ -121,14 +121,14 @@ def randomized_top_singular(
 
 
 def small_svd(B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The thin SVD ``U, σ, Vᴴ`` of a matrix with few rows. cuSOLVER can fail to converge on a
-    finite one (seen on an H200: a random-init 1B model's projection, rank-deficient since a few
-    calibration tokens span fewer directions than its 8192 inputs); then the SVD is taken on the
-    CPU in float64 (LAPACK), and the result returned on ``B``'s device and dtype."""
+    """The thin SVD ``U, σ, Vᴴ`` of a matrix with few rows. Where cuSOLVER fails to converge on a
+    finite one, the SVD is taken on the CPU in float64 (LAPACK) and returned on ``B``'s device and
+    dtype. (A quantization on an H200 failed here, most likely on a NaN matrix made by a Hessian
+    factor that :func:`~projq_train.quant.gptq.cholesky_or_none` now rejects.)"""
     if not torch.isfinite(B).all():
         raise ValueError(
-            f"the {B.shape[0]}x{B.shape[1]} matrix to decompose holds NaN or infinite values: the weights or "
-            "the calibration activations of this module are not finite"
+            f"the {B.shape[0]}x{B.shape[1]} matrix to decompose holds NaN or infinite values: the module's "
+            "weights, its calibration activations or its Hessian factor are not finite"
         )
     try:
         return torch.linalg.svd(B, full_matrices=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from projq_train.quant.linear import QuantLinear
 from projq_train.quant.pack import PackedWeight, dequantize_packed
@@ -71,6 +72,47 @@ def check_self_test_catches_a_wrong_kernel(device: str) -> None:
     assert "forward (dense) at 2 bits" in tk.self_test(torch.device(device))
 
 
+def check_round_columns(device: str) -> None:
+    """GPTQ's fused sub-block rounding against the torch loop (``gptq.round_columns_torch`` on CPU
+    tensors): the same codes (ties to even included; on a GPU all but a few near ties), the errors
+    and the fed-forward rows to float rounding, on ragged shapes; then a whole GPTQ run."""
+    from projq_train.quant import gptq
+    from projq_train.quant import triton_kernels as tk
+
+    def same_codes(a: Tensor, b: Tensor) -> bool:
+        return torch.equal(a.cpu(), b) if device == "cpu" else (a.cpu() != b).float().mean() < 1e-3
+
+    gen = torch.Generator().manual_seed(0)
+    for rows, outputs in [(16, 100), (5, 33), (1, 7), (24, 300)]:
+        A = torch.randn(rows, rows, generator=gen)
+        Hinv1 = torch.linalg.cholesky(A @ A.T + rows * torch.eye(rows)).T  # upper, column-major
+        scale = torch.rand(outputs, generator=gen) * 0.3 + 0.05
+        zero = torch.randint(0, 8, (outputs,), generator=gen).float()
+        W1 = torch.randn(rows, outputs, generator=gen)
+        W1[0, :4] = torch.tensor([0.5, 1.5, -2.5, 2.5]) * scale[:4]  # ties
+        reference = (W1.clone(), torch.zeros_like(W1), torch.zeros_like(W1))
+        gptq.round_columns_torch(reference[0], Hinv1, scale, -zero, 7 - zero, *reference[1:])
+        w, q, err = (t.to(device) for t in (W1, torch.zeros_like(W1), torch.zeros_like(W1)))
+        on = (t.to(device) for t in (Hinv1, scale, -zero, 7 - zero))
+        tk.round_columns(w, *on, q, err)
+        assert same_codes(q, reference[1])
+        torch.testing.assert_close(err.cpu(), reference[2], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w.cpu(), reference[0], rtol=1e-5, atol=1e-6)
+    X, W = torch.randn(256, 96, generator=gen), torch.randn(40, 96, generator=gen)
+    reference = gptq.gptq_quantize(W, X.T @ X / 256, 3, 32, clip=True)  # groups of 32: two sub-blocks each
+    gptq.round_columns = tk.round_columns  # as on CUDA
+    fused = gptq.gptq_quantize(W.to(device), (X.T @ X / 256).to(device), 3, 32, clip=True)
+    assert same_codes(fused.codes, reference.codes)
+    torch.testing.assert_close(fused.scales.cpu(), reference.scales, rtol=1e-5, atol=0)
+    # the self-test that lets GPTQ use the kernel on a device, and refuses a wrong one
+    assert gptq.triton_rounding(torch.device(device))
+    right = tk.round_columns
+    tk.round_columns = lambda W1, Hinv1, *rest: right(W1, Hinv1 * 1.01, *rest)
+    gptq.triton_rounding.cache_clear()
+    assert not gptq.triton_rounding(torch.device(device))
+    gptq.triton_rounding.cache_clear()
+
+
 def run_interpreted(check: str) -> None:
     code = f"import torch; from tests.test_triton_kernels import *; {check}"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -86,6 +128,10 @@ def test_kernels_match_the_torch_reference_interpreted():
 
 def test_self_test_catches_a_wrong_kernel_interpreted():
     run_interpreted("check_self_test_catches_a_wrong_kernel('cpu')")
+
+
+def test_gptq_rounding_kernel_matches_the_torch_loop_interpreted():
+    run_interpreted("check_round_columns('cpu')")
 
 
 @pytest.fixture
@@ -104,6 +150,11 @@ def one_config_per_kernel(monkeypatch):
 @pytest.mark.usefixtures("one_config_per_kernel")
 def test_kernels_match_the_torch_reference_on_cuda():
     check_kernels("cuda", (torch.float32, torch.float16, torch.bfloat16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gptq_rounding_kernel_matches_the_torch_loop_on_cuda():
+    check_round_columns("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -8,9 +8,16 @@ holds per sub-block of :data:`SUB_BLOCK` columns: a rounded column updates the r
 sub-block at once, and the rest of the block receives a sub-block's errors in one product
 (less memory traffic than a rank-1 update of the whole block per column). The loop works on
 ``Wᵀ``, where a column is a contiguous row that each step reads and writes in place.
+
+On CUDA a sub-block is rounded by one Triton kernel (:func:`round_columns`) instead of seven
+small operations per column: on a GPU the column loop is otherwise bound by kernel launches.
 """
 
 from __future__ import annotations
+
+import functools
+import itertools
+import logging
 
 import torch
 from torch import Tensor
@@ -22,6 +29,7 @@ from projq_train.quant.rtn import (
     minmax_params,
 )
 
+log = logging.getLogger(__name__)
 SUB_BLOCK = 16  # columns whose rank-1 updates are applied one by one; the rest of a block lazily
 TRIANGULAR_BASE = 128  # upper_triangular_inverse: blocks up to this size are solved directly
 
@@ -76,6 +84,63 @@ def upper_triangular_inverse(R: Tensor, base: int = TRIANGULAR_BASE) -> Tensor:
     out[:h, :h], out[h:, h:] = A_inv, C_inv
     out[:h, h:] = -(A_inv @ R[:h, h:]) @ C_inv
     return out
+
+
+def round_columns(
+    W1: Tensor, Hinv1: Tensor, scale: Tensor, low: Tensor, high: Tensor, q: Tensor, err: Tensor
+) -> None:
+    """Round the rows of ``W1 (c, out)`` (``c`` columns of ``W``, each a row) one after the other:
+    row ``i`` onto the grid ``(x / scale).round().clamp(low, high) · scale`` (per output, ``(out,)``)
+    into ``q[i]``, its error divided by the pivot ``Hinv1[i, i]`` into ``err[i]``, and that error
+    fed forward into rows ``i`` and below through ``Hinv1[i, i:]`` (``W1`` is updated in place).
+    On CUDA, one Triton kernel (:func:`projq_train.quant.triton_kernels.round_columns`) where it
+    passed its self-test (:func:`triton_rounding`)."""
+    if W1.is_cuda and triton_rounding(W1.device):
+        from projq_train.quant.triton_kernels import round_columns as fused
+
+        fused(W1, Hinv1, scale, low, high, q, err)
+    else:
+        round_columns_torch(W1, Hinv1, scale, low, high, q, err)
+
+
+def round_columns_torch(
+    W1: Tensor, Hinv1: Tensor, scale: Tensor, low: Tensor, high: Tensor, q: Tensor, err: Tensor
+) -> None:
+    """:func:`round_columns` in torch operations, seven per row."""
+    for i, pivot in enumerate(Hinv1.diagonal().tolist()):
+        w, qi, ei = W1[i], q[i], err[i]
+        torch.div(w, scale, out=qi).round_().clamp_(low, high).mul_(scale)
+        torch.sub(w, qi, out=ei).div_(pivot)
+        W1[i:].addr_(Hinv1[i, i:], ei, alpha=-1)
+
+
+@functools.cache
+def triton_rounding(device: torch.device) -> bool:
+    """Whether :func:`round_columns` uses the Triton kernel on ``device``: Triton imports and the
+    kernel agrees with :func:`round_columns_torch` on a small case, ties included (checked once per
+    device; otherwise a warning, and the torch loop)."""
+    try:
+        from projq_train.quant.triton_kernels import round_columns as fused
+
+        gen = torch.Generator().manual_seed(0)
+        A = torch.randn(16, 16, generator=gen)
+        Hinv1 = torch.linalg.cholesky(A @ A.T + 16 * torch.eye(16)).T.to(device)
+        scale = torch.full((256,), 0.1, device=device)
+        low, high = torch.full_like(scale, -4.0), torch.full_like(scale, 3.0)
+        W1 = (torch.randn(16, 256, generator=gen) * 0.3).to(device)
+        W1[0, :3] = torch.tensor([0.5, 1.5, -2.5], device=device) * scale[:3]  # ties
+        runs = [(W1.clone(), torch.zeros_like(W1), torch.zeros_like(W1)) for _ in range(2)]
+        round_columns_torch(runs[0][0], Hinv1, scale, low, high, *runs[0][1:])
+        fused(runs[1][0], Hinv1, scale, low, high, *runs[1][1:])
+        agree = (runs[0][1] != runs[1][1]).float().mean().item() < 1e-3 and all(
+            torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(runs[0], runs[1], strict=True)
+        )
+        problem = None if agree else "the kernel disagrees with the torch loop"
+    except Exception as err:  # Triton missing, or its compiler failing on this device
+        problem = f"{type(err).__name__}: {err}"
+    if problem:
+        log.warning("GPTQ rounds column by column in torch on %s: %s", device, problem)
+    return problem is None
 
 
 def gptq_quantize(
@@ -134,19 +199,16 @@ def gptq_quantize(
         W1 = Wt[i1:i2].clone()  # (b, out) updated in place as columns are rounded
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        pivots = Hinv1.diagonal().tolist()
-        for j1 in range(0, i2 - i1, SUB_BLOCK):  # the rank-1 updates stay inside a sub-block
-            j2 = min(j1 + SUB_BLOCK, i2 - i1)
-            for i in range(j1, j2):
-                col = i1 + i
-                if gs < in_f and col % gs == 0:  # a group starts here and lies inside this block
-                    scale, zero = grid(W1[i : i + gs], slice(col, col + gs))
-                    scales[:, col // gs], zeros[:, col // gs] = scale, zero
-                    low, high = -zero, maxq - zero  # code − zero stays in [−zero, maxq − zero]
-                w, q, err = W1[i], deq_t[col], Err1[i]
-                torch.div(w, scale, out=q).round_().clamp_(low, high).mul_(scale)
-                torch.sub(w, q, out=err).div_(pivots[i])
-                W1[i:j2].addr_(Hinv1[i, i:j2], err, alpha=-1)
+        # sub-blocks, also cut where a group starts, so that one grid serves each
+        starts = {*range(0, i2 - i1, SUB_BLOCK), *(range(-i1 % gs, i2 - i1, gs) if gs < in_f else ())}
+        bounds = [*sorted(starts), i2 - i1]
+        for j1, j2 in itertools.pairwise(bounds):  # the rank-1 updates stay inside a sub-block
+            col = i1 + j1
+            if gs < in_f and col % gs == 0:  # a group starts here and lies inside this block
+                scale, zero = grid(W1[j1 : j1 + gs], slice(col, col + gs))
+                scales[:, col // gs], zeros[:, col // gs] = scale, zero
+                low, high = -zero, maxq - zero  # code − zero stays in [−zero, maxq − zero]
+            round_columns(W1[j1:j2], Hinv1[j1:j2, j1:j2], scale, low, high, deq_t[col : i1 + j2], Err1[j1:j2])
             W1[j2:] -= Hinv1[j1:j2, j2:].t() @ Err1[j1:j2]
         Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
 

@@ -100,17 +100,21 @@ def check_round_columns(device: str) -> None:
         torch.testing.assert_close(w.cpu(), reference[0], rtol=1e-5, atol=1e-6)
     X, W = torch.randn(256, 96, generator=gen), torch.randn(40, 96, generator=gen)
     reference = gptq.gptq_quantize(W, X.T @ X / 256, 3, 32, clip=True)  # groups of 32: two sub-blocks each
-    gptq.round_columns = tk.round_columns  # as on CUDA
-    fused = gptq.gptq_quantize(W.to(device), (X.T @ X / 256).to(device), 3, 32, clip=True)
-    assert same_codes(fused.codes, reference.codes)
-    torch.testing.assert_close(fused.scales.cpu(), reference.scales, rtol=1e-5, atol=0)
-    # the self-test that lets GPTQ use the kernel on a device, and refuses a wrong one
-    assert gptq.triton_rounding(torch.device(device))
-    right = tk.round_columns
-    tk.round_columns = lambda W1, Hinv1, *rest: right(W1, Hinv1 * 1.01, *rest)
-    gptq.triton_rounding.cache_clear()
-    assert not gptq.triton_rounding(torch.device(device))
-    gptq.triton_rounding.cache_clear()
+    dispatch, right = gptq.round_columns, tk.round_columns
+    try:
+        gptq.round_columns = right  # what CUDA tensors get
+        fused = gptq.gptq_quantize(W.to(device), (X.T @ X / 256).to(device), 3, 32, clip=True)
+        assert same_codes(fused.codes, reference.codes)
+        torch.testing.assert_close(fused.scales.cpu(), reference.scales, rtol=1e-5, atol=0)
+        # the self-test that lets GPTQ use the kernel on a device, and refuses a wrong one
+        gptq.triton_rounding.cache_clear()
+        assert gptq.triton_rounding(torch.device(device))
+        tk.round_columns = lambda W1, Hinv1, *rest: right(W1, Hinv1 * 1.01, *rest)
+        gptq.triton_rounding.cache_clear()
+        assert not gptq.triton_rounding(torch.device(device))
+    finally:
+        gptq.round_columns, tk.round_columns = dispatch, right
+        gptq.triton_rounding.cache_clear()
 
 
 def run_interpreted(check: str) -> None:

@@ -67,6 +67,7 @@ METHODS = ("rtn", "gptq", "projq", "projq-refresh", "projq-srr", "nf4")  # projq
 RANK = 32  # adapter rank, and the compensation's, unless --rank says otherwise (then in the keys)
 LR = 5e-4  # the fine-tune's peak learning rate, unless --lr says otherwise (then in the keys)
 DROPOUT = 0.05  # the adapter's dropout in the fine-tune, unless --dropout says otherwise (then in the keys)
+ITERS = 5  # quant.iters, unless --iters says otherwise (then in the keys)
 COLORS = {
     "rtn": "tab:gray",
     "gptq": "tab:blue",
@@ -79,16 +80,24 @@ log = logging.getLogger("end-to-end")
 
 
 def quant_config(
-    method: str, width: float, budget: bool, compensation: str = "hessian", allocate_ranks: bool = False
+    method: str,
+    width: float,
+    budget: bool,
+    compensation: str = "hessian",
+    allocate_ranks: bool = False,
+    iters: int = ITERS,
+    strength: float = 1.0,
 ) -> QuantConfig:
-    """``width`` bits, or (``budget``) the storage budget ``quant.budget_bits``."""
+    """``width`` bits, or (``budget``) the storage budget ``quant.budget_bits``; ``iters`` and
+    ``strength``: ``quant.iters`` and ``quant.projection_strength``."""
     if method == "nf4":
         return QuantConfig(method="nf4", bits=4)
     method, _, mode = method.partition("-")
     widths = {"bits": None, "budget_bits": width} if budget else {"bits": int(width)}
     settings = {
         "group_size": 64,
-        "iters": 5,
+        "iters": iters,
+        "projection_strength": strength,
         "mode": mode or "paper",
         "clip": True,
         "compensation": compensation,
@@ -106,14 +115,22 @@ def variant_key(
     lr: float = LR,
     allocate_ranks: bool = False,
     dropout: float = DROPOUT,
+    iters: int = ITERS,
+    strength: float = 1.0,
 ) -> str:
     """``gptq-w3`` (uniform 3 bits), ``gptq-b3.3`` (a budget of 3.3 bits per weight), ``nf4-w4``;
     ``projq-srr-b3.3-r64-fisher`` at adapter rank 64 with ``quant.compensation: fisher``,
-    ``...-ranks`` with ``quant.allocate_ranks``; then the fine-tune's settings, ``...-lr0.0001``
+    ``...-ranks`` with ``quant.allocate_ranks``, ``...-iters10`` and ``...-strength0.97`` for
+    ``quant.iters`` and ``quant.projection_strength`` other than :data:`ITERS` and 1; then the
+    fine-tune's settings, ``...-lr0.0001``
     for a learning rate other than :data:`LR` and ``...-dropout0`` for a dropout other than
     :data:`DROPOUT`."""
     quantization = (
-        f"-r{rank}" * (rank != RANK) + "-fisher" * (compensation == "fisher") + "-ranks" * allocate_ranks
+        f"-r{rank}" * (rank != RANK)
+        + "-fisher" * (compensation == "fisher")
+        + "-ranks" * allocate_ranks
+        + f"-iters{iters}" * (iters != ITERS)
+        + f"-strength{strength:g}" * (strength != 1.0)
     )
     fine_tune = f"-lr{lr:g}" * (lr != LR) + f"-dropout{dropout:g}" * (dropout != DROPOUT)
     return f"{method}-{'b' if budget else 'w'}{width:g}{quantization}{fine_tune}"
@@ -128,9 +145,14 @@ def split_key(key: str) -> tuple[str, str | None, str | None]:
 def parse_key(key: str) -> tuple[str, float, bool]:
     """(label, width, budget) of a :func:`variant_key`; the label is the method, then ``r<rank>``
     when the rank is not :data:`RANK`, ``fisher`` for a Fisher-weighted compensation, ``ranks``
-    for allocated ranks, ``lr <lr>`` for another learning rate and ``dropout <p>`` for another
+    for allocated ranks, ``<n> rounds`` and ``strength <s>`` for other ``quant.iters`` and
+    projection strength, ``lr <lr>`` for another learning rate and ``dropout <p>`` for another
     dropout."""
     rest, lr, dropout = split_key(key)
+    strength = re.search(r"-strength([0-9.]+)$", rest)
+    rest = rest.removesuffix(strength[0]) if strength else rest
+    iters = re.search(r"-iters(\d+)$", rest)
+    rest = rest.removesuffix(iters[0]) if iters else rest
     ranks = rest.endswith("-ranks")
     rest = rest.removesuffix("-ranks")
     fisher = rest.endswith("-fisher")
@@ -143,6 +165,8 @@ def parse_key(key: str) -> tuple[str, float, bool]:
         + f" {rank}" * bool(rank)
         + " fisher" * fisher
         + " ranks" * ranks
+        + (f" {iters[1]} rounds" if iters else "")
+        + (f" strength {strength[1]}" if strength else "")
         + f" lr {lr}" * bool(lr)
         + f" dropout {dropout}" * bool(dropout)
     )
@@ -258,9 +282,20 @@ def run(args) -> dict:
         compensation = "hessian" if method == "nf4" else args.compensation
         allocate_ranks = args.allocate_ranks and method != "nf4"
         key = variant_key(
-            method, width, budget, compensation, args.rank, args.lr, allocate_ranks, args.dropout
+            method,
+            width,
+            budget,
+            compensation,
+            args.rank,
+            args.lr,
+            allocate_ranks,
+            args.dropout,
+            args.iters,
+            args.projection_strength,
         )
-        quant = quant_config(method, width, budget, compensation, allocate_ranks)
+        quant = quant_config(
+            method, width, budget, compensation, allocate_ranks, args.iters, args.projection_strength
+        )
         entry = results.setdefault(key, {})
         if "quantized" not in entry:
             entry.update(step0_of_another_fine_tune(results, key))
@@ -399,6 +434,15 @@ def main() -> None:
         "--allocate-ranks",
         action="store_true",
         help="quant.allocate_ranks for the quantized bases (their keys end in -ranks)",
+    )
+    parser.add_argument(
+        "--iters", type=int, default=ITERS, help="quant.iters (keys end in -iters<n> if not 5)"
+    )
+    parser.add_argument(
+        "--projection-strength",
+        type=float,
+        default=1.0,
+        help="quant.projection_strength (keys end in -strength<s> if not 1)",
     )
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch 8)")
     parser.add_argument(

@@ -13,6 +13,7 @@ from projq_train.quant import gptq_quantize
 from projq_train.quant.calibrate import (
     accumulate_hessians,
     apply_quantized,
+    clock,
     format_report,
     quantize_model,
 )
@@ -159,6 +160,14 @@ def test_modules_reading_one_input_share_one_hessian():
     assert len({id(h) for h in H.values()}) == 4  # q/k/v, o, gate/up, down
     alone = accumulate_hessians(layer, {"v_proj": attn.v_proj}, inputs, kwargs)["v_proj"]
     torch.testing.assert_close(H["v_proj"], alone)
+
+
+def test_phase_clock_waits_for_cuda_work_only_on_cuda(monkeypatch):
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", waited.append)
+    before = clock(torch.device("cpu"))
+    assert waited == []
+    assert clock(torch.device("cuda", 1)) >= before and waited == [torch.device("cuda", 1)]
 
 
 def test_unsupported_architecture_is_refused():

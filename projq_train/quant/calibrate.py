@@ -90,6 +90,15 @@ class ModuleReport:
     rank: int | None = None  # the module's adapter rank
 
 
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once ``device`` has finished its queued work (CUDA runs
+    asynchronously: without the wait, a phase's kernels would be timed in whichever phase next
+    reads a result back)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _hnorm(E: Tensor, H: Tensor) -> float:
     return torch.einsum("oi,ij,oj->", E, H, E).item()
 
@@ -199,7 +208,7 @@ def quantize_module(
     ``timings``: seconds of ``quantization`` and ``compensation`` are added to it;
     ``row_weights``: the compensation's output-channel weights (``quant.compensation: fisher``)."""
     timings = timings if timings is not None else {}
-    t0 = time.perf_counter()
+    t0 = clock(W.device)
     W = W.float()
     if rank == 0:  # no adapter: nothing to shape the error for or to compensate
         qw = quantize_weight(W, H, cfg.method, bits, cfg.group_size, 0, 0, **_method_options(cfg, None))
@@ -211,10 +220,10 @@ def quantize_module(
     if opts.get("mode") == "srr":
         opts["preserved_rank"] = srr_preserved_rank(W, H, rank, bits, cfg.group_size, cfg.damp, factors)
     qw = quantize_weight(W, H, cfg.method, bits, cfg.group_size, rank, cfg.iters, **opts)
-    t1 = time.perf_counter()
+    t1 = clock(W.device)
     B, A = lowrank_compensation(W - qw.dequantize(), H, rank, factors, row_weights)
     timings["quantization"] = timings.get("quantization", 0.0) + t1 - t0
-    timings["compensation"] = timings.get("compensation", 0.0) + time.perf_counter() - t1
+    timings["compensation"] = timings.get("compensation", 0.0) + clock(W.device) - t1
     return QuantizedModule(PackedWeight.from_quantized(qw), B, A, opts.get("preserved_rank"))
 
 
@@ -265,10 +274,10 @@ def quantize_model(
     allocating = (cfg.budget_bits is not None and bits is None) or (cfg.allocate_ranks and ranks is None)
     fisher = cfg.compensation == "fisher" and rank > 0
     if sensitivities is None and (allocating or fisher):
-        t_sensitivity = time.perf_counter()
+        t_sensitivity = clock(device)
         names = list(target_shapes(model, cfg.target_modules))
         sensitivities = output_sensitivities(model, ids, names, device, source)
-        sensitivity_seconds = time.perf_counter() - t_sensitivity
+        sensitivity_seconds = clock(device) - t_sensitivity
     if allocating:
         configuration, first_pass = allocate_configuration(
             model, ids, cfg, rank, device, batch_size, progress, source, sensitivities
@@ -301,13 +310,13 @@ def quantize_model(
             members = {n: linears[n] for n in group if n in linears}
             if not members:
                 continue
-            t_group = time.perf_counter()
+            t_group = clock(device)
             hessians = accumulate_hessians(layer, members, inputs, kwargs)
-            forwards = (time.perf_counter() - t_group) / len(members)  # the group's forwards, shared
+            forwards = (clock(device) - t_group) / len(members)  # the group's forwards, shared
             # hessian_factor per distinct H (q/k/v share one)
             factor_of: dict[int, tuple[Tensor, Tensor]] = {}
             for short, mod in members.items():
-                t0 = time.perf_counter()
+                t0 = clock(device)
                 W, H, name = mod.weight.float(), hessians[short], layer_names[id(mod)]
                 width = cfg.bits if bits is None else bits[name]
                 module_rank = rank if ranks is None else ranks[name]
@@ -315,7 +324,7 @@ def quantize_model(
                 phases = {"calibration forwards": forwards, "Hessian factors": 0.0}
                 if module_rank > 0 and id(H) not in factor_of:
                     factor_of[id(H)] = hessian_factor(H)
-                    phases["Hessian factors"] = time.perf_counter() - t0
+                    phases["Hessian factors"] = clock(device) - t0
                 factor = factor_of.get(id(H))
                 row_weights = compensation_row_weights(sensitivities[name]) if fisher else None
                 measured = {
@@ -344,7 +353,7 @@ def quantize_model(
                     else {}
                 )
                 del measured, errors
-                seconds = time.perf_counter() - t0
+                seconds = clock(device) - t0
                 phases["errors and packing"] = seconds - sum(phases.values()) + forwards
                 if sensitivity_seconds is not None:  # the pass before the layers, shared by all modules
                     phases["sensitivity pass"] = sensitivity_seconds / len(sensitivities)
@@ -372,10 +381,10 @@ def quantize_model(
                 )
             del hessians, factor_of
             release_freed_memory()  # the group's forward and working matrices
-        t_forward = time.perf_counter()
+        t_forward = clock(device)
         inputs = run_layer(layer, inputs, kwargs)
         for r in layer_reports:  # the layer's forward for the next layer's inputs, shared
-            r.phase_seconds["calibration forwards"] += (time.perf_counter() - t_forward) / len(layer_reports)
+            r.phase_seconds["calibration forwards"] += (clock(device) - t_forward) / len(layer_reports)
         unload_from_device(layer, source)
         release_freed_memory()  # the layer's forward, before the next layer's weights arrive
         bar.set_postfix(err=f"{sum(r.err_compensated for r in reports[-len(linears) :]) / len(linears):.4f}")

@@ -436,10 +436,9 @@ class Runner:
             script = [sys.executable, str(Path(__file__).relative_to(ROOT)), "--worker", "projq-train", "--"]
             return self.run([*script, *argv], log_file, ["python", *script[1:], *argv], measure)
         # the environment of this interpreter, as the workers: another projq-train on PATH may
-        # come with other packages (one with Triton and matplotlib holds 100 MiB more)
-        beside = Path(sys.executable).with_name("projq-train")
-        exe = str(beside) if beside.is_file() else shutil.which("projq-train")
-        return self.run([exe, *argv], log_file, quote, measure)
+        # come with other packages (one with Triton and matplotlib holds 100 MiB more), and a
+        # checkout on PYTHONPATH has none
+        return self.run([sys.executable, "-m", "projq_train.cli", *argv], log_file, quote, measure)
 
 
 def run_estimate(runner: Runner, recipe: Path, log_file: Path) -> dict:

@@ -86,25 +86,29 @@ def prepare_model(
     """The trainable model and the id of its frozen base (artifact hash, or ``nf4-<base id>``).
     The packed base is built from its artifact alone (found, or made by streaming the base through
     the quantizer); no float copy of a quantized weight is made. With ``wait``, the artifact is
-    awaited from another process instead of made; ``tokenizer``: the base's, if loaded already."""
+    awaited from another process instead of made; ``tokenizer``: the base's, if loaded already.
+    ``device`` is where the quantizer computes and NF4 layers are put; everything else is built on
+    the CPU, whatever the default device (Lightning calls ``configure_model`` with the training
+    device as the default, and moves the model there afterwards)."""
     check_adapter_settings(quant, adapter)
-    if quant.method == "nf4":
-        model, _ = load_model_and_tokenizer(model_cfg)
-        base_id = "nf4-" + hashlib.sha256(base_identity(model_cfg).encode()).hexdigest()[:16]
-        swap_in_nf4(model, quant.target_modules, getattr(torch, model_cfg.dtype), device)
-        modules = {}
-    else:
-        path = find_or_quantize(
-            model_cfg, quant, adapter.rank, calibration, artifact_dir, device, tokenizer, wait=wait
+    with torch.device("cpu"):
+        if quant.method == "nf4":
+            model, _ = load_model_and_tokenizer(model_cfg)
+            base_id = "nf4-" + hashlib.sha256(base_identity(model_cfg).encode()).hexdigest()[:16]
+            swap_in_nf4(model, quant.target_modules, getattr(torch, model_cfg.dtype), device)
+            modules = {}
+        else:
+            path = find_or_quantize(
+                model_cfg, quant, adapter.rank, calibration, artifact_dir, device, tokenizer, wait=wait
+            )
+            model, _, modules, _ = load_quantized_model(path)
+            base_id = path.name
+        ranks = BitConfiguration.of(modules).ranks
+        peft_model = attach_adapters(
+            model, quant.target_modules, adapter.rank, adapter.alpha, adapter.dropout, ranks
         )
-        model, _, modules, _ = load_quantized_model(path)
-        base_id = path.name
-    ranks = BitConfiguration.of(modules).ranks
-    peft_model = attach_adapters(
-        model, quant.target_modules, adapter.rank, adapter.alpha, adapter.dropout, ranks
-    )
-    if adapter.init == "compensation":
-        init_from_compensation(peft_model, modules)
+        if adapter.init == "compensation":
+            init_from_compensation(peft_model, modules)
     return peft_model, base_id
 
 

@@ -34,6 +34,22 @@ def tiny_quant(**overrides) -> QuantConfig:
     return QuantConfig(**{"method": "projq", "bits": 3, "group_size": 32, "iters": 1, **overrides})
 
 
+def test_the_model_is_prepared_on_the_cpu_whatever_the_default_device(tmp_path):
+    # Lightning calls configure_model with the training device as the default (CUDA on a GPU, where
+    # the calibration ids landed on it and hashing them failed); meta stands in for it here
+    with torch.device("meta"):
+        model, _ = prepare_model(
+            ModelConfig(config=TINY["llama"]),
+            tiny_quant(),
+            AdapterConfig(rank=8),
+            CALIB,
+            tmp_path,
+            torch.device("cpu"),
+        )
+    tensors = [*model.parameters(), *model.buffers()]
+    assert tensors and {t.device.type for t in tensors} == {"cpu"}
+
+
 @pytest.mark.parametrize("init", ["compensation", "standard"])
 def test_step0_model_is_the_quantized_model_plus_its_compensation(tmp_path, init):
     base = ModelConfig(config=TINY["llama"])

@@ -87,6 +87,12 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="*", type=float, default=[], help="quant.budget_bits rows")
     ap.add_argument("--budget-variants", nargs="+", default=["gptq-clip"], choices=list(VARIANTS))
     ap.add_argument(
+        "--group-size-choices",
+        nargs="+",
+        type=int,
+        help="quant.group_size_choices of the budget rows (named '... groups 32/64/-1 budget')",
+    )
+    ap.add_argument(
         "--compensation",
         choices=["hessian", "fisher"],
         default="hessian",
@@ -158,7 +164,11 @@ def main() -> None:
 
 def quantized_row(model, ids, windows, name: str, bits: float, rank: int, budget: float | None, args) -> dict:
     """Quantize ``model`` in place with a variant (at ``bits``, or under ``budget``) and score it."""
-    widths = {"bits": None, "budget_bits": budget} if budget is not None else {"bits": int(bits)}
+    widths = (
+        {"bits": None, "budget_bits": budget, "group_size_choices": args.group_size_choices}
+        if budget is not None
+        else {"bits": int(bits)}
+    )
     settings = {
         "group_size": args.group_size,
         "iters": args.iters,
@@ -186,6 +196,7 @@ def quantized_row(model, ids, windows, name: str, bits: float, rank: int, budget
         "phase_seconds": {p: sum(r.phase_seconds[p] for r in reports) for p in reports[0].phase_seconds},
         "preserved_rank": [r.preserved_rank for r in reports],
         "module_bits": {r.name: r.bits for r in reports},
+        "module_group_sizes": {r.name: r.group_size for r in reports},
         "module_ranks": {r.name: r.rank for r in reports},
         "storage": stored_bits_per_weight(modules),
         "wall_seconds": wall,
@@ -253,6 +264,8 @@ def print_table(rows: list[dict], settings: dict) -> None:
         method = r["variant"]
         if r.get("config", {}).get("group_size", settings["group_size"]) != settings["group_size"]:
             method += f" g{r['config']['group_size']}"
+        if r.get("config", {}).get("group_size_choices"):
+            method += " groups " + "/".join(map(str, r["config"]["group_size_choices"]))
         if r.get("config", {}).get("method") == "projq":
             method += f" {r['config']['iters']} rounds" * (r["config"]["iters"] != DEFAULT_ROUNDS)
             strength = r["config"].get("projection_strength", DEFAULT_STRENGTH)

@@ -110,8 +110,9 @@ def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
     settings = {**asdict(quant), "rank": rank}
     if quant.compensation == "hessian":
         del settings["compensation"]
-    if not quant.allocate_ranks:  # nor the default of a key added later
-        del settings["allocate_ranks"]
+    for key in ("allocate_ranks", "group_size_choices"):  # nor the defaults of keys added later
+        if not settings[key]:
+            del settings[key]
     if quant.method == "projq" and quant.mode == "refresh" and quant.projection_strength > 0:
         settings["refresh_rounds"] = "projected"
     if quant.budget_bits is not None or quant.allocate_ranks:

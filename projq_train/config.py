@@ -84,7 +84,13 @@ class QuantConfig:
     error, as ``budget_bits`` weighs). Adds a first pass, as ``budget_bits`` does (they share it);
     the ranks are recorded in the artifact and shown in the quantization report."""
     group_size: int = 128
-    """Input columns sharing one scale/zero point; -1 for one group per output row."""
+    """Input columns sharing one scale/zero point; -1 for one group per output row. Under
+    ``budget_bits`` also the group size of the uniform widths the report compares with."""
+    group_size_choices: list[int] | None = None
+    """Under ``budget_bits``: the group sizes (-1: one group per row) each module's grid may take,
+    chosen with its width (2, 3 or 4 bits at each of these) by the same measured error per stored
+    bit; smaller groups cost more scale and zero storage. ``null``: ``group_size`` only. The first
+    pass then quantizes every module at each of them."""
     iters: int = 5
     """ProjQ projection rounds after the initial GPTQ."""
     tol: float = 1e-3
@@ -132,6 +138,11 @@ class QuantConfig:
             or (self.compensation == "fisher" and rank > 0)
         )
 
+    @property
+    def budget_group_sizes(self) -> list[int]:
+        """The group sizes a budget chooses from (``group_size_choices``, else ``group_size``)."""
+        return self.group_size_choices or [self.group_size]
+
     def __post_init__(self):
         if self.budget_bits is not None and self.bits is not None:
             raise ValueError(
@@ -150,6 +161,17 @@ class QuantConfig:
             raise ValueError("quant.allocate_ranks needs a compensation to allocate by: use rtn/gptq/projq")
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"quant.group_size must be positive or -1, got {self.group_size}")
+        if self.group_size_choices is not None:
+            if self.budget_bits is None:
+                raise ValueError(
+                    "quant.group_size_choices are chosen from under quant.budget_bits; without a budget "
+                    "set quant.group_size instead"
+                )
+            sizes = self.group_size_choices
+            if not sizes or any(g != -1 and g <= 0 for g in sizes) or len(set(sizes)) < len(sizes):
+                raise ValueError(
+                    f"quant.group_size_choices must be distinct group sizes, each positive or -1, got {sizes}"
+                )
         if self.iters < 0:
             raise ValueError(f"quant.iters must be >= 0, got {self.iters}")
         if not 0.0 <= self.projection_strength <= 1.0:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -309,8 +310,8 @@ def quantized_linear_bytes(in_features: int, out_features: int, quant: QuantConf
         return nf4_linear_bytes(in_features, out_features)
     if quant.budget_bits is None:
         return packed_linear_bytes(in_features, out_features, quant.bits, quant.group_size)
-    for bits in SUPPORTED_BITS:
-        check_grid(bits, quant.group_size, in_features)
+    for bits, group_size in itertools.product(SUPPORTED_BITS, {quant.group_size, *quant.budget_group_sizes}):
+        check_grid(bits, group_size, in_features)
     return math.ceil(quant.budget_bits * in_features * out_features / 8) + in_features * 4
 
 
@@ -322,15 +323,16 @@ def nf4_linear_bytes(in_features: int, out_features: int) -> int:
 
 
 def packed_weight_bytes(
-    shape: ModelShape, quant: QuantConfig, module_bits: dict[str, int] | None = None
+    shape: ModelShape, quant: QuantConfig, module_grids: dict[str, tuple[int, int]] | None = None
 ) -> int:
     """All quantized linears of the model (the target modules of every decoder layer); with
-    ``module_bits`` (full module name → width, an artifact's configuration) each at its own width."""
+    ``module_grids`` (full module name → (bits, group size), an artifact's configuration) each on
+    its own grid."""
     linears = shape.linears()
-    if module_bits is not None:
+    if module_grids is not None:
         return sum(
-            packed_linear_bytes(*linears[module_position(name)[1]][:2], bits, quant.group_size)
-            for name, bits in module_bits.items()
+            packed_linear_bytes(*linears[module_position(name)[1]][:2], bits, group_size)
+            for name, (bits, group_size) in module_grids.items()
         )
     per_layer = 0
     for name in quant.target_modules:
@@ -498,16 +500,17 @@ def estimate_fit(
     adapter: AdapterConfig,
     dtype: str,
     fit: FitSettings,
-    module_bits: dict[str, int] | None = None,
+    module_grids: dict[str, tuple[int, int]] | None = None,
 ) -> MemoryEstimate:
-    """Peak of one training step of one process (``dtype``: ``model.base.dtype``; ``module_bits``:
-    each module's width as an artifact recorded it, see :func:`artifact_configuration`)."""
+    """Peak of one training step of one process (``dtype``: ``model.base.dtype``; ``module_grids``:
+    each module's bits and group size as an artifact recorded them, see
+    :func:`artifact_configuration`)."""
     num = numerics(fit.precision, dtype, fit.on_gpu)
     params = adapter_parameters(shape, quant, adapter.rank)
     shards = max(1, fit.shards)
     kept, recompute = activation_bytes(shape, quant, adapter, num, fit, fit.gradient_checkpointing)
     components = {
-        "packed_weights": packed_weight_bytes(shape, quant, module_bits),
+        "packed_weights": packed_weight_bytes(shape, quant, module_grids),
         "float_tensors": float_tensor_bytes(shape, quant, num.weights) // shards,
         "adapters": params * num.adapter // shards,
         "gradients": params * num.adapter // shards,
@@ -521,13 +524,16 @@ def estimate_fit(
     if not fit.on_gpu and quant.method != "nf4":
         # the torch backend dequantizes a block of rows at a time: int32 codes, then fp32, then the
         # input's dtype (two of the three at once)
-        widths = SUPPORTED_BITS if quant.bits is None else (quant.bits,)
-        widths = set(module_bits.values()) if module_bits else widths
+        linears = shape.linears()
+        if module_grids:  # (kind, grid) of every module
+            grids = {(module_position(n)[1], grid) for n, grid in module_grids.items()}
+        else:
+            widths = SUPPORTED_BITS if quant.bits is None else (quant.bits,)
+            sizes = quant.budget_group_sizes if quant.budget_bits is not None else [quant.group_size]
+            grids = set(itertools.product(quant.target_modules, itertools.product(widths, sizes)))
         block = max(
-            dequantize_block_rows(in_f, out_f, bits, quant.group_size) * out_f
-            for name, (in_f, out_f, _) in shape.linears().items()
-            if name in quant.target_modules
-            for bits in widths
+            dequantize_block_rows(linears[kind][0], linears[kind][1], bits, group_size) * linears[kind][1]
+            for kind, (bits, group_size) in grids
         )
         components["dequantize_workspace"] = block * 2 * FP32
     other = {gc: sum(activation_bytes(shape, quant, adapter, num, fit, gc)) for gc in (False, True)}
@@ -652,10 +658,10 @@ def alternatives(
     adapter: AdapterConfig,
     dtype: str,
     fit: FitSettings,
-    module_bits: dict[str, int] | None = None,
+    module_grids: dict[str, tuple[int, int]] | None = None,
 ) -> list[dict[str, Any]]:
     """The knobs that lower the fit peak, each alone with its predicted peak, then all together
-    (``module_bits``, an artifact's widths, hold unless the knob changes the bits)."""
+    (``module_grids``, an artifact's grids, hold unless the knob changes the bits)."""
     options: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []  # knob, change, fit/quant fields
     if fit.batch_size > 1:
         b = fit.batch_size // 2
@@ -682,8 +688,8 @@ def alternatives(
         options.append(("all of the above", "every change above", fit_all, quant_all))
     result = []
     for knob, change, f, q in options:
-        bits = None if q else module_bits
-        peak = estimate_fit(shape, replace(quant, **q), adapter, dtype, replace(fit, **f), bits).peak_bytes
+        grids = None if q else module_grids
+        peak = estimate_fit(shape, replace(quant, **q), adapter, dtype, replace(fit, **f), grids).peak_bytes
         result.append({"knob": knob, "change": change, "peak_bytes": peak})
     return result
 
@@ -789,12 +795,13 @@ def module_position(name: str) -> tuple[int, str]:
 
 
 def artifact_configuration(path: str | Path, shape: ModelShape, quant: QuantConfig, rank: int) -> dict:
-    """The bit width and rank of every module as an artifact recorded them (its ``metadata.json``;
-    no tensor is read), checked against the recipe: the same model type and shape (the artifact's
-    ``config.json``), modules, group size and rank.
+    """The bit width, group size and rank of every module as an artifact recorded them (its
+    ``metadata.json``; no tensor is read), checked against the recipe: the same model type and
+    shape (the artifact's ``config.json``), modules, group size and rank.
 
-    Returns ``{"artifact", "bits", "ranks", "modules_per_width", "storage_bits_per_weight"}``; a
-    uniform artifact (no recorded configuration) gives every module its ``quant.bits``."""
+    Returns ``{"artifact", "bits", "group_sizes", "ranks", "modules_per_width",
+    "storage_bits_per_weight"}``; a uniform artifact (no recorded configuration) gives every module
+    its ``quant.bits``, one that recorded no group sizes its ``quant.group_size``."""
     from projq_train.artifact import read_metadata
 
     meta = read_metadata(path)
@@ -826,6 +833,7 @@ def artifact_configuration(path: str | Path, shape: ModelShape, quant: QuantConf
     return {
         "artifact": str(path),
         "bits": recorded["bits"],
+        "group_sizes": recorded.get("group_sizes") or dict.fromkeys(recorded["bits"], quant.group_size),
         "ranks": recorded["ranks"],
         "modules_per_width": {b: sum(v == b for v in recorded["bits"].values()) for b in widths},
         "storage_bits_per_weight": meta["storage_bits_per_weight"],
@@ -997,11 +1005,13 @@ def report(result: dict[str, Any]) -> str:
             ranks = list(c["ranks"].values())
             mean = sum(ranks) / len(ranks)
             out.append(f"ranks  {min(ranks)} to {max(ranks)} per module (rN below), mean {mean:.1f}")
+        grouped = len(set(c["group_sizes"].values())) > 1  # group_size_choices
         by_layer: dict[int, list[str]] = {}
         for name, bits in c["bits"].items():
             layer, kind = module_position(name)
             rank = f" r{c['ranks'][name]}" if ranked else ""
-            by_layer.setdefault(layer, []).append(f"{kind.removesuffix('_proj')} {bits}{rank}")
+            group = f"g{c['group_sizes'][name]}" if grouped else ""
+            by_layer.setdefault(layer, []).append(f"{kind.removesuffix('_proj')} {bits}{group}{rank}")
         out += [f"  layer {i:>3}  " + " ".join(by_layer[i]) for i in sorted(by_layer)]
     out.append(f"run    {result['device']}")
     fit, quantize = result.get("fit"), result["quantize"]
@@ -1047,7 +1057,11 @@ def run(argv: list[str]) -> tuple[dict[str, Any], bool]:
     configuration = (
         artifact_configuration(cfg.artifact, shape, quant, recipe["rank"]) if cfg.artifact else None
     )
-    module_bits = configuration["bits"] if configuration else None
+    module_grids = (
+        {n: (b, configuration["group_sizes"][n]) for n, b in configuration["bits"].items()}
+        if configuration
+        else None
+    )
     result: dict[str, Any] = {
         "recipe": "quantize" if quantize_only else "fit",
         "model": {
@@ -1066,7 +1080,7 @@ def run(argv: list[str]) -> tuple[dict[str, Any], bool]:
     on_gpu = recipe["on_gpu"] if quantize_only else recipe["fit"].on_gpu
     if not quantize_only:
         fit = recipe["fit"]
-        result["fit"] = estimate_fit(shape, quant, recipe["adapter"], base.dtype, fit, module_bits).as_dict()
+        result["fit"] = estimate_fit(shape, quant, recipe["adapter"], base.dtype, fit, module_grids).as_dict()
         result["fit_summary"] = (
             f"precision {fit.precision}, batch {fit.batch_size} x "
             f"{fit.seq_len} tokens ({'packed' if fit.packing else 'padded: attention mask'}), gradient "
@@ -1085,7 +1099,9 @@ def run(argv: list[str]) -> tuple[dict[str, Any], bool]:
         if not quantize_only:
             result["fits"] = result["fit"]["peak_bytes"] <= budget
             if not result["fits"]:
-                advice = alternatives(shape, quant, recipe["adapter"], base.dtype, recipe["fit"], module_bits)
+                advice = alternatives(
+                    shape, quant, recipe["adapter"], base.dtype, recipe["fit"], module_grids
+                )
                 result["advice"] = [{**a, "fits": a["peak_bytes"] <= budget} for a in advice]
     return result, bool(cfg.json)
 

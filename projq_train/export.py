@@ -45,7 +45,7 @@ from projq_train.eval.harness import perplexity
 from projq_train.integrity import verify_export_checksums, write_export_checksums
 from projq_train.lora import ADAPTER, adapter_layers, with_quant_linear
 from projq_train.quant.allocate import BitConfiguration
-from projq_train.quant.calibrate import quantize_model
+from projq_train.quant.calibrate import quantize_model, target_shapes
 from projq_train.quant.linear import QuantLinear, swap_in_quant_linears
 from projq_train.quant.pack import PackedWeight
 from projq_train.weights import local_folder
@@ -150,21 +150,23 @@ def export_quantized(
     output: Path,
     method: Literal["gptq", "rtn"],
     bits: int | dict[str, int],
-    group_size: int,
+    group_size: int | dict[str, int],
     device: torch.device,
 ) -> nn.Module:
     """Quantize the merged model again (no adapter) and write the GPTQ layout; returns the loaded
-    export. ``bits``: one width, or one per module (a mixed-precision base's), written as the most
-    common width plus GPTQModel's ``dynamic`` per-module overrides."""
+    export. ``bits``, ``group_size``: one for all modules, or one per module (a mixed-precision
+    base's), written as the most common value plus GPTQModel's ``dynamic`` per-module overrides."""
     model = merged_model(trained, torch.float32)
-    widths = bits if isinstance(bits, dict) else None
-    default_bits = Counter(widths.values()).most_common(1)[0][0] if widths else bits
-    quant = QuantConfig(
-        method=method, bits=default_bits, group_size=group_size, target_modules=trained.quant.target_modules
-    )
+    targets = trained.quant.target_modules
+    names = list(target_shapes(model, targets))
+    widths = bits if isinstance(bits, dict) else dict.fromkeys(names, bits)
+    sizes = group_size if isinstance(group_size, dict) else dict.fromkeys(names, group_size)
+    default_bits, default_size = (Counter(v.values()).most_common(1)[0][0] for v in (widths, sizes))
+    quant = QuantConfig(method=method, bits=default_bits, group_size=default_size, target_modules=targets)
     ids = calibration_tokens(trained.calibration, trained.tokenizer)
     batch_size = trained.calibration.batch_size
-    modules, _ = quantize_model(model, ids, quant, 0, device, batch_size, progress=False, bits=widths)
+    grids = {n: (widths[n], sizes[n]) for n in names}
+    modules, _ = quantize_model(model, ids, quant, 0, device, batch_size, progress=False, grids=grids)
     tensors, seen = {}, set()
     for k, v in model.state_dict().items():  # tied weights (e.g. lm_head = embeddings) are saved once
         if k.removesuffix(".weight") not in modules and v.data_ptr() not in seen:
@@ -172,12 +174,12 @@ def export_quantized(
             seen.add(v.data_ptr())
     for name, qm in modules.items():
         tensors.update({f"{name}.{key}": t for key, t in qm.weight.tensors().items()})
-    gs = next(iter(modules.values())).weight.group_size
+    overrides = dynamic_overrides(modules, default_bits, default_size)
     qconfig = {
         "quant_method": "gptq",
         "bits": default_bits,
-        **({"dynamic": dynamic_bits(widths, default_bits)} if widths else {}),
-        "group_size": gs,
+        **({"dynamic": overrides} if overrides else {}),
+        "group_size": default_size,
         "desc_act": quant.act_order,
         "sym": False,
         "true_sequential": quant.true_sequential,
@@ -197,18 +199,30 @@ def export_quantized(
     return load_quantized_export(output)
 
 
-def dynamic_bits(widths: dict[str, int], default_bits: int) -> dict[str, dict[str, int]]:
-    """GPTQModel's ``dynamic`` overrides for the modules not at ``default_bits``:
-    ``{"+:^<escaped name>$": {"bits": b}}``."""
-    return {f"+:^{re.escape(n)}$": {"bits": b} for n, b in widths.items() if b != default_bits}
+def dynamic_overrides(
+    modules: dict[str, Any], default_bits: int, default_size: int
+) -> dict[str, dict[str, int]]:
+    """GPTQModel's ``dynamic`` overrides of the quantized ``modules`` (name → ``QuantizedModule``)
+    not at ``default_bits`` or ``default_size``: ``{"+:^<escaped name>$": {"bits": b,
+    "group_size": g}}`` with the values that differ."""
+    overrides = {}
+    for name, qm in modules.items():
+        own = {"bits": qm.weight.bits, "group_size": qm.weight.group_size}
+        default_group = qm.weight.in_features if default_size == -1 else default_size
+        differ = {k: v for k, v in own.items() if v != {"bits": default_bits, "group_size": default_group}[k]}
+        if differ:
+            overrides[f"+:^{re.escape(name)}$"] = differ
+    return overrides
 
 
-def module_bits(name: str, qconfig: dict[str, Any]) -> int:
-    """A module's width in a GPTQ config: its first matching positive ``dynamic`` rule's, else ``bits``."""
+def module_grid(name: str, qconfig: dict[str, Any]) -> tuple[int, int]:
+    """A module's bits and group size in a GPTQ config: each from its first matching positive
+    ``dynamic`` rule that sets it, else the config's own."""
+    grid = {"bits": None, "group_size": None}
     for rule, override in (qconfig.get("dynamic") or {}).items():
-        if rule.startswith("+:") and re.match(rule[2:], name) and "bits" in override:
-            return override["bits"]
-    return qconfig["bits"]
+        if rule.startswith("+:") and re.match(rule[2:], name):
+            grid = {k: v if v is not None else override.get(k) for k, v in grid.items()}
+    return tuple(qconfig[k] if v is None else v for k, v in grid.items())
 
 
 def load_quantized_export(path: str | Path) -> nn.Module:
@@ -230,7 +244,7 @@ def load_quantized_export(path: str | Path) -> nn.Module:
         layer = model.get_submodule(name)
         parts = {key: tensors.pop(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "g_idx")}
         weights[name] = PackedWeight.from_tensors(
-            parts, module_bits(name, qconfig), qconfig["group_size"], layer.in_features, layer.out_features
+            parts, *module_grid(name, qconfig), layer.in_features, layer.out_features
         )
     swap_in_quant_linears(model, weights)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -313,8 +327,10 @@ def run_export(
         write_export_checksums(output)
         exported = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
     else:
-        if bits is None and trained.quant.budget_bits is not None:  # keep each module's width
-            bits = BitConfiguration.from_dict(read_metadata(trained.artifact)["configuration"]).bits
+        if trained.quant.budget_bits is not None:  # keep each module's grid unless told otherwise
+            recorded = BitConfiguration.from_dict(read_metadata(trained.artifact)["configuration"])
+            bits = bits or recorded.bits
+            group_size = group_size or recorded.group_sizes or None
         bits = bits or trained.quant.bits
         group_size = group_size or trained.quant.group_size
         exported = export_quantized(trained, output, method, bits, group_size, torch.device(device))

@@ -99,6 +99,20 @@ def test_mixed_precision_quantizes_each_module_at_its_allocated_width_within_the
             torch.testing.assert_close(module.weight, modules[name].step0_weight())
 
 
+def test_group_size_choices_give_modules_grids_of_several_group_sizes_within_the_budget():
+    from projq_train.quant.calibrate import format_storage, stored_bits_per_weight
+
+    model, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    ids = calibration_tokens(CalibrationConfig(nsamples=8, seqlen=64), tok)
+    cfg = QuantConfig(method="gptq", budget_bits=3.0, group_size=32, group_size_choices=[16, 32, -1])
+    modules, reports = quantize_model(model, ids, cfg, 8, progress=False)
+    sizes = [qm.weight.group_size for qm in modules.values()]
+    assert len(set(sizes)) > 1 and set(sizes) <= {16, 32, 64, 128}  # per row: the input width
+    assert [r.group_size for r in reports] == sizes and stored_bits_per_weight(modules) <= 3.0
+    assert format_report(reports).splitlines()[0].split()[:4] == ["module", "shape", "bits", "group"]
+    assert " bits g16" in format_storage(modules, 32, 3.0) or " bits g32" in format_storage(modules, 32, 3.0)
+
+
 def test_allocated_ranks_spend_the_parameters_of_one_rank_everywhere_at_uniform_bits():
     from projq_train.quant.allocate import rank_choices
 
@@ -181,6 +195,10 @@ def test_unsupported_architecture_is_refused():
     ("quant", "message"),
     [
         ({"group_size": 48}, r"layer 0 q_proj: group_size 48 does not divide in_features 64"),
+        (
+            {"bits": None, "budget_bits": 3.0, "group_size": 32, "group_size_choices": [32, 48]},
+            r"layer 0 q_proj: group_size 48 does not divide in_features 64",
+        ),
         (
             {"rank": 65, "group_size": 32},
             r"layer 0 q_proj: rank must be in \[0, min\(out, in\)\] = \[0, 64\]",

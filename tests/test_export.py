@@ -254,10 +254,11 @@ def test_flipped_bits_in_checkpoints_and_exports_are_refused_naming_the_file(che
 
 
 def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tmp_path, capsys):
-    """Widths under a bit budget and ranks allocated under the adapter-parameter budget."""
+    """Widths and group sizes under a bit budget, ranks under the adapter-parameter budget."""
     mixed = [
         "--model.quant.bits=null",
         "--model.quant.budget_bits=3.0",
+        "--model.quant.group_size_choices=[32,64,-1]",
         "--model.quant.method=gptq",
         "--model.quant.allocate_ranks=true",
     ]
@@ -270,6 +271,12 @@ def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tm
     assert len(widths) > 1 and widths <= {2, 3, 4}  # packed layers of several widths in one model
     configuration = read_metadata(trained.artifact)["configuration"]  # recorded with the artifact
     assert set(configuration["bits"].values()) == widths
+    grids = {
+        n: (m.bits, m.group_size) for n, m in trained.model.named_modules() if isinstance(m, QuantLinear)
+    }
+    grids = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): g for n, g in grids.items()}
+    assert {n: (configuration["bits"][n], configuration["group_sizes"][n]) for n in grids} == grids
+    assert len({g for _, g in grids.values()}) > 1  # and of several group sizes
     layers = adapter_layers(trained.model)
     ranks = {n: layer.r["default"] for n, layer in layers.items()}
     assert {layer.scaling["default"] for layer in layers.values()} == {16 / 4}  # alpha / rank for all
@@ -300,6 +307,7 @@ def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tm
     qconfig = json.loads((tmp_path / "quantized" / "quantize_config.json").read_text())
     assert qconfig["dynamic"] and all(rule.startswith("+:^model\\.layers") for rule in qconfig["dynamic"])
     reloaded = load_quantized_export(tmp_path / "quantized")
-    by_name = {n: m.bits for n, m in reloaded.named_modules() if isinstance(m, QuantLinear)}
-    assert set(by_name.values()) == widths and report["bits"] == {n: by_name[n] for n in report["bits"]}
+    by_name = {n: (m.bits, m.group_size) for n, m in reloaded.named_modules() if isinstance(m, QuantLinear)}
+    assert by_name == grids  # each module re-quantized on its own grid, read back from `dynamic`
+    assert report["bits"] == {n: b for n, (b, _) in by_name.items()}
     assert 0 < report["logit_rel_error"] < 1 and report["ppl_exported"] < float("inf")

@@ -271,6 +271,11 @@ def test_module_refuses_a_checkpoint_for_another_base():
             "quant.mode srr moves the weight's dominant",
         ),
         ("--model.adapter.rank=0", "must be > 0 to fine-tune"),
+        ("--model.quant.group_size_choices=[32,64]", "are chosen from under quant.budget_bits"),
+        (
+            "--model.quant.bits=null --model.quant.budget_bits=3 --model.quant.group_size_choices=[32,32]",
+            "must be distinct group sizes, each positive or -1, got [32, 32]",
+        ),
         ("--model.quant.rank=8", "model.quant.rank is now model.adapter.rank"),
         ("--model.quant.alpha=0.5", "model.quant.alpha is now model.quant.projection_strength"),
         ("--model.adapter.init=projq", "model.adapter.init: projq is now compensation"),

@@ -449,8 +449,9 @@ def test_srr_criterion_keeps_the_low_rank_structure_of_a_weight_and_nothing_of_n
     assert srr_preserved_rank(W, H, 0, 3, 32) == 0
 
 
-def allocation_problem(seed: int = 0):
-    """Six modules of different shapes, each error falling with its bit width."""
+def allocation_problem(seed: int = 0, group_sizes: tuple[int, ...] = (64,)):
+    """Six modules of different shapes, each error falling with its bit width and rising with its
+    group size (per row: -1), keyed by grid (bits, group size)."""
     g = torch.Generator().manual_seed(seed)
     outs, ins = torch.tensor([64, 128, 192]), torch.tensor([64, 128, 256])
     shapes = {
@@ -464,14 +465,22 @@ def allocation_problem(seed: int = 0):
     for n in shapes:
         e2 = 0.05 + 0.25 * torch.rand(1, generator=g).item()
         e3 = e2 * (0.2 + 0.3 * torch.rand(1, generator=g).item())
-        errors[n] = {2: e2, 3: e3, 4: e3 * (0.2 + 0.3 * torch.rand(1, generator=g).item())}
+        by_bits = {2: e2, 3: e3, 4: e3 * (0.2 + 0.3 * torch.rand(1, generator=g).item())}
+        coarser = {gs: 1 + 0.4 * torch.rand(1, generator=g).item() for gs in (32, 64, -1)}
+        coarser = {32: 1.0, 64: coarser[64], -1: coarser[64] * coarser[-1]}  # larger groups err more
+        errors[n] = {(b, gs): e * coarser[gs] for b, e in by_bits.items() for gs in group_sizes}
     return shapes, errors
 
 
 def test_bit_allocation_meets_the_budget_is_optimal_and_a_larger_budget_never_errs_more():
     import itertools
 
-    from projq_train.quant.allocate import allocate_bits, storage_bits_per_weight, uniform_storage
+    from projq_train.quant.allocate import (
+        allocate_bits,
+        grid_choices,
+        storage_bits_per_weight,
+        uniform_storage,
+    )
     from projq_train.quant.pack import PackedWeight
     from projq_train.quant.rtn import rtn_quantize
 
@@ -480,25 +489,59 @@ def test_bit_allocation_meets_the_budget_is_optimal_and_a_larger_budget_never_er
     weights = sum(o * i for o, i in shapes.values())
     previous = float("inf")
     for budget in [uniform[2], 2.5, 2.8, 3.0, uniform[3], 3.6, 4.0, uniform[4]]:
-        chosen = allocate_bits(errors, shapes, 64, budget)
+        chosen = allocate_bits(errors, shapes, [64], budget)
         packed = {
-            n: PackedWeight.from_quantized(rtn_quantize(torch.randn(o, i), chosen[n], 64))
+            n: PackedWeight.from_quantized(rtn_quantize(torch.randn(o, i), *chosen[n]))
             for n, (o, i) in shapes.items()
         }
         stored = sum(w.storage_bits for w in packed.values()) / weights  # counted from the packed tensors
-        assert stored == pytest.approx(storage_bits_per_weight(shapes, chosen, 64), rel=1e-12)
+        assert stored == pytest.approx(storage_bits_per_weight(shapes, chosen), rel=1e-12)
         assert stored <= budget * (1 + 1e-12)
-        total = sum(errors[n][b] for n, b in chosen.items())
+        total = sum(errors[n][g] for n, g in chosen.items())
         best = min(
-            sum(errors[n][b] for n, b in zip(shapes, widths, strict=True))
-            for widths in itertools.product((2, 3, 4), repeat=len(shapes))
-            if storage_bits_per_weight(shapes, dict(zip(shapes, widths, strict=True)), 64)
-            <= budget * (1 + 1e-12)
+            sum(errors[n][g] for n, g in zip(shapes, grids, strict=True))
+            for grids in itertools.product(grid_choices([64]), repeat=len(shapes))
+            if storage_bits_per_weight(shapes, dict(zip(shapes, grids, strict=True))) <= budget * (1 + 1e-12)
         )
         assert total == pytest.approx(best, rel=1e-12)  # exact: the knapsack's units divide every cost
         assert total <= previous
         previous = total
-    assert set(allocate_bits(errors, shapes, 64, uniform[3]).values()) <= {2, 3, 4}
+    assert {g for _, g in allocate_bits(errors, shapes, [64], uniform[3]).values()} == {64}
+
+
+def test_grid_allocation_over_group_sizes_is_optimal_within_the_budget_and_beats_one_group_size():
+    import itertools
+
+    from projq_train.quant.allocate import allocate_bits, grid_choices, storage_bits_per_weight
+    from projq_train.quant.pack import PackedWeight
+    from projq_train.quant.rtn import rtn_quantize
+
+    sizes = [32, 64, -1]
+    shapes, errors = allocation_problem(group_sizes=tuple(sizes))
+    weights = sum(o * i for o, i in shapes.values())
+    previous = float("inf")
+    for budget in [2.3, 2.6, 2.8, 3.0, 3.3, 4.0]:
+        chosen = allocate_bits(errors, shapes, sizes, budget)
+        stored = sum(  # counted from the packed tensors
+            PackedWeight.from_quantized(rtn_quantize(torch.randn(o, i), *chosen[n])).storage_bits
+            for n, (o, i) in shapes.items()
+        )
+        assert stored / weights == pytest.approx(storage_bits_per_weight(shapes, chosen), rel=1e-12)
+        assert stored / weights <= budget * (1 + 1e-12)
+        total = sum(errors[n][g] for n, g in chosen.items())
+        best = min(
+            sum(errors[n][g] for n, g in zip(shapes, grids, strict=True))
+            for grids in itertools.product(grid_choices(sizes), repeat=len(shapes))
+            if storage_bits_per_weight(shapes, dict(zip(shapes, grids, strict=True))) <= budget * (1 + 1e-12)
+        )
+        assert total == pytest.approx(best, rel=1e-12)
+        assert total <= previous
+        previous = total
+        one_size = allocate_bits(
+            {n: {(b, 64): e[b, 64] for b in (2, 3, 4)} for n, e in errors.items()}, shapes, [64], budget
+        )
+        assert total <= sum(errors[n][g] for n, g in one_size.items())
+    assert len({g for _, g in allocate_bits(errors, shapes, sizes, 2.8).values()}) > 1  # the menu is used
 
 
 def test_rank_allocation_is_optimal_within_the_parameters_of_one_rank_everywhere():
@@ -537,4 +580,4 @@ def test_a_budget_outside_what_2_to_4_bits_store_is_one_clear_error():
             ValueError,
             match=r"quant.budget_bits .* is outside .*: 2\.\d{3} \(all 2-bit\) to 4\.\d{3} \(all 4-bit\)",
         ):
-            allocate_bits(errors, shapes, 64, budget)
+            allocate_bits(errors, shapes, [64], budget)

@@ -1,10 +1,11 @@
 """Mixed precision under a storage budget, and adapter ranks under a parameter budget.
 
-A :class:`BitConfiguration` maps each quantized module to its bit width and adapter rank; it
-is recorded in the artifact, shown in the quantization report, and is what a
-configuration-aware adapter takes as input. :func:`allocate_bits` picks the widths from each
-module's measured cost at every width (the driver gives it the compensated error weighted by the
-output Fisher, an estimate of the loss it adds: :mod:`projq_train.quant.sensitivity`);
+A :class:`BitConfiguration` maps each quantized module to its bit width, group size and adapter
+rank; it is recorded in the artifact, shown in the quantization report, and is what a
+configuration-aware adapter takes as input. :func:`allocate_bits` picks each module's grid (bit
+width and group size, :data:`Grid`) from its measured cost on every grid (the driver gives it the
+compensated error weighted by the output Fisher, an estimate of the loss it adds:
+:mod:`projq_train.quant.sensitivity`);
 :func:`allocate_ranks` picks the ranks the same way from the cost at every rank in
 :func:`rank_choices`, under the parameter count of one rank everywhere. Both are a
 multiple-choice knapsack solved exactly by dynamic programming (:func:`least_total_cost`) over
@@ -18,7 +19,8 @@ up to coarser units, and the budget still holds.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,23 +29,28 @@ from torch import Tensor
 from projq_train.config import SUPPORTED_BITS
 from projq_train.quant.pack import packed_storage_bits
 
+Grid = tuple[int, int]  # (bits, group size) of a module's quantization grid; group size -1: per row
 ALLOCATION_OBJECTIVE = "fisher-weighted output error"  # what the errors given to allocate_bits are
-MAX_UNITS_PER_MODULE = 200  # the storage axis, at most; coarser units round costs up (< 0.5 % of the room)
+MAX_UNITS_PER_MODULE = 1000  # the storage axis, at most; coarser units round costs up (< 0.1 % of the room)
 
 
 @dataclass(frozen=True)
 class BitConfiguration:
-    """Bit width and adapter rank of every quantized module (full module name → value)."""
+    """Bit width, group size and adapter rank of every quantized module (full module name →
+    value; a group size is the effective one: a module's input width for one group per row).
+    Artifacts written before group sizes were recorded have none (``group_sizes`` empty): all
+    their modules share the recipe's ``quant.group_size``."""
 
     bits: dict[str, int]
     ranks: dict[str, int]
+    group_sizes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, dict[str, int]]:
-        return {"bits": dict(self.bits), "ranks": dict(self.ranks)}
+        return {"bits": dict(self.bits), "ranks": dict(self.ranks), "group_sizes": dict(self.group_sizes)}
 
     @classmethod
     def from_dict(cls, d: dict[str, dict[str, int]]) -> BitConfiguration:
-        return cls(bits=dict(d["bits"]), ranks=dict(d["ranks"]))
+        return cls(bits=dict(d["bits"]), ranks=dict(d["ranks"]), group_sizes=dict(d.get("group_sizes", {})))
 
     @classmethod
     def of(cls, modules: dict[str, Any]) -> BitConfiguration:
@@ -51,30 +58,43 @@ class BitConfiguration:
         return cls(
             bits={n: m.weight.bits for n, m in modules.items()},
             ranks={n: m.lora_A.shape[0] for n, m in modules.items()},
+            group_sizes={n: m.weight.group_size for n, m in modules.items()},
         )
 
 
-def storage_bits_per_weight(
-    shapes: dict[str, tuple[int, int]], bits: dict[str, int], group_size: int
-) -> float:
-    """Average stored bits per weight of the modules ``shapes`` (name → (out, in)) at ``bits``."""
-    stored = sum(packed_storage_bits(o, i, bits[n], group_size) for n, (o, i) in shapes.items())
+def grid_choices(group_sizes: Sequence[int]) -> list[Grid]:
+    """The grids a budget chooses from: every supported width at each of ``group_sizes``."""
+    return [(b, g) for g in group_sizes for b in SUPPORTED_BITS]
+
+
+def storage_bits_per_weight(shapes: dict[str, tuple[int, int]], grids: dict[str, Grid]) -> float:
+    """Average stored bits per weight of the modules ``shapes`` (name → (out, in)) on ``grids``."""
+    stored = sum(packed_storage_bits(o, i, *grids[n]) for n, (o, i) in shapes.items())
     return stored / sum(o * i for o, i in shapes.values())
 
 
 def uniform_storage(shapes: dict[str, tuple[int, int]], group_size: int) -> dict[int, float]:
-    """What uniform 2, 3 and 4 bits would store per weight."""
-    return {b: storage_bits_per_weight(shapes, dict.fromkeys(shapes, b), group_size) for b in SUPPORTED_BITS}
+    """What uniform 2, 3 and 4 bits would store per weight at ``group_size``."""
+    return {
+        b: storage_bits_per_weight(shapes, dict.fromkeys(shapes, (b, group_size))) for b in SUPPORTED_BITS
+    }
 
 
-def check_budget(budget_bits: float, shapes: dict[str, tuple[int, int]], group_size: int) -> None:
-    """Refuse a budget below all-2-bit storage or above all-4-bit, naming the possible range."""
-    uniform = uniform_storage(shapes, group_size)
-    low, high = uniform[min(SUPPORTED_BITS)], uniform[max(SUPPORTED_BITS)]
+def check_budget(budget_bits: float, shapes: dict[str, tuple[int, int]], group_sizes: Sequence[int]) -> None:
+    """Refuse a budget below all-2-bit storage or above all-4-bit (with several group sizes: each
+    module at its cheapest and at its dearest grid), naming the possible range."""
+    weights = sum(o * i for o, i in shapes.values())
+    costs = [
+        [packed_storage_bits(o, i, *grid) for grid in grid_choices(group_sizes)] for o, i in shapes.values()
+    ]
+    low, high = sum(map(min, costs)) / weights, sum(map(max, costs)) / weights
     if not low <= budget_bits <= high:
+        sizes = (
+            f"group size {group_sizes[0]}" if len(group_sizes) == 1 else f"group sizes {list(group_sizes)}"
+        )
         raise ValueError(
             f"quant.budget_bits {budget_bits:g} is outside what 2 to 4 bits can store for this model at "
-            f"group size {group_size}: {math.ceil(low * 1000) / 1000:.3f} (all 2-bit) to "
+            f"{sizes}: {math.ceil(low * 1000) / 1000:.3f} (all 2-bit) to "
             f"{math.floor(high * 1000) / 1000:.3f} (all 4-bit)"
         )
 
@@ -115,23 +135,26 @@ def least_total_cost(errors: Tensor, costs: Tensor, room: float) -> list[int]:
 
 
 def allocate_bits(
-    errors: dict[str, dict[int, float]],
+    errors: dict[str, dict[Grid, float]],
     shapes: dict[str, tuple[int, int]],
-    group_size: int,
+    group_sizes: Sequence[int],
     budget_bits: float,
-) -> dict[str, int]:
-    """The bit width of each module that minimizes the total error ``Σ errors[module][bits]``
-    with the average stored bits per weight (:func:`storage_bits_per_weight`) at most
-    ``budget_bits`` (:func:`least_total_cost`)."""
-    check_budget(budget_bits, shapes, group_size)
-    names, widths = list(shapes), sorted(SUPPORTED_BITS)
+) -> dict[str, Grid]:
+    """The grid of each module (from :func:`grid_choices` of ``group_sizes``, each of which divides
+    every module's inputs) that minimizes the total error ``Σ errors[module][grid]`` with the
+    average stored bits per weight (:func:`storage_bits_per_weight`) at most ``budget_bits``
+    (:func:`least_total_cost`)."""
+    check_budget(budget_bits, shapes, group_sizes)
+    names, grids = list(shapes), grid_choices(group_sizes)
     cost = torch.tensor(
-        [[packed_storage_bits(*shapes[n], b, group_size) for b in widths] for n in names], dtype=torch.float64
+        [[packed_storage_bits(*shapes[n], *g) for g in grids] for n in names], dtype=torch.float64
     )
-    err = torch.tensor([[errors[n][b] for b in widths] for n in names], dtype=torch.float64)
+    err = torch.tensor([[errors[n][g] for g in grids] for n in names], dtype=torch.float64)
     weights = sum(o * i for o, i in shapes.values())
-    room = math.floor(budget_bits * weights * (1 + 1e-12)) - cost[:, 0].sum().item()  # bits above all-2
-    return {n: widths[c] for n, c in zip(names, least_total_cost(err, cost, room), strict=True)}
+    room = (
+        math.floor(budget_bits * weights * (1 + 1e-12)) - cost.min(dim=1).values.sum().item()
+    )  # above the cheapest
+    return {n: grids[c] for n, c in zip(names, least_total_cost(err, cost, room), strict=True)}
 
 
 def rank_choices(rank: int) -> tuple[int, ...]:

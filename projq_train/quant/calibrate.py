@@ -11,6 +11,7 @@ layer's inputs, and moves it back. Only one decoder layer is on the device at a 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
@@ -26,9 +27,11 @@ from projq_train.models import decoder_layers
 from projq_train.quant import lowrank_compensation, quantize_weight
 from projq_train.quant.allocate import (
     BitConfiguration,
+    Grid,
     allocate_bits,
     allocate_ranks,
     check_budget,
+    grid_choices,
     rank_choices,
     uniform_storage,
 )
@@ -88,6 +91,7 @@ class ModuleReport:
     phase_seconds: dict[str, float] | None = None  # of `seconds` and the layer's forwards, by phase
     loss_by_rank: dict[int, dict[int, float]] | None = None  # allocate_ranks: width → rank → that loss
     rank: int | None = None  # the module's adapter rank
+    group_size: int | None = None  # the module's group size (its input width for one group per row)
 
 
 def clock(device: torch.device) -> float:
@@ -111,19 +115,20 @@ def check_model_settings(model: nn.Module, cfg: QuantConfig, rank: int) -> None:
     """Fail before any calibration if a module cannot be quantized with these settings and
     compensated at ``rank``."""
     widths = SUPPORTED_BITS if cfg.budget_bits is not None else (cfg.bits,)
+    group_sizes = {cfg.group_size, *(cfg.group_size_choices or ())}
     for li, layer in enumerate(decoder_layers(model)):
         found = target_linears(layer, cfg.target_modules)
         if not found:
             raise ValueError(f"decoder layer {li} has none of the target modules {cfg.target_modules}")
         for name, mod in found.items():
             try:
-                for width in widths:
-                    check_grid(width, cfg.group_size, mod.in_features)
+                for width, group_size in itertools.product(widths, group_sizes):
+                    check_grid(width, group_size, mod.in_features)
                 check_rank(rank, mod.out_features, mod.in_features)
             except ValueError as e:
                 raise ValueError(f"layer {li} {name}: {e}") from None
     if cfg.budget_bits is not None:
-        check_budget(cfg.budget_bits, target_shapes(model, cfg.target_modules), cfg.group_size)
+        check_budget(cfg.budget_bits, target_shapes(model, cfg.target_modules), cfg.budget_group_sizes)
     if cfg.allocate_ranks and rank == 0:
         raise ValueError("quant.allocate_ranks spreads the parameters of adapter.rank: it needs a rank > 0")
 
@@ -202,24 +207,27 @@ def quantize_module(
     factors: tuple[Tensor, Tensor] | None = None,
     timings: dict[str, float] | None = None,
     row_weights: Tensor | None = None,
+    group_size: int | None = None,
 ) -> QuantizedModule:
-    """Quantize one weight ``W (out, in)`` to ``bits`` with its Hessian and compute the
+    """Quantize one weight ``W (out, in)`` to ``bits`` (in groups of ``group_size``, default
+    ``cfg.group_size``) with its Hessian and compute the
     rank-``rank`` compensation; ``factors``: ``hessian_factor(H)`` if the caller has it;
     ``timings``: seconds of ``quantization`` and ``compensation`` are added to it;
     ``row_weights``: the compensation's output-channel weights (``quant.compensation: fisher``)."""
     timings = timings if timings is not None else {}
+    group_size = cfg.group_size if group_size is None else group_size
     t0 = clock(W.device)
     W = W.float()
     if rank == 0:  # no adapter: nothing to shape the error for or to compensate
-        qw = quantize_weight(W, H, cfg.method, bits, cfg.group_size, 0, 0, **_method_options(cfg, None))
+        qw = quantize_weight(W, H, cfg.method, bits, group_size, 0, 0, **_method_options(cfg, None))
         return QuantizedModule(
             PackedWeight.from_quantized(qw), W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
         )
     factors = factors if factors is not None else hessian_factor(H)  # for ProjQ and the compensation
     opts = _method_options(cfg, factors)
     if opts.get("mode") == "srr":
-        opts["preserved_rank"] = srr_preserved_rank(W, H, rank, bits, cfg.group_size, cfg.damp, factors)
-    qw = quantize_weight(W, H, cfg.method, bits, cfg.group_size, rank, cfg.iters, **opts)
+        opts["preserved_rank"] = srr_preserved_rank(W, H, rank, bits, group_size, cfg.damp, factors)
+    qw = quantize_weight(W, H, cfg.method, bits, group_size, rank, cfg.iters, **opts)
     t1 = clock(W.device)
     B, A = lowrank_compensation(W - qw.dequantize(), H, rank, factors, row_weights)
     timings["quantization"] = timings.get("quantization", 0.0) + t1 - t0
@@ -237,15 +245,16 @@ def quantize_model(
     batch_size: int = 8,
     progress: bool = True,
     source: WeightSource | None = None,
-    bits: dict[str, int] | None = None,
+    grids: dict[str, Grid] | None = None,
     measure_bits: tuple[int, ...] = (),
     sensitivities: dict[str, Tensor] | None = None,
     ranks: dict[str, int] | None = None,
     measure_ranks: tuple[int, ...] = (),
 ) -> tuple[dict[str, QuantizedModule], list[ModuleReport]]:
     """Quantize every target linear of ``model`` (on CPU) in place, calibrating on ``ids (n, seqlen)``,
-    for adapters of rank ``rank`` (0: no compensation), at ``cfg.bits`` or at ``bits[module name]``,
-    of rank ``ranks[module name]`` when given. Under ``cfg.budget_bits`` (and no ``bits``) or
+    for adapters of rank ``rank`` (0: no compensation), at ``cfg.bits`` in groups of
+    ``cfg.group_size`` or on ``grids[module name]`` (bits, group size), of rank
+    ``ranks[module name]`` when given. Under ``cfg.budget_bits`` (and no ``grids``) or
     ``cfg.allocate_ranks`` (and no ``ranks``) a first pass chooses the configuration
     (:func:`allocate_configuration`: a sensitivity pass, then four quantizations per module in
     all under a budget, two at uniform bits) and each report row keeps the errors it measured
@@ -271,7 +280,7 @@ def quantize_model(
         raise ValueError("the calibration set is empty: no token windows to calibrate on")
     device = torch.device(device)
     first_pass, sensitivity_seconds = None, None
-    allocating = (cfg.budget_bits is not None and bits is None) or (cfg.allocate_ranks and ranks is None)
+    allocating = (cfg.budget_bits is not None and grids is None) or (cfg.allocate_ranks and ranks is None)
     fisher = cfg.compensation == "fisher" and rank > 0
     if sensitivities is None and (allocating or fisher):
         t_sensitivity = clock(device)
@@ -282,7 +291,8 @@ def quantize_model(
         configuration, first_pass = allocate_configuration(
             model, ids, cfg, rank, device, batch_size, progress, source, sensitivities
         )
-        bits = configuration.bits if cfg.budget_bits is not None else bits
+        if cfg.budget_bits is not None:
+            grids = {n: (b, configuration.group_sizes[n]) for n, b in configuration.bits.items()}
         ranks = configuration.ranks if cfg.allocate_ranks else ranks
     layer_names = {id(m): n for n, m in model.named_modules()}
     dtype = model.model.embed_tokens.weight.dtype
@@ -300,7 +310,7 @@ def quantize_model(
     if measure_bits:  # the first pass of an allocation
         label = f"{cfg.method} first pass, measuring {'/'.join(map(str, measure_bits))} bits"
     else:
-        label = f"{cfg.method} w{cfg.bits}" if bits is None else f"{cfg.method} mixed bits"
+        label = f"{cfg.method} w{cfg.bits}" if grids is None else f"{cfg.method} mixed bits"
     bar = tqdm(decoder_layers(model), desc=label, disable=not progress)
     for layer in bar:
         load_to_device(layer, f"{layer_names[id(layer)]}.", source, dtype, device)
@@ -318,7 +328,7 @@ def quantize_model(
             for short, mod in members.items():
                 t0 = clock(device)
                 W, H, name = mod.weight.float(), hessians[short], layer_names[id(mod)]
-                width = cfg.bits if bits is None else bits[name]
+                width, group_size = (cfg.bits, cfg.group_size) if grids is None else grids[name]
                 module_rank = rank if ranks is None else ranks[name]
                 wn = _hnorm(W, H)
                 phases = {"calibration forwards": forwards, "Hessian factors": 0.0}
@@ -328,12 +338,12 @@ def quantize_model(
                 factor = factor_of.get(id(H))
                 row_weights = compensation_row_weights(sensitivities[name]) if fisher else None
                 measured = {
-                    b: quantize_module(W, H, cfg, module_rank, b, factor, phases, row_weights)
+                    b: quantize_module(W, H, cfg, module_rank, b, factor, phases, row_weights, group_size)
                     for b in measure_bits
                 }
                 if width not in measured:
                     measured[width] = quantize_module(
-                        W, H, cfg, module_rank, width, factor, phases, row_weights
+                        W, H, cfg, module_rank, width, factor, phases, row_weights, group_size
                     )
                 qm = measured[width]
                 loss_by_rank = {
@@ -372,6 +382,7 @@ def quantize_model(
                         phases,
                         loss_by_rank or None,
                         module_rank,
+                        qm.weight.group_size,
                     )
                 )
                 layer_reports.append(reports[-1])
@@ -414,58 +425,77 @@ def allocate_configuration(
     """The first pass of mixed precision (``cfg.budget_bits``) and of rank allocation
     (``cfg.allocate_ranks``): given the output Fisher of every module measured on the float model
     (``sensitivities``, from :func:`~projq_train.quant.sensitivity.output_sensitivities`), every
-    module is quantized from the same inputs at each width the choice needs (2, 3 and 4 bits
-    under a budget, the next layer calibrated on the width whose uniform storage is nearest it;
-    ``cfg.bits`` otherwise) and its Fisher-weighted error measured at each.
-    :func:`~projq_train.quant.allocate.allocate_bits` picks the widths that add the least to the
-    loss; then :func:`~projq_train.quant.allocate.allocate_ranks` the ranks, from the loss the best
-    correction of each rank in :func:`~projq_train.quant.allocate.rank_choices` would leave of
-    ``W − Q`` at the module's width. When ranks are allocated the first pass quantizes for the
-    smallest choice, so every larger rank's loss is one its ``Q`` reaches (the second pass,
-    quantizing for the rank chosen, does at least about as well); the widths are then chosen by
-    the losses at ``rank``. The model's target weights are left as they were (without a weight
-    ``source`` they are copied once to restore them). Returns the configuration and the first
-    pass's report row of each module."""
+    module is quantized from the same inputs at each width the choice needs (2, 3 and 4 bits under a
+    budget, the next layer calibrated on the width whose uniform storage is nearest it; ``cfg.bits``
+    otherwise) and its Fisher-weighted error measured at each; with ``cfg.group_size_choices``, in
+    one such pass per group size. :func:`~projq_train.quant.allocate.allocate_bits` picks the grids
+    (width and group size) that add the least to the loss; then
+    :func:`~projq_train.quant.allocate.allocate_ranks` the ranks, from the loss the best correction
+    of each rank in :func:`~projq_train.quant.allocate.rank_choices` would leave of ``W − Q`` at the
+    module's grid. When ranks are allocated the first pass quantizes for the smallest choice, so
+    every larger rank's loss is one its ``Q`` reaches (the second pass, quantizing for the rank
+    chosen, does at least about as well); the widths are then chosen by the losses at ``rank``. The
+    model's target weights are left as they were (without a weight ``source`` they are copied once
+    to restore them). Returns the configuration and each module's first-pass report row at its
+    chosen group size."""
     shapes = target_shapes(model, cfg.target_modules)
     if cfg.budget_bits is not None:
         uniform = uniform_storage(shapes, cfg.group_size)
-        widths = SUPPORTED_BITS
+        widths, group_sizes = SUPPORTED_BITS, cfg.budget_group_sizes
         nearest = min(widths, key=lambda b: abs(uniform[b] - cfg.budget_bits))
     else:
-        widths, nearest = (cfg.bits,), cfg.bits
+        widths, nearest, group_sizes = (cfg.bits,), cfg.bits, [cfg.group_size]
     choices = rank_choices(rank) if cfg.allocate_ranks else ()
     originals = None if source is not None else {n: model.get_submodule(n).weight.clone() for n in shapes}
-    first = replace(cfg, bits=nearest, budget_bits=None, allocate_ranks=False)
-    _, reports = quantize_model(
-        model,
-        ids,
-        first,
-        min(choices, default=rank),
-        device,
-        batch_size,
-        progress,
-        source,
-        None,
-        widths,
-        sensitivities,
-        measure_ranks=choices,
-    )
-    for name, weight in (originals or {}).items():
-        model.get_submodule(name).weight.copy_(weight)
-    measured = {r.name: r for r in reports}
+    measured: dict[int, dict[str, ModuleReport]] = {}  # group size → module → its first-pass row
+    for group_size in group_sizes:
+        first = replace(
+            cfg,
+            bits=nearest,
+            budget_bits=None,
+            allocate_ranks=False,
+            group_size=group_size,
+            group_size_choices=None,
+        )
+        _, reports = quantize_model(
+            model,
+            ids,
+            first,
+            min(choices, default=rank),
+            device,
+            batch_size,
+            progress,
+            source,
+            None,
+            widths,
+            sensitivities,
+            measure_ranks=choices,
+        )
+        for name, weight in (originals or {}).items():
+            model.get_submodule(name).weight.copy_(weight)
+        measured[group_size] = {r.name: r for r in reports}
+
+    def loss(name: str, bits: int, group_size: int) -> float:  # at `rank` when ranks are allocated
+        row = measured[group_size][name]
+        return row.loss_by_rank[bits][rank] if choices else row.loss_by_bits[bits]
+
     if cfg.budget_bits is None:
-        bits = dict.fromkeys(shapes, cfg.bits)
+        grids = dict.fromkeys(shapes, (cfg.bits, cfg.group_size))
     else:
-        losses = {
-            n: ({b: r.loss_by_rank[b][rank] for b in widths} if choices else r.loss_by_bits)
-            for n, r in measured.items()
-        }
-        bits = allocate_bits(losses, shapes, cfg.group_size, cfg.budget_bits)
+        losses = {n: {grid: loss(n, *grid) for grid in grid_choices(group_sizes)} for n in shapes}
+        grids = allocate_bits(losses, shapes, group_sizes, cfg.budget_bits)
     if choices:
-        ranks = allocate_ranks({n: measured[n].loss_by_rank[bits[n]] for n in shapes}, shapes, rank)
+        ranks = allocate_ranks(
+            {n: measured[grids[n][1]][n].loss_by_rank[grids[n][0]] for n in shapes}, shapes, rank
+        )
     else:
         ranks = dict.fromkeys(shapes, rank)
-    return BitConfiguration(bits, ranks), measured
+    configuration = BitConfiguration(
+        bits={n: b for n, (b, _) in grids.items()},
+        ranks=ranks,
+        group_sizes={n: shapes[n][1] if g == -1 else g for n, (_, g) in grids.items()},
+    )
+    return configuration, {n: measured[grids[n][1]][n] for n in shapes}
 
 
 def stored_bits_per_weight(modules: dict[str, QuantizedModule]) -> float:
@@ -481,8 +511,11 @@ def format_storage(modules: dict[str, QuantizedModule], group_size: int, budget_
     shapes = {n: (qm.weight.out_features, qm.weight.in_features) for n, qm in modules.items()}
     uniform = " / ".join(f"{v:.3f}" for v in uniform_storage(shapes, group_size).values())
     budget = f" (budget {budget_bits:g})" if budget_bits is not None else ""
-    counts = Counter(qm.weight.bits for qm in modules.values())
-    mix = "modules: " + ", ".join(f"{counts[b]} at {b} bits" for b in sorted(counts))
+    grouped = len({qm.weight.group_size for qm in modules.values()}) > 1  # per row: the input width
+    counts = Counter((qm.weight.bits, qm.weight.group_size if grouped else 0) for qm in modules.values())
+    mix = "modules: " + ", ".join(
+        f"{counts[b, g]} at {b} bits" + (f" g{g}" if grouped else "") for b, g in sorted(counts)
+    )
     return f"storage: {stored:.3f} bits per weight{budget}, {mix}; uniform 2 / 3 / 4 bits store {uniform}"
 
 
@@ -500,9 +533,10 @@ def apply_quantized(
 
 def format_report(reports: list[ModuleReport]) -> str:
     """A fixed-width table of the per-module report with a mean row; with srr, the preserved rank
-    ``k`` of each module too, and its width and rank where they differ between modules."""
+    ``k`` of each module too, and its width, group size and rank where they differ between modules."""
     srr = any(r.preserved_rank is not None for r in reports)
     mixed = len({r.bits for r in reports}) > 1
+    grouped = len({r.group_size for r in reports}) > 1
     ranked = len({r.rank for r in reports}) > 1
 
     def rank(value: int | None) -> str:  # the rank allocation's column
@@ -514,8 +548,12 @@ def format_report(reports: list[ModuleReport]) -> str:
     def width(value: int | None) -> str:  # the mixed-precision column
         return f" {value:>4}" if mixed else ""
 
+    def group(value: int | None) -> str:  # the group-size column
+        return f" {value:>5}" if grouped else ""
+
     head = (
         (f" {'bits':>4}" if mixed else "")
+        + (f" {'group':>5}" if grouped else "")
         + (f" {'rank':>4}" if ranked else "")
         + (f" {'k':>4}" if srr else "")
     )
@@ -523,13 +561,14 @@ def format_report(reports: list[ModuleReport]) -> str:
     for r in reports:
         shape = f"{r.shape[0]}x{r.shape[1]}"
         lines.append(
-            f"{r.name:<40} {shape:>12}{width(r.bits)}{rank(r.rank)}{k(r.preserved_rank)} {r.err_quant:9.5f} "
-            f"{r.err_compensated:9.5f} {100 * r.tail_fraction:7.2f} {r.seconds:6.2f}"
+            f"{r.name:<40} {shape:>12}{width(r.bits)}{group(r.group_size)}{rank(r.rank)}"
+            f"{k(r.preserved_rank)} {r.err_quant:9.5f} {r.err_compensated:9.5f} "
+            f"{100 * r.tail_fraction:7.2f} {r.seconds:6.2f}"
         )
     n = max(len(reports), 1)
     ks = [r.preserved_rank for r in reports if r.preserved_rank is not None]
     mean_k = f" {sum(ks) / len(ks):4.1f}" if ks else k(None)
-    mean_bits = f" {'':>4}" if mixed else ""
+    mean_bits = (f" {'':>4}" if mixed else "") + (f" {'':>5}" if grouped else "")
     mean_rank = f" {sum(r.rank for r in reports) / n:4.1f}" if ranked else ""
     lines.append(
         f"{'mean':<40} {'':>12}{mean_bits}{mean_rank}{mean_k} {sum(r.err_quant for r in reports) / n:9.5f} "

@@ -257,7 +257,8 @@ def quantize_model(
     ``ranks[module name]`` when given. Under ``cfg.budget_bits`` (and no ``grids``) or
     ``cfg.allocate_ranks`` (and no ``ranks``) a first pass chooses the configuration
     (:func:`allocate_configuration`: a sensitivity pass, then four quantizations per module in
-    all under a budget, two at uniform bits) and each report row keeps the errors it measured
+    all under a budget, three more per extra group size of ``cfg.group_size_choices``, two at
+    uniform bits) and each report row keeps the errors it measured
     (``err_by_bits``, ``loss_by_bits``, ``loss_by_rank``).
     With ``measure_bits``, each module is also quantized at those widths (from the same inputs)
     and its compensated error at each reported, and its weighted error ``Σ_j F_j (E H Eᵀ)_jj``;

@@ -7,7 +7,8 @@
 #
 # Steps, most wanted first: the memory benchmark on a random-init 1B model (its `fit` on CUDA has
 # never finished: the packed layers' kernels compile and autotune first); quantization time at
-# Llama-2-7B's layer shapes (GPTQ-clip, then `refresh`); the packed-layer benchmark on the 7B
+# Llama-2-7B's layer shapes (GPTQ-clip, then `refresh`, then one module of each shape); the
+# packed-layer benchmark on the 7B
 # shapes; the CUDA kernel tests (none finished within 110 s so far). ALPACA names the calibration and training rows (default: the workplace's
 # copy next to the repository).
 set -u
@@ -49,6 +50,7 @@ QUANTIZE=("$PY" -m projq_train.cli quantize --config benchmarks/quantize-llama2-
   --calibration.dataset "$ALPACA" --artifact_dir "$WORK/artifacts")
 step quantize-gptq 100 "${QUANTIZE[@]}" --quant.method gptq
 step quantize-refresh 160 "${QUANTIZE[@]}"
+step module-time 120 "$PY" benchmarks/module_quant_time.py --device cuda
 step packed-kernels 200 "$PY" benchmarks/packed_kernels.py --shapes 11008x4096 4096x11008 --tokens 1 512 4096 --json "$OUTDIR/kernels.json"
 step kernel-tests 150 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/test_triton_kernels.py
 echo "total $(($(date +%s) - START))s; logs in $OUTDIR/logs.tgz"

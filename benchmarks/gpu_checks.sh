@@ -8,9 +8,9 @@
 # Steps, most wanted first: the memory benchmark on a random-init 1B model (its `fit` on CUDA has
 # never finished: the packed layers' kernels compile and autotune first); quantization time at
 # Llama-2-7B's layer shapes (GPTQ-clip, then `refresh`, then one module of each shape); the
-# packed-layer benchmark on the 7B
-# shapes; the CUDA kernel tests (none finished within 110 s so far). ALPACA names the calibration and training rows (default: the workplace's
-# copy next to the repository).
+# packed-layer benchmark on the 7B shapes; the CUDA kernel tests (none finished within 110 s so
+# far). ALPACA names the calibration and training rows (default: the workplace's copy next to
+# the repository).
 set -u
 OUTDIR=${1:-runs/gpu-checks}
 BUDGET=${2:-540}

@@ -87,13 +87,19 @@ def quant_config(
     allocate_ranks: bool = False,
     iters: int = ITERS,
     strength: float = 1.0,
+    group_size_choices: list[int] | None = None,
 ) -> QuantConfig:
-    """``width`` bits, or (``budget``) the storage budget ``quant.budget_bits``; ``iters`` and
-    ``strength``: ``quant.iters`` and ``quant.projection_strength``."""
+    """``width`` bits, or (``budget``) the storage budget ``quant.budget_bits`` (over the grids of
+    ``group_size_choices``, when given); ``iters`` and ``strength``: ``quant.iters`` and
+    ``quant.projection_strength``."""
     if method == "nf4":
         return QuantConfig(method="nf4", bits=4)
     method, _, mode = method.partition("-")
-    widths = {"bits": None, "budget_bits": width} if budget else {"bits": int(width)}
+    widths = (
+        {"bits": None, "budget_bits": width, "group_size_choices": group_size_choices}
+        if budget
+        else {"bits": int(width)}
+    )
     settings = {
         "group_size": 64,
         "iters": iters,
@@ -110,27 +116,27 @@ def variant_key(
     method: str,
     width: float,
     budget: bool,
-    compensation: str = "hessian",
+    quant: QuantConfig,
     rank: int = RANK,
     lr: float = LR,
-    allocate_ranks: bool = False,
     dropout: float = DROPOUT,
-    iters: int = ITERS,
-    strength: float = 1.0,
 ) -> str:
     """``gptq-w3`` (uniform 3 bits), ``gptq-b3.3`` (a budget of 3.3 bits per weight), ``nf4-w4``;
+    then what ``quant`` (:func:`quant_config`'s) and the adapter change from the defaults:
     ``projq-srr-b3.3-r64-fisher`` at adapter rank 64 with ``quant.compensation: fisher``,
     ``...-ranks`` with ``quant.allocate_ranks``, ``...-iters10`` and ``...-strength0.97`` for
-    ``quant.iters`` and ``quant.projection_strength`` other than :data:`ITERS` and 1; then the
-    fine-tune's settings, ``...-lr0.0001``
-    for a learning rate other than :data:`LR` and ``...-dropout0`` for a dropout other than
-    :data:`DROPOUT`."""
+    ``quant.iters`` and ``quant.projection_strength`` other than :data:`ITERS` and 1,
+    ``...-groups64.192.row`` for ``quant.group_size_choices`` (``row``: -1); then the fine-tune's
+    settings, ``...-lr0.0001`` for a learning rate other than :data:`LR` and ``...-dropout0`` for
+    a dropout other than :data:`DROPOUT`."""
+    choices = quant.group_size_choices or []
     quantization = (
         f"-r{rank}" * (rank != RANK)
-        + "-fisher" * (compensation == "fisher")
-        + "-ranks" * allocate_ranks
-        + f"-iters{iters}" * (iters != ITERS)
-        + f"-strength{strength:g}" * (strength != 1.0)
+        + "-fisher" * (quant.compensation == "fisher")
+        + "-ranks" * quant.allocate_ranks
+        + f"-iters{quant.iters}" * (quant.iters != ITERS)
+        + f"-strength{quant.projection_strength:g}" * (quant.projection_strength != 1.0)
+        + ("-groups" + ".".join("row" if g == -1 else str(g) for g in choices)) * bool(choices)
     )
     fine_tune = f"-lr{lr:g}" * (lr != LR) + f"-dropout{dropout:g}" * (dropout != DROPOUT)
     return f"{method}-{'b' if budget else 'w'}{width:g}{quantization}{fine_tune}"
@@ -143,12 +149,14 @@ def split_key(key: str) -> tuple[str, str | None, str | None]:
 
 
 def parse_key(key: str) -> tuple[str, float, bool]:
-    """(label, width, budget) of a :func:`variant_key`; the label is the method, then ``r<rank>``
-    when the rank is not :data:`RANK`, ``fisher`` for a Fisher-weighted compensation, ``ranks``
-    for allocated ranks, ``<n> rounds`` and ``strength <s>`` for other ``quant.iters`` and
-    projection strength, ``lr <lr>`` for another learning rate and ``dropout <p>`` for another
-    dropout."""
+    """(label, width, budget) of a :func:`variant_key`; the label is the method, then ``r<rank>`` when
+    the rank is not :data:`RANK`, ``fisher`` for a Fisher-weighted compensation, ``ranks`` for
+    allocated ranks, ``<n> rounds`` and ``strength <s>`` for other ``quant.iters`` and projection
+    strength, ``groups 64/192/-1`` for group-size choices, ``lr <lr>`` for another learning rate and
+    ``dropout <p>`` for another dropout."""
     rest, lr, dropout = split_key(key)
+    groups = re.search(r"-groups([0-9.row]+)$", rest)
+    rest = rest.removesuffix(groups[0]) if groups else rest
     strength = re.search(r"-strength([0-9.]+)$", rest)
     rest = rest.removesuffix(strength[0]) if strength else rest
     iters = re.search(r"-iters(\d+)$", rest)
@@ -167,6 +175,7 @@ def parse_key(key: str) -> tuple[str, float, bool]:
         + " ranks" * ranks
         + (f" {iters[1]} rounds" if iters else "")
         + (f" strength {strength[1]}" if strength else "")
+        + (" groups " + groups[1].replace("row", "-1").replace(".", "/") if groups else "")
         + f" lr {lr}" * bool(lr)
         + f" dropout {dropout}" * bool(dropout)
     )
@@ -281,21 +290,17 @@ def run(args) -> dict:
     for method, width, budget in variants:
         compensation = "hessian" if method == "nf4" else args.compensation
         allocate_ranks = args.allocate_ranks and method != "nf4"
-        key = variant_key(
+        quant = quant_config(
             method,
             width,
             budget,
             compensation,
-            args.rank,
-            args.lr,
             allocate_ranks,
-            args.dropout,
             args.iters,
             args.projection_strength,
+            args.group_size_choices if budget else None,
         )
-        quant = quant_config(
-            method, width, budget, compensation, allocate_ranks, args.iters, args.projection_strength
-        )
+        key = variant_key(method, width, budget, quant, args.rank, args.lr, args.dropout)
         entry = results.setdefault(key, {})
         if "quantized" not in entry:
             entry.update(step0_of_another_fine_tune(results, key))
@@ -443,6 +448,12 @@ def main() -> None:
         type=float,
         default=1.0,
         help="quant.projection_strength (keys end in -strength<s> if not 1)",
+    )
+    parser.add_argument(
+        "--group-size-choices",
+        type=int,
+        nargs="+",
+        help="quant.group_size_choices of the budget bases (keys end in -groups<sizes>)",
     )
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch 8)")
     parser.add_argument(

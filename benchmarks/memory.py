@@ -654,12 +654,11 @@ def render(rows: list[dict]) -> str:
                 summed = " + ".join(f"{k} {gib(v)}" for k, v in parts["bytes"].items())
                 measured = f"; measured / sum = {peak(fit) / parts['sum']:.2f}" if peak(fit) else ""
                 keys = "; ".join(f"{k}: {', '.join(v)}" for k, v in parts["keys"].items())
-                runtime = (
-                    f"; its runtime baseline is {gib(parts['runtime'])} more" if parts["runtime"] else ""
-                )
+                on_host = parts["runtime"] and r0["device"] == "cpu"  # a device peak has no host runtime
+                runtime = f"; its runtime baseline is {gib(parts['runtime'])} more" if on_host else ""
                 notes.append(
-                    f"{b} × {t} fit, the estimate's {summed} = {gib(parts['sum'])}, × 1.15 = "
-                    f"{gib(1.15 * parts['sum'])}{measured} (components summed: {keys}{runtime})."
+                    f"{b} × {t} fit, the estimate's {summed} = {gib(parts['sum'])}{measured} "
+                    f"(components summed: {keys}{runtime})."
                 )
             workers = [x["worker"] for x in (float_lora, nf4) if x and x.get("worker")]
             if len({w["rows_sha256"] for w in workers}) > 1:

@@ -67,7 +67,8 @@ METHODS = ("rtn", "gptq", "projq", "projq-refresh", "projq-srr", "nf4")  # projq
 RANK = 32  # adapter rank, and the compensation's, unless --rank says otherwise (then in the keys)
 LR = 5e-4  # the fine-tune's peak learning rate, unless --lr says otherwise (then in the keys)
 DROPOUT = 0.05  # the adapter's dropout in the fine-tune, unless --dropout says otherwise (then in the keys)
-ITERS = 5  # quant.iters, unless --iters says otherwise (then in the keys)
+ITERS = QuantConfig.iters  # quant.iters, unless --iters says otherwise (then in the keys)
+STRENGTH = QuantConfig.projection_strength  # unless --projection-strength says otherwise (then in the keys)
 COLORS = {
     "rtn": "tab:gray",
     "gptq": "tab:blue",
@@ -86,7 +87,7 @@ def quant_config(
     compensation: str = "hessian",
     allocate_ranks: bool = False,
     iters: int = ITERS,
-    strength: float = 1.0,
+    strength: float = STRENGTH,
     group_size_choices: list[int] | None = None,
 ) -> QuantConfig:
     """``width`` bits, or (``budget``) the storage budget ``quant.budget_bits`` (over the grids of
@@ -125,7 +126,7 @@ def variant_key(
     then what ``quant`` (:func:`quant_config`'s) and the adapter change from the defaults:
     ``projq-srr-b3.3-r64-fisher`` at adapter rank 64 with ``quant.compensation: fisher``,
     ``...-ranks`` with ``quant.allocate_ranks``, ``...-iters10`` and ``...-strength0.97`` for
-    ``quant.iters`` and ``quant.projection_strength`` other than :data:`ITERS` and 1,
+    ``quant.iters`` and ``quant.projection_strength`` other than :data:`ITERS` and :data:`STRENGTH`,
     ``...-groups64.192.row`` for ``quant.group_size_choices`` (``row``: -1); then the fine-tune's
     settings, ``...-lr0.0001`` for a learning rate other than :data:`LR` and ``...-dropout0`` for
     a dropout other than :data:`DROPOUT`."""
@@ -135,7 +136,7 @@ def variant_key(
         + "-fisher" * (quant.compensation == "fisher")
         + "-ranks" * quant.allocate_ranks
         + f"-iters{quant.iters}" * (quant.iters != ITERS)
-        + f"-strength{quant.projection_strength:g}" * (quant.projection_strength != 1.0)
+        + f"-strength{quant.projection_strength:g}" * (quant.projection_strength != STRENGTH)
         + ("-groups" + ".".join("row" if g == -1 else str(g) for g in choices)) * bool(choices)
     )
     fine_tune = f"-lr{lr:g}" * (lr != LR) + f"-dropout{dropout:g}" * (dropout != DROPOUT)
@@ -446,7 +447,7 @@ def main() -> None:
     parser.add_argument(
         "--projection-strength",
         type=float,
-        default=1.0,
+        default=STRENGTH,
         help="quant.projection_strength (keys end in -strength<s> if not 1)",
     )
     parser.add_argument(

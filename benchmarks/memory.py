@@ -236,8 +236,8 @@ def worker_zero_compensation_quantize(recipe_path: Path) -> dict:
     from projq_train.quant import quantize_weight
     from projq_train.quant.pack import PackedWeight
 
-    def rtn_zero(W, H, cfg, rank, bits, factors=None, timings=None):  # quantize_module's signature
-        qw = quantize_weight(W.float(), H, "rtn", bits, cfg.group_size, 0, 0)
+    def rtn_zero(W, H, cfg, rank, bits, group_size, *_):  # quantize_module's signature
+        qw = quantize_weight(W.float(), H, "rtn", bits, group_size, 0, 0)
         zeros = W.new_zeros(W.shape[0], rank), W.new_zeros(rank, W.shape[1])
         return calibrate.QuantizedModule(PackedWeight.from_quantized(qw), *zeros)
 

@@ -115,7 +115,7 @@ def check_model_settings(model: nn.Module, cfg: QuantConfig, rank: int) -> None:
     """Fail before any calibration if a module cannot be quantized with these settings and
     compensated at ``rank``."""
     widths = SUPPORTED_BITS if cfg.budget_bits is not None else (cfg.bits,)
-    group_sizes = {cfg.group_size, *(cfg.group_size_choices or ())}
+    group_sizes = {cfg.group_size, *cfg.budget_group_sizes}
     for li, layer in enumerate(decoder_layers(model)):
         found = target_linears(layer, cfg.target_modules)
         if not found:
@@ -204,18 +204,17 @@ def quantize_module(
     cfg: QuantConfig,
     rank: int,
     bits: int,
+    group_size: int,
     factors: tuple[Tensor, Tensor] | None = None,
     timings: dict[str, float] | None = None,
     row_weights: Tensor | None = None,
-    group_size: int | None = None,
 ) -> QuantizedModule:
-    """Quantize one weight ``W (out, in)`` to ``bits`` (in groups of ``group_size``, default
-    ``cfg.group_size``) with its Hessian and compute the
+    """Quantize one weight ``W (out, in)`` to ``bits`` in groups of ``group_size`` with its
+    Hessian and compute the
     rank-``rank`` compensation; ``factors``: ``hessian_factor(H)`` if the caller has it;
     ``timings``: seconds of ``quantization`` and ``compensation`` are added to it;
     ``row_weights``: the compensation's output-channel weights (``quant.compensation: fisher``)."""
     timings = timings if timings is not None else {}
-    group_size = cfg.group_size if group_size is None else group_size
     t0 = clock(W.device)
     W = W.float()
     if rank == 0:  # no adapter: nothing to shape the error for or to compensate
@@ -339,12 +338,12 @@ def quantize_model(
                 factor = factor_of.get(id(H))
                 row_weights = compensation_row_weights(sensitivities[name]) if fisher else None
                 measured = {
-                    b: quantize_module(W, H, cfg, module_rank, b, factor, phases, row_weights, group_size)
+                    b: quantize_module(W, H, cfg, module_rank, b, group_size, factor, phases, row_weights)
                     for b in measure_bits
                 }
                 if width not in measured:
                     measured[width] = quantize_module(
-                        W, H, cfg, module_rank, width, factor, phases, row_weights, group_size
+                        W, H, cfg, module_rank, width, group_size, factor, phases, row_weights
                     )
                 qm = measured[width]
                 loss_by_rank = {

@@ -210,9 +210,8 @@ def quantize_module(
     row_weights: Tensor | None = None,
 ) -> QuantizedModule:
     """Quantize one weight ``W (out, in)`` to ``bits`` in groups of ``group_size`` with its
-    Hessian and compute the
-    rank-``rank`` compensation; ``factors``: ``hessian_factor(H)`` if the caller has it;
-    ``timings``: seconds of ``quantization`` and ``compensation`` are added to it;
+    Hessian and compute the rank-``rank`` compensation; ``factors``: ``hessian_factor(H)`` if the
+    caller has it; ``timings``: seconds of ``quantization`` and ``compensation`` are added to it;
     ``row_weights``: the compensation's output-channel weights (``quant.compensation: fisher``)."""
     timings = timings if timings is not None else {}
     t0 = clock(W.device)

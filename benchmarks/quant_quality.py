@@ -93,6 +93,12 @@ def main() -> None:
         help="quant.group_size_choices of the budget rows (named '... groups 32/64/-1 budget')",
     )
     ap.add_argument(
+        "--first-pass-iters",
+        type=int,
+        help="quant.first_pass_iters of the budget and --allocate-ranks rows of projq variants "
+        "(named '... first pass 1 round')",
+    )
+    ap.add_argument(
         "--compensation",
         choices=["hessian", "fisher"],
         default="hessian",
@@ -176,7 +182,10 @@ def quantized_row(model, ids, windows, name: str, bits: float, rank: int, budget
         "compensation": args.compensation,
         "allocate_ranks": args.allocate_ranks,
     }
-    cfg = QuantConfig(**widths, **settings, **VARIANTS[name])
+    variant = VARIANTS[name]
+    if variant["method"] == "projq" and (budget is not None or args.allocate_ranks):
+        settings["first_pass_iters"] = args.first_pass_iters
+    cfg = QuantConfig(**widths, **settings, **variant)
     t0 = time.perf_counter()
     modules, reports = quantize_model(model, ids, cfg, rank, progress=False)
     wall = time.perf_counter() - t0
@@ -268,6 +277,8 @@ def print_table(rows: list[dict], settings: dict) -> None:
             method += " groups " + "/".join(map(str, r["config"]["group_size_choices"]))
         if r.get("config", {}).get("method") == "projq":
             method += f" {r['config']['iters']} rounds" * (r["config"]["iters"] != DEFAULT_ROUNDS)
+            first = r["config"].get("first_pass_iters")
+            method += f" first pass {first} round{'s' * (first != 1)}" * (first is not None)
             strength = r["config"].get("projection_strength", DEFAULT_STRENGTH)
             method += f" strength {strength:g}" * (strength != DEFAULT_STRENGTH)
         method += f" (mean k {sum(ks) / len(ks):.1f})" if ks else ""

@@ -110,7 +110,7 @@ def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
     settings = {**asdict(quant), "rank": rank}
     if quant.compensation == "hessian":
         del settings["compensation"]
-    for key in ("allocate_ranks", "group_size_choices"):  # nor the defaults of keys added later
+    for key in ("allocate_ranks", "group_size_choices", "first_pass_iters"):  # nor later keys' defaults
         if not settings[key]:
             del settings[key]
     if quant.method == "projq" and quant.mode == "refresh" and quant.projection_strength > 0:

@@ -93,6 +93,12 @@ class QuantConfig:
     pass then quantizes every module at each of them."""
     iters: int = 5
     """ProjQ projection rounds after the initial GPTQ."""
+    first_pass_iters: int | None = None
+    """ProjQ rounds of the quantizations the first pass of ``budget_bits`` or ``allocate_ranks``
+    measures each module's error with (it quantizes each module once per width and group size,
+    then the second pass once at the chosen grid with ``iters``). ``null``: ``iters``; fewer make
+    the first pass cheaper and the allocation judge every grid by a less refined error (0: by
+    plain GPTQ's)."""
     tol: float = 1e-3
     """ProjQ early stop: relative tail improvement (and subspace movement) below this stops."""
     projection_strength: float = 1.0
@@ -174,6 +180,18 @@ class QuantConfig:
                 )
         if self.iters < 0:
             raise ValueError(f"quant.iters must be >= 0, got {self.iters}")
+        if self.first_pass_iters is not None:
+            if self.budget_bits is None and not self.allocate_ranks:
+                raise ValueError(
+                    "quant.first_pass_iters sets the rounds of the first pass of quant.budget_bits or "
+                    "quant.allocate_ranks; without either there is no first pass"
+                )
+            if self.method != "projq":
+                raise ValueError(
+                    f"quant.first_pass_iters counts ProjQ rounds; quant.method {self.method} has none"
+                )
+            if self.first_pass_iters < 0:
+                raise ValueError(f"quant.first_pass_iters must be >= 0, got {self.first_pass_iters}")
         if not 0.0 <= self.projection_strength <= 1.0:
             raise ValueError(f"quant.projection_strength must be in [0, 1], got {self.projection_strength}")
         if self.compensation not in ("hessian", "fisher"):

@@ -113,6 +113,26 @@ def test_group_size_choices_give_modules_grids_of_several_group_sizes_within_the
     assert " bits g16" in format_storage(modules, 32, 3.0) or " bits g32" in format_storage(modules, 32, 3.0)
 
 
+def test_first_pass_iters_measures_the_grids_with_fewer_rounds_and_keeps_iters_for_the_second_pass():
+    model, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    ids = calibration_tokens(CalibrationConfig(nsamples=8, seqlen=64), tok)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    budget = {"bits": None, "budget_bits": 3.0, "group_size": 32}
+    # ProjQ with 0 rounds is plain GPTQ: the first pass measures what GPTQ's measures, so the
+    # allocation (widths and the errors in every report row) is GPTQ's
+    _, gptq = quantize_model(model, ids, QuantConfig(method="gptq", **budget), 8, progress=False)
+    model.load_state_dict(state)
+    cfg = QuantConfig(method="projq", iters=2, first_pass_iters=0, **budget)
+    modules, reports = quantize_model(model, ids, cfg, 8, progress=False)
+    assert [r.bits for r in reports] == [r.bits for r in gptq]
+    assert [r.loss_by_bits for r in reports] == [r.loss_by_bits for r in gptq]
+    # the second pass quantizes with quant.iters rounds: ProjQ's error, not GPTQ's
+    assert sum(r.err_compensated for r in reports) < sum(r.err_compensated for r in gptq)
+    model.load_state_dict(state)
+    _, full = quantize_model(model, ids, replace(cfg, first_pass_iters=None), 8, progress=False)
+    assert [r.loss_by_bits for r in full] != [r.loss_by_bits for r in reports]  # measured with 2 rounds
+
+
 def test_allocated_ranks_spend_the_parameters_of_one_rank_everywhere_at_uniform_bits():
     from projq_train.quant.allocate import rank_choices
 

@@ -276,6 +276,15 @@ def test_module_refuses_a_checkpoint_for_another_base():
             "--model.quant.bits=null --model.quant.budget_bits=3 --model.quant.group_size_choices=[32,32]",
             "must be distinct group sizes, each positive or -1, got [32, 32]",
         ),
+        ("--model.quant.first_pass_iters=1", "without either there is no first pass"),
+        (
+            "--model.quant.method=gptq --model.quant.allocate_ranks=true --model.quant.first_pass_iters=1",
+            "quant.first_pass_iters counts ProjQ rounds; quant.method gptq has none",
+        ),
+        (
+            "--model.quant.allocate_ranks=true --model.quant.first_pass_iters=-1",
+            "quant.first_pass_iters must be >= 0, got -1",
+        ),
         ("--model.quant.rank=8", "model.quant.rank is now model.adapter.rank"),
         ("--model.quant.alpha=0.5", "model.quant.alpha is now model.quant.projection_strength"),
         ("--model.adapter.init=projq", "model.adapter.init: projq is now compensation"),

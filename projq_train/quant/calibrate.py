@@ -426,7 +426,8 @@ def allocate_configuration(
     (``sensitivities``, from :func:`~projq_train.quant.sensitivity.output_sensitivities`), every
     module is quantized from the same inputs at each width the choice needs (2, 3 and 4 bits under a
     budget, the next layer calibrated on the width whose uniform storage is nearest it; ``cfg.bits``
-    otherwise) and its Fisher-weighted error measured at each; with ``cfg.group_size_choices``, in
+    otherwise; with ``cfg.first_pass_iters`` ProjQ rounds when set) and its Fisher-weighted error
+    measured at each; with ``cfg.group_size_choices``, in
     one such pass per group size. :func:`~projq_train.quant.allocate.allocate_bits` picks the grids
     (width and group size) that add the least to the loss; then
     :func:`~projq_train.quant.allocate.allocate_ranks` the ranks, from the loss the best correction
@@ -455,6 +456,8 @@ def allocate_configuration(
             allocate_ranks=False,
             group_size=group_size,
             group_size_choices=None,
+            iters=cfg.iters if cfg.first_pass_iters is None else cfg.first_pass_iters,
+            first_pass_iters=None,
         )
         _, reports = quantize_model(
             model,

@@ -89,10 +89,12 @@ def quant_config(
     iters: int = ITERS,
     strength: float = STRENGTH,
     group_size_choices: list[int] | None = None,
+    first_pass_iters: int | None = None,
 ) -> QuantConfig:
     """``width`` bits, or (``budget``) the storage budget ``quant.budget_bits`` (over the grids of
-    ``group_size_choices``, when given); ``iters`` and ``strength``: ``quant.iters`` and
-    ``quant.projection_strength``."""
+    ``group_size_choices``, when given); ``iters``, ``strength`` and ``first_pass_iters``:
+    ``quant.iters``, ``quant.projection_strength`` and (for a ProjQ base with a first pass)
+    ``quant.first_pass_iters``."""
     if method == "nf4":
         return QuantConfig(method="nf4", bits=4)
     method, _, mode = method.partition("-")
@@ -110,6 +112,8 @@ def quant_config(
         "compensation": compensation,
         "allocate_ranks": allocate_ranks,
     }
+    if method == "projq" and (budget or allocate_ranks):
+        settings["first_pass_iters"] = first_pass_iters
     return QuantConfig(method=method, **widths, **settings)
 
 
@@ -127,7 +131,8 @@ def variant_key(
     ``projq-srr-b3.3-r64-fisher`` at adapter rank 64 with ``quant.compensation: fisher``,
     ``...-ranks`` with ``quant.allocate_ranks``, ``...-iters10`` and ``...-strength0.97`` for
     ``quant.iters`` and ``quant.projection_strength`` other than :data:`ITERS` and :data:`STRENGTH`,
-    ``...-groups64.192.row`` for ``quant.group_size_choices`` (``row``: -1); then the fine-tune's
+    ``...-groups64.192.row`` for ``quant.group_size_choices`` (``row``: -1), ``...-firstpass1`` for
+    ``quant.first_pass_iters``; then the fine-tune's
     settings, ``...-lr0.0001`` for a learning rate other than :data:`LR` and ``...-dropout0`` for
     a dropout other than :data:`DROPOUT`."""
     choices = quant.group_size_choices or []
@@ -138,6 +143,7 @@ def variant_key(
         + f"-iters{quant.iters}" * (quant.iters != ITERS)
         + f"-strength{quant.projection_strength:g}" * (quant.projection_strength != STRENGTH)
         + ("-groups" + ".".join("row" if g == -1 else str(g) for g in choices)) * bool(choices)
+        + f"-firstpass{quant.first_pass_iters}" * (quant.first_pass_iters is not None)
     )
     fine_tune = f"-lr{lr:g}" * (lr != LR) + f"-dropout{dropout:g}" * (dropout != DROPOUT)
     return f"{method}-{'b' if budget else 'w'}{width:g}{quantization}{fine_tune}"
@@ -153,9 +159,12 @@ def parse_key(key: str) -> tuple[str, float, bool]:
     """(label, width, budget) of a :func:`variant_key`; the label is the method, then ``r<rank>`` when
     the rank is not :data:`RANK`, ``fisher`` for a Fisher-weighted compensation, ``ranks`` for
     allocated ranks, ``<n> rounds`` and ``strength <s>`` for other ``quant.iters`` and projection
-    strength, ``groups 64/192/-1`` for group-size choices, ``lr <lr>`` for another learning rate and
-    ``dropout <p>`` for another dropout."""
+    strength, ``groups 64/192/-1`` for group-size choices, ``first pass <n> rounds`` for
+    ``quant.first_pass_iters``, ``lr <lr>`` for another learning rate and ``dropout <p>`` for another
+    dropout."""
     rest, lr, dropout = split_key(key)
+    first = re.search(r"-firstpass(\d+)$", rest)
+    rest = rest.removesuffix(first[0]) if first else rest
     groups = re.search(r"-groups([0-9.row]+)$", rest)
     rest = rest.removesuffix(groups[0]) if groups else rest
     strength = re.search(r"-strength([0-9.]+)$", rest)
@@ -177,6 +186,7 @@ def parse_key(key: str) -> tuple[str, float, bool]:
         + (f" {iters[1]} rounds" if iters else "")
         + (f" strength {strength[1]}" if strength else "")
         + (" groups " + groups[1].replace("row", "-1").replace(".", "/") if groups else "")
+        + (f" first pass {first[1]} round{'s' * (first[1] != '1')}" if first else "")
         + f" lr {lr}" * bool(lr)
         + f" dropout {dropout}" * bool(dropout)
     )
@@ -300,6 +310,7 @@ def run(args) -> dict:
             args.iters,
             args.projection_strength,
             args.group_size_choices if budget else None,
+            args.first_pass_iters,
         )
         key = variant_key(method, width, budget, quant, args.rank, args.lr, args.dropout)
         entry = results.setdefault(key, {})
@@ -455,6 +466,11 @@ def main() -> None:
         type=int,
         nargs="+",
         help="quant.group_size_choices of the budget bases (keys end in -groups<sizes>)",
+    )
+    parser.add_argument(
+        "--first-pass-iters",
+        type=int,
+        help="quant.first_pass_iters of the ProjQ bases with a first pass (keys end in -firstpass<n>)",
     )
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch 8)")
     parser.add_argument(

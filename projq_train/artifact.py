@@ -111,7 +111,7 @@ def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
     if quant.compensation == "hessian":
         del settings["compensation"]
     for key in ("allocate_ranks", "group_size_choices", "first_pass_iters"):  # nor later keys' defaults
-        if not settings[key]:
+        if settings[key] is None or settings[key] is False:
             del settings[key]
     if quant.method == "projq" and quant.mode == "refresh" and quant.projection_strength > 0:
         settings["refresh_rounds"] = "projected"

@@ -422,8 +422,9 @@ def test_tiny_quantize_recipe_makes_the_artifact_the_tiny_fit_recipe_uses():
 
 
 def test_the_default_compensation_keeps_the_hash_of_artifacts_made_before_the_key():
-    """``quant.compensation`` and ``quant.allocate_ranks`` are new: their defaults are left out of
-    the hashed settings (artifacts already made are still found); other values are in them."""
+    """``quant.compensation``, ``quant.allocate_ranks`` and ``quant.first_pass_iters`` are new: their
+    defaults are left out of the hashed settings (artifacts already made are still found); other
+    values (0 rounds too) are in them."""
     default = artifact.quantization_settings(QuantConfig(), 8)
     fisher = artifact.quantization_settings(QuantConfig(compensation="fisher"), 8)
     assert "compensation" not in default and fisher == {**default, "compensation": "fisher"}
@@ -433,6 +434,12 @@ def test_the_default_compensation_keeps_the_hash_of_artifacts_made_before_the_ke
         "allocate_ranks": True,
         "allocation": "fisher-weighted output error",
     }
+    rounds = {
+        n: artifact.quantization_settings(QuantConfig(allocate_ranks=True, first_pass_iters=n), 8)
+        for n in (None, 0, 1)
+    }
+    assert rounds[None] == ranks and rounds[0] == {**ranks, "first_pass_iters": 0}
+    assert rounds[1] == {**ranks, "first_pass_iters": 1}
 
 
 def test_a_refresh_artifact_made_before_its_rounds_projected_the_hessian_is_not_reused():

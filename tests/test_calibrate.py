@@ -123,7 +123,7 @@ def test_first_pass_iters_measures_the_grids_with_fewer_rounds_and_keeps_iters_f
     _, gptq = quantize_model(model, ids, QuantConfig(method="gptq", **budget), 8, progress=False)
     model.load_state_dict(state)
     cfg = QuantConfig(method="projq", iters=2, first_pass_iters=0, **budget)
-    modules, reports = quantize_model(model, ids, cfg, 8, progress=False)
+    _, reports = quantize_model(model, ids, cfg, 8, progress=False)
     assert [r.bits for r in reports] == [r.bits for r in gptq]
     assert [r.loss_by_bits for r in reports] == [r.loss_by_bits for r in gptq]
     # the second pass quantizes with quant.iters rounds: ProjQ's error, not GPTQ's

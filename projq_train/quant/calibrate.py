@@ -427,9 +427,9 @@ def allocate_configuration(
     module is quantized from the same inputs at each width the choice needs (2, 3 and 4 bits under a
     budget, the next layer calibrated on the width whose uniform storage is nearest it; ``cfg.bits``
     otherwise; with ``cfg.first_pass_iters`` ProjQ rounds when set) and its Fisher-weighted error
-    measured at each; with ``cfg.group_size_choices``, in
-    one such pass per group size. :func:`~projq_train.quant.allocate.allocate_bits` picks the grids
-    (width and group size) that add the least to the loss; then
+    measured at each; with ``cfg.group_size_choices``, in one such pass per group size.
+    :func:`~projq_train.quant.allocate.allocate_bits` picks the grids (width and group size) that
+    add the least to the loss; then
     :func:`~projq_train.quant.allocate.allocate_ranks` the ranks, from the loss the best correction
     of each rank in :func:`~projq_train.quant.allocate.rank_choices` would leave of ``W − Q`` at the
     module's grid. When ranks are allocated the first pass quantizes for the smallest choice, so

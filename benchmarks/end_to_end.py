@@ -132,9 +132,8 @@ def variant_key(
     ``...-ranks`` with ``quant.allocate_ranks``, ``...-iters10`` and ``...-strength0.97`` for
     ``quant.iters`` and ``quant.projection_strength`` other than :data:`ITERS` and :data:`STRENGTH`,
     ``...-groups64.192.row`` for ``quant.group_size_choices`` (``row``: -1), ``...-firstpass1`` for
-    ``quant.first_pass_iters``; then the fine-tune's
-    settings, ``...-lr0.0001`` for a learning rate other than :data:`LR` and ``...-dropout0`` for
-    a dropout other than :data:`DROPOUT`."""
+    ``quant.first_pass_iters``; then the fine-tune's settings, ``...-lr0.0001`` for a learning rate
+    other than :data:`LR` and ``...-dropout0`` for a dropout other than :data:`DROPOUT`."""
     choices = quant.group_size_choices or []
     quantization = (
         f"-r{rank}" * (rank != RANK)

@@ -115,7 +115,7 @@ def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
             del settings[key]
     if quant.method == "projq" and quant.mode == "refresh" and quant.projection_strength > 0:
         settings["refresh_rounds"] = "projected"
-    if quant.budget_bits is not None or quant.allocate_ranks:
+    if quant.allocates:
         settings["allocation"] = ALLOCATION_OBJECTIVE
     return settings
 
@@ -413,11 +413,7 @@ def find_or_quantize(
             "calibration_tokens": list(ids.shape),
             "device": str(device),
             "report": [asdict(r) for r in reports],
-            "configuration": (
-                BitConfiguration.of(modules).to_dict()
-                if quant.budget_bits is not None or quant.allocate_ranks
-                else None
-            ),
+            "configuration": BitConfiguration.of(modules).to_dict() if quant.allocates else None,
             "storage_bits_per_weight": stored_bits_per_weight(modules),
         }
         path = save_artifact(artifact_dir, full_hash, modules, meta, floats, config, tokenizer)

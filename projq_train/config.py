@@ -134,15 +134,17 @@ class QuantConfig:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     """Linear modules (by attribute name) to quantize."""
 
+    @property
+    def allocates(self) -> bool:
+        """Whether quantizing starts with a first pass that chooses each module's configuration
+        (``budget_bits``: its grid; ``allocate_ranks``: its rank)."""
+        return self.budget_bits is not None or self.allocate_ranks
+
     def measures_sensitivities(self, rank: int) -> bool:
         """Whether quantizing for adapters of rank ``rank`` starts with the output-Fisher pass:
         ``budget_bits`` and ``allocate_ranks`` allocate by it, ``compensation: fisher`` weighs a
         compensation by it."""
-        return (
-            self.budget_bits is not None
-            or self.allocate_ranks
-            or (self.compensation == "fisher" and rank > 0)
-        )
+        return self.allocates or (self.compensation == "fisher" and rank > 0)
 
     @property
     def budget_group_sizes(self) -> list[int]:
@@ -181,7 +183,7 @@ class QuantConfig:
         if self.iters < 0:
             raise ValueError(f"quant.iters must be >= 0, got {self.iters}")
         if self.first_pass_iters is not None:
-            if self.budget_bits is None and not self.allocate_ranks:
+            if not self.allocates:
                 raise ValueError(
                     "quant.first_pass_iters sets the rounds of the first pass of quant.budget_bits or "
                     "quant.allocate_ranks; without either there is no first pass"

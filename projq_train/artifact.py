@@ -62,7 +62,7 @@ from projq_train.data.calibration import calibration_tokens
 from projq_train.host_memory import large_blocks_mapped, release_freed_memory
 from projq_train.integrity import CorruptFileError, file_checksums, verify_file_checksums
 from projq_train.models import build_skeleton, load_tokenizer, model_config, tie_and_check
-from projq_train.quant.allocate import ALLOCATION_OBJECTIVE, JOINT_ALLOCATION, BitConfiguration
+from projq_train.quant.allocate import ALLOCATION_OBJECTIVE, BitConfiguration
 from projq_train.quant.calibrate import (
     QuantizedModule,
     check_model_settings,
@@ -106,8 +106,7 @@ def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
     the widths were chosen by (an artifact allocated by another is not reused). The default
     ``compensation: hessian`` is left out, so artifacts made before that key existed keep their hash.
     A ``refresh`` artifact whose rounds project the Hessian says so (``refresh_rounds``), so one made
-    by the earlier rounds, against the plain Hessian, is not reused; nor is one whose grids and
-    ranks were allocated one after the other (``grids_and_ranks``)."""
+    by the earlier rounds, against the plain Hessian, is not reused."""
     settings = {**asdict(quant), "rank": rank}
     if quant.compensation == "hessian":
         del settings["compensation"]
@@ -118,8 +117,6 @@ def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
         settings["refresh_rounds"] = "projected"
     if quant.allocates:
         settings["allocation"] = ALLOCATION_OBJECTIVE
-    if quant.budget_bits is not None and quant.allocate_ranks:
-        settings["grids_and_ranks"] = JOINT_ALLOCATION
     return settings
 
 

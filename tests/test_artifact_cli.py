@@ -442,13 +442,6 @@ def test_the_default_compensation_keeps_the_hash_of_artifacts_made_before_the_ke
     assert rounds[1] == {**ranks, "first_pass_iters": 1}
 
 
-def test_an_artifact_whose_grids_and_ranks_were_allocated_one_after_the_other_is_not_reused():
-    budget = artifact.quantization_settings(QuantConfig(bits=None, budget_bits=2.8), 8)
-    both = artifact.quantization_settings(QuantConfig(bits=None, budget_bits=2.8, allocate_ranks=True), 8)
-    assert "grids_and_ranks" not in budget  # nor with ranks alone, above
-    assert both == {**budget, "allocate_ranks": True, "grids_and_ranks": "together"}
-
-
 def test_a_refresh_artifact_made_before_its_rounds_projected_the_hessian_is_not_reused():
     paper = artifact.quantization_settings(QuantConfig(), 8)
     refresh = artifact.quantization_settings(QuantConfig(mode="refresh"), 8)

@@ -7,8 +7,7 @@ width and group size, :data:`Grid`) from its measured cost on every grid (the dr
 compensated error weighted by the output Fisher, an estimate of the loss it adds:
 :mod:`projq_train.quant.sensitivity`);
 :func:`allocate_ranks` picks the ranks the same way from the cost at every rank in
-:func:`rank_choices`, under the parameter count of one rank everywhere; with both,
-:func:`allocate_bits_and_ranks` chooses grids and ranks together. Each is a
+:func:`rank_choices`, under the parameter count of one rank everywhere. Both are a
 multiple-choice knapsack solved exactly by dynamic programming (:func:`least_total_cost`) over
 the room above the cheapest choices, counted in units fixed by the model's shapes (not by the
 budget), so a larger budget never gives a larger total error. The unit is the greatest common
@@ -19,7 +18,6 @@ up to coarser units, and the budget still holds.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,8 +32,6 @@ from projq_train.quant.pack import packed_storage_bits
 Grid = tuple[int, int]  # (bits, group size) of a module's quantization grid; group size -1: per row
 ALLOCATION_OBJECTIVE = "fisher-weighted output error"  # what the errors given to allocate_bits are
 MAX_UNITS_PER_MODULE = 1000  # the storage axis, at most; coarser units round costs up (< 0.1 % of the room)
-JOINT_ALLOCATION = "together"  # how allocate_bits_and_ranks chooses grids and ranks (artifact hash)
-PRICE_BISECTIONS = 30  # allocate_bits_and_ranks: halvings of the price range (10¹² wide, in log)
 
 
 @dataclass(frozen=True)
@@ -181,69 +177,3 @@ def allocate_ranks(
     )
     room = sum(min(rank, *shapes[n]) * sum(shapes[n]) for n in names) - cost[:, 0].sum().item()
     return {n: choices[c] for n, c in zip(names, least_total_cost(err, cost, room), strict=True)}
-
-
-def allocate_bits_and_ranks(
-    losses: dict[str, dict[Grid, dict[int, float]]],
-    shapes: dict[str, tuple[int, int]],
-    group_sizes: Sequence[int],
-    budget_bits: float,
-    rank: int,
-) -> tuple[dict[str, Grid], dict[str, int]]:
-    """The grid and the rank of each module under both budgets (:func:`allocate_bits`'s storage,
-    :func:`allocate_ranks`' parameters), from ``losses[module][grid][rank]`` at every grid and
-    every rank of :func:`rank_choices`. Of two allocations, the one with the lower total loss:
-    grids by the losses at ``rank``, then ranks at those grids; and grids priced with what each
-    grid's best rank costs at a price per adapter parameter (the least price, found by bisection,
-    at which those ranks fit the parameters of ``rank`` everywhere), then ranks at those grids. The
-    second sees that a grid whose error a larger rank removes is worth more than its loss at
-    ``rank`` says (a Lagrangian relaxation of the parameter budget, as in rate-distortion
-    allocation)."""
-    allowed = {n: [r for r in rank_choices(rank) if r <= min(shapes[n])] for n in shapes}
-    width = {n: sum(shape) for n, shape in shapes.items()}  # adapter parameters per unit of rank
-    room = sum(min(rank, *shapes[n]) * width[n] for n in shapes)
-
-    def best_rank(name: str, grid: Grid, price: float) -> int:  # the smallest of equal costs
-        return min(allowed[name], key=lambda r: losses[name][grid][r] + price * r * width[name])
-
-    def priced(price: float) -> dict[str, Grid]:  # the grids by their loss plus their best rank's price
-        def cost(name: str, grid: Grid) -> float:
-            r = best_rank(name, grid, price)
-            return losses[name][grid][r] + price * r * width[name]
-
-        return allocate_bits(
-            {n: {g: cost(n, g) for g in by} for n, by in losses.items()}, shapes, group_sizes, budget_bits
-        )
-
-    def fits(price: float) -> bool:
-        grids = priced(price)
-        return sum(best_rank(n, grids[n], price) * width[n] for n in shapes) <= room
-
-    # above `high` no step up in rank is worth its price (the losses fall with the rank), every
-    # module takes its smallest rank and the prices fit
-    step = {n: min((b - a for a, b in itertools.pairwise(allowed[n])), default=1) for n in shapes}
-    high = max(
-        max((by[allowed[n][0]] - by[allowed[n][-1]]) / (width[n] * step[n]) for by in grids.values())
-        for n, grids in losses.items()
-    )
-    high = max(high, 1e-30)
-    low = high * 1e-12
-    for _ in range(PRICE_BISECTIONS):
-        middle = math.sqrt(low * high)
-        low, high = (low, middle) if fits(middle) else (middle, high)
-    candidates = [
-        allocate_bits(
-            {n: {g: by[rank] for g, by in grids.items()} for n, grids in losses.items()},
-            shapes,
-            group_sizes,
-            budget_bits,
-        ),
-        priced(high),
-    ]
-
-    def with_ranks(grids: dict[str, Grid]) -> tuple[float, dict[str, Grid], dict[str, int]]:
-        ranks = allocate_ranks({n: losses[n][grids[n]] for n in shapes}, shapes, rank)
-        return sum(losses[n][grids[n]][ranks[n]] for n in shapes), grids, ranks
-
-    _, grids, ranks = min((with_ranks(c) for c in candidates), key=lambda t: t[0])
-    return grids, ranks

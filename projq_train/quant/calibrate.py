@@ -29,7 +29,6 @@ from projq_train.quant.allocate import (
     BitConfiguration,
     Grid,
     allocate_bits,
-    allocate_bits_and_ranks,
     allocate_ranks,
     check_budget,
     grid_choices,
@@ -430,14 +429,12 @@ def allocate_configuration(
     otherwise; with ``cfg.first_pass_iters`` ProjQ rounds when set) and its Fisher-weighted error
     measured at each; with ``cfg.group_size_choices``, in one such pass per group size.
     :func:`~projq_train.quant.allocate.allocate_bits` picks the grids (width and group size) that
-    add the least to the loss;
+    add the least to the loss; then
     :func:`~projq_train.quant.allocate.allocate_ranks` the ranks, from the loss the best correction
     of each rank in :func:`~projq_train.quant.allocate.rank_choices` would leave of ``W − Q`` at the
-    module's grid; with both,
-    :func:`~projq_train.quant.allocate.allocate_bits_and_ranks` picks grids and ranks together.
-    When ranks are allocated the first pass quantizes for the smallest choice, so every larger
-    rank's loss is one its ``Q`` reaches (the second pass, quantizing for the rank chosen, does at
-    least about as well). The
+    module's grid. When ranks are allocated the first pass quantizes for the smallest choice, so
+    every larger rank's loss is one its ``Q`` reaches (the second pass, quantizing for the rank
+    chosen, does at least about as well); the widths are then chosen by the losses at ``rank``. The
     model's target weights are left as they were (without a weight ``source`` they are copied once
     to restore them). Returns the configuration and each module's first-pass report row at its
     chosen group size."""
@@ -480,24 +477,21 @@ def allocate_configuration(
             model.get_submodule(name).weight.copy_(weight)
         measured[group_size] = {r.name: r for r in reports}
 
-    if cfg.budget_bits is not None and choices:
-        by_rank = {
-            n: {(b, g): measured[g][n].loss_by_rank[b] for b, g in grid_choices(group_sizes)} for n in shapes
-        }
-        grids, ranks = allocate_bits_and_ranks(by_rank, shapes, group_sizes, cfg.budget_bits, rank)
-    elif cfg.budget_bits is not None:
-        losses = {
-            n: {(b, g): measured[g][n].loss_by_bits[b] for b, g in grid_choices(group_sizes)} for n in shapes
-        }
-        grids, ranks = (
-            allocate_bits(losses, shapes, group_sizes, cfg.budget_bits),
-            dict.fromkeys(shapes, rank),
+    def loss(name: str, bits: int, group_size: int) -> float:  # at `rank` when ranks are allocated
+        row = measured[group_size][name]
+        return row.loss_by_rank[bits][rank] if choices else row.loss_by_bits[bits]
+
+    if cfg.budget_bits is None:
+        grids = dict.fromkeys(shapes, (cfg.bits, cfg.group_size))
+    else:
+        losses = {n: {grid: loss(n, *grid) for grid in grid_choices(group_sizes)} for n in shapes}
+        grids = allocate_bits(losses, shapes, group_sizes, cfg.budget_bits)
+    if choices:
+        ranks = allocate_ranks(
+            {n: measured[grids[n][1]][n].loss_by_rank[grids[n][0]] for n in shapes}, shapes, rank
         )
     else:
-        grids = dict.fromkeys(shapes, (cfg.bits, cfg.group_size))
-        ranks = allocate_ranks(
-            {n: measured[cfg.group_size][n].loss_by_rank[cfg.bits] for n in shapes}, shapes, rank
-        )
+        ranks = dict.fromkeys(shapes, rank)
     configuration = BitConfiguration(
         bits={n: b for n, (b, _) in grids.items()},
         ranks=ranks,

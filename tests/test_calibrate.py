@@ -133,6 +133,34 @@ def test_first_pass_iters_measures_the_grids_with_fewer_rounds_and_keeps_iters_f
     assert [r.loss_by_bits for r in full] != [r.loss_by_bits for r in reports]  # measured with 2 rounds
 
 
+def test_the_first_pass_of_allocated_ranks_quantizes_for_the_adapter_rank():
+    from projq_train.quant.allocate import rank_choices
+    from projq_train.quant.sensitivity import output_sensitivities
+
+    model, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
+    ids = calibration_tokens(CalibrationConfig(nsamples=8, seqlen=64), tok)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = QuantConfig(method="projq", mode="refresh", iters=2, bits=2, group_size=32)
+    names = [n for n, m in model.named_modules() if n.split(".")[-1] in cfg.target_modules]
+    fisher = output_sensitivities(model, ids, names, torch.device("cpu"))
+    # what a quantization for rank 8 leaves at every choice (ProjQ shapes Q for the rank it gets)
+    _, at_rank = quantize_model(
+        model,
+        ids,
+        cfg,
+        8,
+        progress=False,
+        measure_bits=(2,),
+        sensitivities=fisher,
+        measure_ranks=rank_choices(8),
+    )
+    model.load_state_dict(state)
+    _, allocated = quantize_model(
+        model, ids, replace(cfg, allocate_ranks=True), 8, progress=False, sensitivities=fisher
+    )
+    assert [r.loss_by_rank for r in allocated] == [r.loss_by_rank for r in at_rank]
+
+
 def test_allocated_ranks_spend_the_parameters_of_one_rank_everywhere_at_uniform_bits():
     from projq_train.quant.allocate import rank_choices
 
@@ -145,7 +173,7 @@ def test_allocated_ranks_spend_the_parameters_of_one_rank_everywhere_at_uniform_
     assert len(set(ranks.values())) > 1 and {qm.weight.bits for qm in modules.values()} == {2}
     sizes = {r.name: sum(r.shape) for r in reports}
     assert sum(ranks[n] * sizes[n] for n in ranks) <= 8 * sum(sizes.values())
-    for r in reports:  # the first pass (at the smallest choice) measured every choice at the width
+    for r in reports:  # the first pass measured every choice at the width
         assert set(r.loss_by_rank) == {2} and list(r.loss_by_rank[2]) == list(rank_choices(8))
         losses = list(r.loss_by_rank[2].values())
         assert all(a >= b for a, b in zip(losses, losses[1:], strict=False))  # more rank, less loss

@@ -432,9 +432,11 @@ def allocate_configuration(
     add the least to the loss; then
     :func:`~projq_train.quant.allocate.allocate_ranks` the ranks, from the loss the best correction
     of each rank in :func:`~projq_train.quant.allocate.rank_choices` would leave of ``W − Q`` at the
-    module's grid. When ranks are allocated the first pass quantizes for the smallest choice, so
-    every larger rank's loss is one its ``Q`` reaches (the second pass, quantizing for the rank
-    chosen, does at least about as well); the widths are then chosen by the losses at ``rank``. The
+    module's grid. The first pass quantizes for ``rank``, so the losses the widths are chosen by
+    (at ``rank``) are those of the quantization most modules get (ProjQ shapes ``Q``'s error for
+    the rank it is given: one quantized for a smaller rank judges the grids by a ``Q`` the second
+    pass does not make); a rank above or below it is judged by what it would leave of that ``Q``.
+    The
     model's target weights are left as they were (without a weight ``source`` they are copied once
     to restore them). Returns the configuration and each module's first-pass report row at its
     chosen group size."""
@@ -463,7 +465,7 @@ def allocate_configuration(
             model,
             ids,
             first,
-            min(choices, default=rank),
+            rank,
             device,
             batch_size,
             progress,

@@ -436,9 +436,8 @@ def allocate_configuration(
     (at ``rank``) are those of the quantization most modules get (ProjQ shapes ``Q``'s error for
     the rank it is given: one quantized for a smaller rank judges the grids by a ``Q`` the second
     pass does not make); a rank above or below it is judged by what it would leave of that ``Q``.
-    The
-    model's target weights are left as they were (without a weight ``source`` they are copied once
-    to restore them). Returns the configuration and each module's first-pass report row at its
+    The model's target weights are left as they were (without a weight ``source`` they are copied
+    once to restore them). Returns the configuration and each module's first-pass report row at its
     chosen group size."""
     shapes = target_shapes(model, cfg.target_modules)
     if cfg.budget_bits is not None:

@@ -16,6 +16,7 @@ from projq_train.quant.calibrate import (
     clock,
     format_report,
     quantize_model,
+    target_shapes,
 )
 from projq_train.quant.layerwise import capture_layer_inputs
 from tests.conftest import TINY
@@ -141,7 +142,7 @@ def test_the_first_pass_of_allocated_ranks_quantizes_for_the_adapter_rank():
     ids = calibration_tokens(CalibrationConfig(nsamples=8, seqlen=64), tok)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = QuantConfig(method="projq", mode="refresh", iters=2, bits=2, group_size=32)
-    names = [n for n, m in model.named_modules() if n.split(".")[-1] in cfg.target_modules]
+    names = list(target_shapes(model, cfg.target_modules))
     fisher = output_sensitivities(model, ids, names, torch.device("cpu"))
     # what a quantization for rank 8 leaves at every choice (ProjQ shapes Q for the rank it gets)
     _, at_rank = quantize_model(

@@ -109,6 +109,11 @@ def main() -> None:
         action="store_true",
         help="quant.allocate_ranks on every quantized row (named '<variant>[ fisher] ranks')",
     )
+    ap.add_argument(
+        "--act-order",
+        action="store_true",
+        help="quant.act_order on every quantized row (named '<variant> ... act-order')",
+    )
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ppl-windows", type=int, default=16)
@@ -181,6 +186,7 @@ def quantized_row(model, ids, windows, name: str, bits: float, rank: int, budget
         "projection_strength": args.projection_strength,
         "compensation": args.compensation,
         "allocate_ranks": args.allocate_ranks,
+        "act_order": args.act_order,
     }
     variant = VARIANTS[name]
     if variant["method"] == "projq" and (budget is not None or args.allocate_ranks):
@@ -281,6 +287,7 @@ def print_table(rows: list[dict], settings: dict) -> None:
             method += f" first pass {first} round{'s' * (first != 1)}" * (first is not None)
             strength = r["config"].get("projection_strength", DEFAULT_STRENGTH)
             method += f" strength {strength:g}" * (strength != DEFAULT_STRENGTH)
+        method += " act-order" * r.get("config", {}).get("act_order", False)
         method += f" (mean k {sum(ks) / len(ks):.1f})" if ks else ""
         storage = f"{r['storage']:.3f}" if "storage" in r else "-"
         tratio = f"{r['quant_seconds'] / g['quant_seconds']:.2f}x" if g else "-"

@@ -106,9 +106,10 @@ def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
     the widths were chosen by (an artifact allocated by another is not reused). The default
     ``compensation: hessian`` is left out, so artifacts made before that key existed keep their hash.
     A ``refresh`` artifact whose rounds project the Hessian says so (``refresh_rounds``), so one made
-    by the earlier rounds, against the plain Hessian, is not reused; nor is a ProjQ artifact whose
-    ranks were allocated from a first pass that quantized for the smallest rank choice (before
-    ``first_pass_rank``)."""
+    by the earlier rounds, against the plain Hessian, is not reused; nor is an artifact whose ranks
+    were allocated from a first pass that quantized for the smallest rank choice (before
+    ``first_pass_rank``: the rank shapes ProjQ's ``Q``, and every method's later layers take their
+    inputs through the earlier layers' ``Q + BA``)."""
     settings = {**asdict(quant), "rank": rank}
     if quant.compensation == "hessian":
         del settings["compensation"]
@@ -119,7 +120,7 @@ def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
         settings["refresh_rounds"] = "projected"
     if quant.allocates:
         settings["allocation"] = ALLOCATION_OBJECTIVE
-    if quant.allocate_ranks and quant.method == "projq":
+    if quant.allocate_ranks:
         settings["first_pass_rank"] = "adapter rank"
     return settings
 

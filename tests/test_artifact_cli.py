@@ -443,11 +443,11 @@ def test_the_default_compensation_keeps_the_hash_of_artifacts_made_before_the_ke
     assert rounds[1] == {**ranks, "first_pass_iters": 1}
 
 
-def test_a_projq_artifact_with_ranks_allocated_from_a_first_pass_at_the_smallest_rank_is_not_reused():
-    projq = artifact.quantization_settings(QuantConfig(method="projq", allocate_ranks=True), 8)
-    assert projq["first_pass_rank"] == "adapter rank"
-    gptq = artifact.quantization_settings(QuantConfig(method="gptq", allocate_ranks=True), 8)
-    assert "first_pass_rank" not in gptq  # GPTQ's Q does not depend on the rank: the same allocation
+@pytest.mark.parametrize("method", ["projq", "gptq", "rtn"])
+def test_an_artifact_with_ranks_allocated_from_a_first_pass_at_the_smallest_rank_is_not_reused(method):
+    allocated = artifact.quantization_settings(QuantConfig(method=method, allocate_ranks=True), 8)
+    assert allocated["first_pass_rank"] == "adapter rank"
+    assert "first_pass_rank" not in artifact.quantization_settings(QuantConfig(method=method), 8)
 
 
 def test_a_refresh_artifact_made_before_its_rounds_projected_the_hessian_is_not_reused():

@@ -134,17 +134,24 @@ def test_first_pass_iters_measures_the_grids_with_fewer_rounds_and_keeps_iters_f
     assert [r.loss_by_bits for r in full] != [r.loss_by_bits for r in reports]  # measured with 2 rounds
 
 
-def test_the_first_pass_of_allocated_ranks_quantizes_for_the_adapter_rank():
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"method": "projq", "mode": "refresh", "iters": 2},  # ProjQ shapes Q for the rank it gets
+        {"method": "gptq"},  # GPTQ's Q for a later layer too: its inputs come through earlier Q + BA
+    ],
+)
+def test_the_first_pass_of_allocated_ranks_quantizes_for_the_adapter_rank(method):
     from projq_train.quant.allocate import rank_choices
     from projq_train.quant.sensitivity import output_sensitivities
 
     model, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
     ids = calibration_tokens(CalibrationConfig(nsamples=8, seqlen=64), tok)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = QuantConfig(method="projq", mode="refresh", iters=2, bits=2, group_size=32)
+    cfg = QuantConfig(**method, bits=2, group_size=32)
     names = list(target_shapes(model, cfg.target_modules))
     fisher = output_sensitivities(model, ids, names, torch.device("cpu"))
-    # what a quantization for rank 8 leaves at every choice (ProjQ shapes Q for the rank it gets)
+    # what a quantization for rank 8 leaves at every choice
     _, at_rank = quantize_model(
         model,
         ids,

@@ -121,7 +121,11 @@ def main() -> None:
     ap.add_argument("--table-from", nargs="+", type=Path, help="only print the table of earlier --json files")
     args = ap.parse_args()
     if args.table_from:
-        rows = [r for f in args.table_from for r in json.loads(f.read_text())]
+        rows = []
+        for f in args.table_from:
+            made = json.loads(f.read_text())
+            run_settings = made[0].get("settings")  # each file's float row holds its run's settings
+            rows += [r if run_settings is None else {"settings": run_settings, **r} for r in made]
         fp = [r for r in rows if r["variant"] == "fp"][:1]
         order = {v: i for i, v in enumerate(VARIANTS)}
         rest = sorted(
@@ -258,10 +262,17 @@ def fmt_ppl(x: float) -> str:
     return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"
 
 
+def calibration_of(row: dict, settings: dict) -> tuple[int, int]:
+    """The calibration windows and their length a row was quantized with (its run's settings,
+    stored with the rows of ``--table-from`` files; ``settings`` for a row of this run)."""
+    made = row.get("settings", settings)
+    return made["nsamples"], made["seqlen"]
+
+
 def print_table(rows: list[dict], settings: dict) -> None:
     """The README table; ``settings``: those of the run that made the rows (stored with the float
     row; the command line's for files written before they were)."""
-    by = {(r["bits"], r["rank"], r["variant"]): r for r in rows}
+    by = {(r["bits"], r["rank"], r["variant"], calibration_of(r, settings)): r for r in rows}
     print(
         f"\nSmolLM2-135M-Instruct, group size {settings['group_size']}, calibration "
         f"{settings['nsamples']}x{settings['seqlen']} Alpaca tokens, WikiText-2 perplexity over "
@@ -274,7 +285,9 @@ def print_table(rows: list[dict], settings: dict) -> None:
     )
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows[1:]:
-        g = by.get((r["bits"], r["rank"], "gptq"))
+        calibration = calibration_of(r, settings)
+        g = by.get((r["bits"], r["rank"], "gptq", calibration))
+        clipped = by.get((r["bits"], r["rank"], "gptq-clip", calibration))
         ks = [k for k in r.get("preserved_rank") or [] if k is not None]
         method = r["variant"]
         if r.get("config", {}).get("group_size", settings["group_size"]) != settings["group_size"]:
@@ -288,6 +301,8 @@ def print_table(rows: list[dict], settings: dict) -> None:
             strength = r["config"].get("projection_strength", DEFAULT_STRENGTH)
             method += f" strength {strength:g}" * (strength != DEFAULT_STRENGTH)
         method += " act-order" * r.get("config", {}).get("act_order", False)
+        if calibration != (settings["nsamples"], settings["seqlen"]):
+            method += " calibration {}x{}".format(*calibration)
         method += f" (mean k {sum(ks) / len(ks):.1f})" if ks else ""
         storage = f"{r['storage']:.3f}" if "storage" in r else "-"
         tratio = f"{r['quant_seconds'] / g['quant_seconds']:.2f}x" if g else "-"
@@ -297,7 +312,7 @@ def print_table(rows: list[dict], settings: dict) -> None:
         print(
             f"| {r['bits']} | {r['rank']} | {method} | {storage} "
             f"| {fmt_err(r['err_q'])} | {fmt_err(r['err_qba'])} "
-            f"| {error_ratio(g, r)} | {error_ratio(by.get((r['bits'], r['rank'], 'gptq-clip')), r)} "
+            f"| {error_ratio(g, r)} | {error_ratio(clipped, r)} "
             f"| {fmt_ppl(r['ppl_q'])} | {fmt_ppl(r['ppl_qba'])} | {r['quant_seconds']:.0f} | {tratio} "
             f"| {share} | {wall} |"
         )

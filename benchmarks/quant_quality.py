@@ -269,10 +269,19 @@ def calibration_of(row: dict, settings: dict) -> tuple[int, int]:
     return made["nsamples"], made["seqlen"]
 
 
+def comparison_key(row: dict, settings: dict) -> tuple:
+    """What a row shares with the GPTQ rows its ratio columns divide by: width, rank, calibration,
+    group size and rounding order (a row of another group size or order has no GPTQ base unless
+    the table holds GPTQ rows made with them)."""
+    made = row.get("config", {})
+    grid = made.get("group_size", settings["group_size"]), made.get("act_order", False)
+    return row["bits"], row["rank"], calibration_of(row, settings), *grid
+
+
 def print_table(rows: list[dict], settings: dict) -> None:
     """The README table; ``settings``: those of the run that made the rows (stored with the float
     row; the command line's for files written before they were)."""
-    by = {(r["bits"], r["rank"], r["variant"], calibration_of(r, settings)): r for r in rows}
+    by = {(r["variant"], comparison_key(r, settings)): r for r in rows}
     print(
         f"\nSmolLM2-135M-Instruct, group size {settings['group_size']}, calibration "
         f"{settings['nsamples']}x{settings['seqlen']} Alpaca tokens, WikiText-2 perplexity over "
@@ -286,8 +295,8 @@ def print_table(rows: list[dict], settings: dict) -> None:
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows[1:]:
         calibration = calibration_of(r, settings)
-        g = by.get((r["bits"], r["rank"], "gptq", calibration))
-        clipped = by.get((r["bits"], r["rank"], "gptq-clip", calibration))
+        g = by.get(("gptq", comparison_key(r, settings)))
+        clipped = by.get(("gptq-clip", comparison_key(r, settings)))
         ks = [k for k in r.get("preserved_rank") or [] if k is not None]
         method = r["variant"]
         if r.get("config", {}).get("group_size", settings["group_size"]) != settings["group_size"]:

@@ -295,8 +295,8 @@ def print_table(rows: list[dict], settings: dict) -> None:
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows[1:]:
         calibration = calibration_of(r, settings)
-        g = by.get(("gptq", comparison_key(r, settings)))
-        clipped = by.get(("gptq-clip", comparison_key(r, settings)))
+        key = comparison_key(r, settings)
+        g, clipped = by.get(("gptq", key)), by.get(("gptq-clip", key))
         ks = [k for k in r.get("preserved_rank") or [] if k is not None]
         method = r["variant"]
         if r.get("config", {}).get("group_size", settings["group_size"]) != settings["group_size"]:

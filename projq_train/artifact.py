@@ -5,7 +5,8 @@ needs, so it loads without the base model:
 
 - ``quantized.safetensors``: per quantized module the packed weight in the GPTQ layout
   (:mod:`projq_train.quant.pack`): ``<name>.qweight`` / ``.qzeros`` (int32), ``.scales``
-  (fp16), ``.g_idx`` (int32), and the compensation ``.lora_A`` / ``.lora_B`` (fp32);
+  (fp16; e4m3 with an int32 ``.scale_exponent`` under ``quant.scale_bits: 8``), ``.g_idx``
+  (int32), and the compensation ``.lora_A`` / ``.lora_B`` (fp32);
 - ``float.safetensors``: every other tensor of the base (embeddings, norms, an untied
   ``lm_head``, biases) in the dtype the model computes in (a tied weight is stored once);
 - ``config.json`` (the model's ``transformers`` config) and ``tokenizer/``;
@@ -72,7 +73,7 @@ from projq_train.quant.calibrate import (
     stored_bits_per_weight,
 )
 from projq_train.quant.linear import swap_in_quant_linears
-from projq_train.quant.pack import PackedWeight
+from projq_train.quant.pack import PACKED_KEYS, PackedWeight
 from projq_train.weights import (
     WeightSource,
     base_identity,
@@ -103,8 +104,9 @@ def artifact_hash(base_identity: str, calibration_ids: Tensor, settings: dict[st
 def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
     """What the artifact hash and metadata record of how it was quantized: ``quant``, the
     adapter rank its error is shaped and compensated for and, under a bit budget, the objective
-    the widths were chosen by (an artifact allocated by another is not reused). The default
-    ``compensation: hessian`` is left out, so artifacts made before that key existed keep their hash.
+    the widths were chosen by (an artifact allocated by another is not reused). The defaults
+    ``compensation: hessian`` and ``scale_bits: 16`` are left out, so artifacts made before those
+    keys existed keep their hash.
     A ``refresh`` artifact whose rounds project the Hessian says so (``refresh_rounds``), so one made
     by the earlier rounds, against the plain Hessian, is not reused; nor is an artifact whose ranks
     were allocated from a first pass that quantized for the smallest rank choice (before
@@ -116,6 +118,8 @@ def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
     for key in ("allocate_ranks", "group_size_choices", "first_pass_iters"):  # nor later keys' defaults
         if settings[key] is None or settings[key] is False:
             del settings[key]
+    if quant.scale_bits == 16:
+        del settings["scale_bits"]
     if quant.method == "projq" and quant.mode == "refresh" and quant.projection_strength > 0:
         settings["refresh_rounds"] = "projected"
     if quant.allocates:
@@ -242,7 +246,7 @@ def load_artifact(path: str | Path) -> tuple[dict[str, QuantizedModule], dict[st
     t = read_tensor_file(Path(path), TENSORS, meta)
     modules = {}
     for name, info in meta["modules"].items():
-        packed = {key: t[f"{name}.{key}"] for key in ("qweight", "qzeros", "scales", "g_idx")}
+        packed = {key: t[f"{name}.{key}"] for key in PACKED_KEYS if f"{name}.{key}" in t}
         weight = PackedWeight.from_tensors(packed, **info)
         modules[name] = QuantizedModule(weight, t[f"{name}.lora_B"], t[f"{name}.lora_A"])
     return modules, meta

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 SUPPORTED_BITS = (2, 3, 4)  # bit widths of the packed weights (projq_train.quant.pack)
+SUPPORTED_SCALE_BITS = (8, 16)  # bits of a packed weight's group scale (projq_train.quant.rtn)
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # settings renamed since the first release (keys under ``model.`` in fit recipes): an old name is
 # refused with a pointer to the new one (:func:`renamed_setting_hint`)
@@ -119,6 +120,11 @@ class QuantConfig:
     the calibration text, half of it spread evenly: see ``compensation_row_weights``). ``fisher``
     adds one forward and backward pass of the float model before quantizing (as ``budget_bits``
     does; they share it)."""
+    scale_bits: int = 16
+    """Bits of each group's scale: 16 (fp16, the GPTQ format) or 8 (an 8-bit e4m3 float times a
+    power of two per module, as NVFP4 stores its block scales): uniform 3 bits at group 64 then
+    store 3.17 bits per weight instead of 3.30, and ``budget_bits`` counts scales at 8 bits. The
+    quantized export re-quantizes with fp16 scales (what GPTQ loaders read)."""
     clip: bool = False
     """GPTQ/ProjQ: pick each group's range by an activation-weighted MSE search over shrunk
     min-max ranges instead of plain min-max."""
@@ -161,6 +167,12 @@ class QuantConfig:
             self.bits = 3
         if self.bits is not None and self.bits not in SUPPORTED_BITS:
             raise ValueError(f"quant.bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.scale_bits not in SUPPORTED_SCALE_BITS:
+            raise ValueError(f"quant.scale_bits must be one of {SUPPORTED_SCALE_BITS}, got {self.scale_bits}")
+        if self.scale_bits != 16 and self.method == "nf4":
+            raise ValueError(
+                "quant.scale_bits sets the grid of rtn/gptq/projq; nf4 keeps bitsandbytes' own scales"
+            )
         if self.budget_bits is not None and self.method == "nf4":
             raise ValueError(
                 "quant.method nf4 is a uniform 4-bit format; quant.budget_bits needs rtn/gptq/projq"

@@ -288,11 +288,14 @@ class MemoryEstimate:
 # --- the arithmetic -------------------------------------------------------------------------
 
 
-def packed_linear_bytes(in_features: int, out_features: int, bits: int, group_size: int) -> int:
-    """Bytes of one :class:`QuantLinear`'s packed buffers (``qweight``, ``qzeros``, ``scales``, ``g_idx``)."""
+def packed_linear_bytes(
+    in_features: int, out_features: int, bits: int, group_size: int, scale_bits: int = 16
+) -> int:
+    """Bytes of one :class:`QuantLinear`'s packed buffers (``qweight``, ``qzeros``, ``scales``
+    (with 8-bit ones ``scale_exponent``), ``g_idx``)."""
     check_grid(bits, group_size, in_features)
     g_idx = in_features * 4  # int32
-    return packed_storage_bits(out_features, in_features, bits, group_size) // 8 + g_idx
+    return packed_storage_bits(out_features, in_features, bits, group_size, scale_bits) // 8 + g_idx
 
 
 def bit_widths(quant: QuantConfig) -> str:
@@ -309,7 +312,7 @@ def quantized_linear_bytes(in_features: int, out_features: int, quant: QuantConf
     if quant.method == "nf4":
         return nf4_linear_bytes(in_features, out_features)
     if quant.budget_bits is None:
-        return packed_linear_bytes(in_features, out_features, quant.bits, quant.group_size)
+        return packed_linear_bytes(in_features, out_features, quant.bits, quant.group_size, quant.scale_bits)
     for bits, group_size in itertools.product(SUPPORTED_BITS, {quant.group_size, *quant.budget_group_sizes}):
         check_grid(bits, group_size, in_features)
     return math.ceil(quant.budget_bits * in_features * out_features / 8) + in_features * 4
@@ -331,7 +334,7 @@ def packed_weight_bytes(
     linears = shape.linears()
     if module_grids is not None:
         return sum(
-            packed_linear_bytes(*linears[module_position(name)[1]][:2], bits, group_size)
+            packed_linear_bytes(*linears[module_position(name)[1]][:2], bits, group_size, quant.scale_bits)
             for name, (bits, group_size) in module_grids.items()
         )
     per_layer = 0

@@ -47,7 +47,7 @@ from projq_train.lora import ADAPTER, adapter_layers, with_quant_linear
 from projq_train.quant.allocate import BitConfiguration
 from projq_train.quant.calibrate import quantize_model, target_shapes
 from projq_train.quant.linear import QuantLinear, swap_in_quant_linears
-from projq_train.quant.pack import PackedWeight
+from projq_train.quant.pack import PACKED_KEYS, PackedWeight
 from projq_train.weights import local_folder
 
 Format = Literal["peft", "merged", "quantized"]
@@ -242,7 +242,7 @@ def load_quantized_export(path: str | Path) -> nn.Module:
     weights = {}
     for name in names:
         layer = model.get_submodule(name)
-        parts = {key: tensors.pop(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "g_idx")}
+        parts = {key: tensors.pop(f"{name}.{key}") for key in PACKED_KEYS if f"{name}.{key}" in tensors}
         weights[name] = PackedWeight.from_tensors(
             parts, *module_grid(name, qconfig), layer.in_features, layer.out_features
         )

@@ -7,7 +7,7 @@ configured:
 - each decoder layer is its own FSDP unit, and the whole model the root one;
 - parameters (the frozen float tensors: norms, embeddings, head; and the trainable LoRA
   weights) are sharded, so adapters, their gradients and optimizer states are split across ranks;
-- buffers are neither sharded nor cast: every rank holds the packed int32 codes and their fp16
+- buffers are neither sharded nor cast: every rank holds the packed int32 codes and their fp16 (or 8-bit)
   scales and zero points as they are (they are the small part of a low-bit base);
 - it runs on CPU (gloo) as well as CUDA (Lightning's FSDP1 ``fsdp`` strategy requires CUDA);
 - checkpoints are gathered into one file on rank 0 (adapter weights only, see ``ProjQModule``),

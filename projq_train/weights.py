@@ -232,6 +232,8 @@ def first_nonfinite(named_tensors: Iterable[tuple[str, Tensor]]) -> str | None:
     embedding, which made the peak of a whole 1B-parameter fit)."""
     for name, t in named_tensors:
         local = t.to_local() if isinstance(t, DTensor) else t
+        if local.is_floating_point() and local.element_size() == 1:  # fp8 (8-bit scales): no isfinite
+            local = local.float()
         if local.is_floating_point() and not all(
             bool(torch.isfinite(chunk).all()) for chunk in local.reshape(-1).split(FINITE_CHECK_ELEMENTS)
         ):

@@ -100,18 +100,27 @@ def test_mixed_precision_quantizes_each_module_at_its_allocated_width_within_the
             torch.testing.assert_close(module.weight, modules[name].step0_weight())
 
 
-def test_group_size_choices_give_modules_grids_of_several_group_sizes_within_the_budget():
+@pytest.mark.parametrize("scale_bits", [16, 8])
+def test_group_size_choices_give_modules_grids_of_several_group_sizes_within_the_budget(scale_bits):
     from projq_train.quant.calibrate import format_storage, stored_bits_per_weight
 
     model, tok = load_model_and_tokenizer(ModelConfig(config=TINY["llama"]))
     ids = calibration_tokens(CalibrationConfig(nsamples=8, seqlen=64), tok)
-    cfg = QuantConfig(method="gptq", budget_bits=3.0, group_size=32, group_size_choices=[16, 32, -1])
+    cfg = QuantConfig(
+        method="gptq", budget_bits=3.0, group_size=32, group_size_choices=[16, 32, -1], scale_bits=scale_bits
+    )
     modules, reports = quantize_model(model, ids, cfg, 8, progress=False)
     sizes = [qm.weight.group_size for qm in modules.values()]
     assert len(set(sizes)) > 1 and set(sizes) <= {16, 32, 64, 128}  # per row: the input width
     assert [r.group_size for r in reports] == sizes and stored_bits_per_weight(modules) <= 3.0
+    assert {qm.weight.scale_bits for qm in modules.values()} == {scale_bits}
     assert format_report(reports).splitlines()[0].split()[:4] == ["module", "shape", "bits", "group"]
-    assert " bits g16" in format_storage(modules, 32, 3.0) or " bits g32" in format_storage(modules, 32, 3.0)
+    storage = format_storage(modules, 32, 3.0)
+    assert " bits g16" in storage or " bits g32" in storage
+    assert ("8-bit scales" in storage) == (scale_bits == 8)
+    # uniform 2 bits at group 32 store (2 + scale bits) / 32 per weight more (and the exponents)
+    two_bits = float(storage.rpartition("store ")[2].split(" / ")[0])
+    assert two_bits == pytest.approx(2 + (2 + scale_bits) / 32, abs=0.01)
 
 
 def test_first_pass_iters_measures_the_grids_with_fewer_rounds_and_keeps_iters_for_the_second_pass():

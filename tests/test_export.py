@@ -254,13 +254,15 @@ def test_flipped_bits_in_checkpoints_and_exports_are_refused_naming_the_file(che
 
 
 def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tmp_path, capsys):
-    """Widths and group sizes under a bit budget, ranks under the adapter-parameter budget."""
+    """Widths and group sizes under a bit budget, ranks under the adapter-parameter budget, 8-bit
+    scales (the quantized export re-quantizes with fp16 ones)."""
     mixed = [
         "--model.quant.bits=null",
         "--model.quant.budget_bits=3.0",
         "--model.quant.group_size_choices=[32,64,-1]",
         "--model.quant.method=gptq",
         "--model.quant.allocate_ranks=true",
+        "--model.quant.scale_bits=8",
     ]
     cli.main(["fit", "--config", str(TINY_FIT), *fit_args(tmp_path, 2), *mixed])
     cli.main(["fit", "--config", str(TINY_FIT), *fit_args(tmp_path, 4), *mixed, "--ckpt_path=last"])
@@ -269,6 +271,8 @@ def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tm
     trained = load_trained(checkpoint)
     widths = {m.bits for m in trained.model.modules() if isinstance(m, QuantLinear)}
     assert len(widths) > 1 and widths <= {2, 3, 4}  # packed layers of several widths in one model
+    scales = {m.scales.dtype for m in trained.model.modules() if isinstance(m, QuantLinear)}
+    assert scales == {torch.float8_e4m3fn}  # through fit, checkpoint and resume
     configuration = read_metadata(trained.artifact)["configuration"]  # recorded with the artifact
     assert set(configuration["bits"].values()) == widths
     grids = {
@@ -291,7 +295,12 @@ def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tm
     cli.main([*estimate, "--artifact", str(trained.artifact)])
     shown = json.loads(capsys.readouterr().out)
     assert shown["configuration"]["bits"] == configuration["bits"]
-    packed = [t for m in trained.model.modules() if isinstance(m, QuantLinear) for t in m.packed_tensors()]
+    packed = [
+        t
+        for m in trained.model.modules()
+        if isinstance(m, QuantLinear)
+        for t in m.packed().tensors().values()
+    ]
     assert shown["fit"]["host"]["packed_weights"] == sum(t.numel() * t.element_size() for t in packed)
     cli.main([*estimate[:-1], "--artifact", str(trained.artifact)])
     text = capsys.readouterr().out
@@ -308,6 +317,7 @@ def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tm
     assert qconfig["dynamic"] and all(rule.startswith("+:^model\\.layers") for rule in qconfig["dynamic"])
     reloaded = load_quantized_export(tmp_path / "quantized")
     by_name = {n: (m.bits, m.group_size) for n, m in reloaded.named_modules() if isinstance(m, QuantLinear)}
+    assert {m.scales.dtype for m in reloaded.modules() if isinstance(m, QuantLinear)} == {torch.float16}
     assert by_name == grids  # each module re-quantized on its own grid, read back from `dynamic`
     assert report["bits"] == {n: b for n, (b, _) in by_name.items()}
     assert 0 < report["logit_rel_error"] < 1 and report["ppl_exported"] < float("inf")

@@ -277,6 +277,11 @@ def test_module_refuses_a_checkpoint_for_another_base():
             "must be distinct group sizes, each positive or -1, got [32, 32]",
         ),
         ("--model.quant.first_pass_iters=1", "without either there is no first pass"),
+        ("--model.quant.scale_bits=4", "quant.scale_bits must be one of (8, 16), got 4"),
+        (
+            "--model.quant.method=nf4 --model.quant.scale_bits=8",
+            "quant.scale_bits sets the grid of rtn/gptq/projq; nf4 keeps bitsandbytes' own scales",
+        ),
         (
             "--model.quant.method=gptq --model.quant.allocate_ranks=true --model.quant.first_pass_iters=1",
             "quant.first_pass_iters counts ProjQ rounds; quant.method gptq has none",

@@ -8,7 +8,15 @@ from torch import nn
 
 import projq_train.quant.linear as linear
 from projq_train.quant.linear import QuantLinear, dequantize_once, swap_in_quant_linears, triton_ready
-from projq_train.quant.pack import PACKING, PackedWeight, dequantize_packed, pack, packed_length, unpack
+from projq_train.quant.pack import (
+    PACKING,
+    PackedWeight,
+    dequantize_packed,
+    pack,
+    packed_length,
+    packed_storage_bits,
+    unpack,
+)
 from projq_train.quant.rtn import rtn_quantize
 from tests.conftest import peak_allocated_bytes
 
@@ -49,15 +57,38 @@ def test_three_bit_unit_is_32_codes_in_3_words_with_two_split_codes():
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("shape,group_size", [((48, 64), 32), ((33, 100), -1), ((7, 96), 32)])
-def test_packed_weight_round_trip_is_exact(bits, shape, group_size):
-    q = rtn_quantize(torch.randn(*shape), bits, group_size)
+@pytest.mark.parametrize("scale_bits", [16, 8])
+def test_packed_weight_round_trip_is_exact(bits, shape, group_size, scale_bits):
+    q = rtn_quantize(
+        torch.randn(*shape) * 10.0 ** torch.randint(-3, 2, (shape[0], 1)), bits, group_size, scale_bits
+    )
     q.g_idx = q.g_idx[torch.randperm(shape[1])]  # act-order style group map
     pw = PackedWeight.from_quantized(q)
+    assert pw.scale_bits == scale_bits and (pw.scale_exponent is not None) == (scale_bits == 8)
     back = pw.unpack()
-    for field in ("codes", "scales", "zeros", "g_idx"):
-        assert torch.equal(getattr(back, field), getattr(q, field)), field
+    for field in ("codes", "scales", "zeros", "g_idx", "scale_bits"):
+        assert torch.equal(torch.as_tensor(getattr(back, field)), torch.as_tensor(getattr(q, field))), field
     assert torch.equal(pw.dequantize(), q.dequantize())
-    assert torch.equal(dequantize_packed(*pw.tensors().values(), bits, torch.float32), q.dequantize().T)
+    kernel_view = (pw.qweight, pw.qzeros, pw.float_scales(), pw.g_idx)  # fp16 scales, as GPTQ kernels read
+    assert pw.float_scales().dtype == torch.float16
+    assert torch.equal(dequantize_packed(*kernel_view, bits, torch.float32), q.dequantize().T)
+    assert pw.storage_bits == packed_storage_bits(*shape, bits, group_size, scale_bits)
+
+
+def test_eight_bit_scales_cost_8_bits_a_group_plus_an_exponent_a_layer():
+    assert packed_storage_bits(4096, 4096, 3, 64, 16) - packed_storage_bits(4096, 4096, 3, 64, 8) == (
+        8 * 4096 * 64 - 32
+    )
+    assert packed_storage_bits(576, 576, 3, 64, 8) / 576**2 == pytest.approx(3 + 11 / 64, abs=1e-4)
+    with pytest.raises(ValueError, match=r"scale_bits must be one of \(8, 16\), got 4"):
+        packed_storage_bits(64, 64, 3, 64, 4)
+
+
+def test_packing_refuses_scales_that_8_bits_do_not_store():
+    q = rtn_quantize(torch.randn(8, 64), 3, 32, scale_bits=8)
+    q.scales[0, 0] *= 1.01  # between two e4m3 values
+    with pytest.raises(ValueError, match="not e4m3 values times one power of two"):
+        PackedWeight.from_quantized(q)
 
 
 def test_packed_weight_from_tensors_checks_shapes():
@@ -68,18 +99,24 @@ def test_packed_weight_from_tensors_checks_shapes():
         PackedWeight.from_tensors(tensors, 3, 32, 128, 8)
     with pytest.raises(KeyError, match="missing 'scales'"):
         PackedWeight.from_tensors({k: v for k, v in tensors.items() if k != "scales"}, 3, 32, 64, 8)
+    eight = PackedWeight.from_quantized(rtn_quantize(torch.randn(8, 64), 3, 32, scale_bits=8)).tensors()
+    assert torch.equal(PackedWeight.from_tensors(eight, 3, 32, 64, 8).scale_exponent, eight["scale_exponent"])
+    with pytest.raises(KeyError, match="missing 'scale_exponent'"):
+        PackedWeight.from_tensors({k: v for k, v in eight.items() if k != "scale_exponent"}, 3, 32, 64, 8)
 
 
-def make_layer(bits=3, out_f=24, in_f=64, gs=32, bias=True, **kwargs):
+def make_layer(bits=3, out_f=24, in_f=64, gs=32, bias=True, scale_bits=16, **kwargs):
     torch.manual_seed(0)
     dense = nn.Linear(in_f, out_f, bias=bias)
-    pw = PackedWeight.from_quantized(rtn_quantize(dense.weight.detach(), bits, gs))
+    pw = PackedWeight.from_quantized(rtn_quantize(dense.weight.detach(), bits, gs, scale_bits))
     return QuantLinear.from_packed(pw, dense.bias, **kwargs), pw
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_quant_linear_matches_dense_reference(dtype):
-    layer, pw = make_layer()
+@pytest.mark.parametrize("scale_bits", [16, 8])
+def test_quant_linear_matches_dense_reference(dtype, scale_bits):
+    layer, pw = make_layer(scale_bits=scale_bits)
+    assert layer.scales.element_size() * 8 == scale_bits
     x = torch.randn(2, 5, 64)
     ref = x.to(dtype).float() @ pw.dequantize().to(dtype).float().T + layer.bias.to(dtype).float()
     y = layer(x.to(dtype))
@@ -185,18 +222,22 @@ def test_three_bit_group_128_stores_at_most_3_3_bits_per_weight():
     assert layer.qweight.dtype == torch.int32 and layer.qweight.shape == (384, 4096)
     assert layer.weight_bits() <= 3.3
     assert QuantLinear(4096, 11008, bits=2, group_size=128).weight_bits() <= 2.3
+    assert QuantLinear(4096, 4096, bits=3, group_size=64, scale_bits=8).weight_bits() <= 3.18
 
 
-def test_model_dtype_casts_leave_packed_buffers_alone():
-    layer, pw = make_layer()
+@pytest.mark.parametrize("scale_bits", [16, 8])
+def test_model_dtype_casts_leave_packed_buffers_alone(scale_bits):
+    layer, pw = make_layer(scale_bits=scale_bits)
     layer.to(torch.bfloat16)
-    assert layer.qweight.dtype == torch.int32 and layer.scales.dtype == torch.float16
-    assert torch.equal(layer.scales, pw.scales) and layer.bias.dtype == torch.bfloat16
+    assert layer.qweight.dtype == torch.int32 and layer.scales.dtype == pw.scales.dtype
+    assert torch.equal(layer.scales.float(), pw.scales.float()) and layer.bias.dtype == torch.bfloat16
+    assert layer.packed().dequantize().equal(pw.dequantize())
 
 
 def test_extra_repr_and_bad_settings():
     layer, _ = make_layer()
-    assert "bits=3, group_size=32" in repr(layer)
+    assert "bits=3, group_size=32" in repr(layer) and "scale_bits" not in repr(layer)
+    assert "scale_bits=8" in repr(make_layer(scale_bits=8)[0])
     with pytest.raises(ValueError, match="bits must be one of"):
         QuantLinear(64, 8, bits=5, group_size=32)
     with pytest.raises(ValueError, match="does not divide in_features 64"):

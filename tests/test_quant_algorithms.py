@@ -72,6 +72,24 @@ def test_scales_are_fp16_values_so_packing_is_lossless():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
+def test_eight_bit_scales_are_e4m3_times_the_layers_power_of_two_and_cost_little_error(layer, bits):
+    from projq_train.quant.rtn import scale_exponent
+
+    W, _, H = layer
+    exact = gptq_quantize(W, H, bits, 32, clip=True)
+    q = gptq_quantize(W, H, bits, 32, clip=True, scale_bits=8)
+    codes = q.scales / 2.0 ** scale_exponent(W, bits)
+    assert q.scale_bits == 8 and torch.equal(codes.to(torch.float8_e4m3fn).float(), codes)
+    assert bool((q.scales > 0).all()) and not torch.equal(q.scales, exact.scales)
+    assert hnorm(W - q.dequantize(), H) < 1.05 * hnorm(W - exact.dequantize(), H)
+    # the power of two follows the weight's magnitude: a weight 2^-20 times as large is the same grid
+    small = rtn_quantize(W * 2.0**-20, bits, 32, scale_bits=8)
+    assert torch.equal(small.dequantize() * 2.0**20, rtn_quantize(W, bits, 32, scale_bits=8).dequantize())
+    with pytest.raises(ValueError, match=r"scale_bits must be one of \(8, 16\), got 32"):
+        gptq_quantize(W, H, bits, 32, scale_bits=32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_with_identity_hessian_equals_rtn(bits, group_size, act_order):
@@ -509,7 +527,8 @@ def test_bit_allocation_meets_the_budget_is_optimal_and_a_larger_budget_never_er
     assert {g for _, g in allocate_bits(errors, shapes, [64], uniform[3]).values()} == {64}
 
 
-def test_grid_allocation_over_group_sizes_is_optimal_within_the_budget_and_beats_one_group_size():
+@pytest.mark.parametrize("scale_bits", [16, 8])
+def test_grid_allocation_over_group_sizes_is_optimal_within_the_budget_and_beats_one_group_size(scale_bits):
     import itertools
 
     from projq_train.quant.allocate import allocate_bits, grid_choices, storage_bits_per_weight
@@ -521,27 +540,36 @@ def test_grid_allocation_over_group_sizes_is_optimal_within_the_budget_and_beats
     weights = sum(o * i for o, i in shapes.values())
     previous = float("inf")
     for budget in [2.3, 2.6, 2.8, 3.0, 3.3, 4.0]:
-        chosen = allocate_bits(errors, shapes, sizes, budget)
+        chosen = allocate_bits(errors, shapes, sizes, budget, scale_bits)
         stored = sum(  # counted from the packed tensors
-            PackedWeight.from_quantized(rtn_quantize(torch.randn(o, i), *chosen[n])).storage_bits
+            PackedWeight.from_quantized(rtn_quantize(torch.randn(o, i), *chosen[n], scale_bits)).storage_bits
             for n, (o, i) in shapes.items()
         )
-        assert stored / weights == pytest.approx(storage_bits_per_weight(shapes, chosen), rel=1e-12)
+        assert stored / weights == pytest.approx(
+            storage_bits_per_weight(shapes, chosen, scale_bits), rel=1e-12
+        )
         assert stored / weights <= budget * (1 + 1e-12)
         total = sum(errors[n][g] for n, g in chosen.items())
         best = min(
             sum(errors[n][g] for n, g in zip(shapes, grids, strict=True))
             for grids in itertools.product(grid_choices(sizes), repeat=len(shapes))
-            if storage_bits_per_weight(shapes, dict(zip(shapes, grids, strict=True))) <= budget * (1 + 1e-12)
+            if storage_bits_per_weight(shapes, dict(zip(shapes, grids, strict=True)), scale_bits)
+            <= budget * (1 + 1e-12)
         )
         assert total == pytest.approx(best, rel=1e-12)
         assert total <= previous
         previous = total
         one_size = allocate_bits(
-            {n: {(b, 64): e[b, 64] for b in (2, 3, 4)} for n, e in errors.items()}, shapes, [64], budget
+            {n: {(b, 64): e[b, 64] for b in (2, 3, 4)} for n, e in errors.items()},
+            shapes,
+            [64],
+            budget,
+            scale_bits,
         )
         assert total <= sum(errors[n][g] for n, g in one_size.items())
-    assert len({g for _, g in allocate_bits(errors, shapes, sizes, 2.8).values()}) > 1  # the menu is used
+    assert (
+        len({g for _, g in allocate_bits(errors, shapes, sizes, 2.8, scale_bits).values()}) > 1
+    )  # the menu is used
 
 
 def test_rank_allocation_is_optimal_within_the_parameters_of_one_rank_everywhere():

@@ -39,15 +39,15 @@ def quantize_weight(
     """Quantize one weight ``W (out, in)`` given ``H = XᵀX / N (in, in)`` of its inputs.
 
     ``method``: ``"rtn"`` (H unused), ``"gptq"``, or ``"projq"`` (uses ``rank``, ``iters``).
-    ``options`` go to the method's function (``block_size``, ``damp``, ``act_order``,
-    ``clip``; for ProjQ also ``tol``, ``alpha``, ``mode``).
+    ``options`` go to the method's function (``scale_bits``; for GPTQ and ProjQ also
+    ``block_size``, ``damp``, ``act_order``, ``clip``; for ProjQ also ``tol``, ``alpha``, ``mode``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if W.dim() != 2:
         raise ValueError(f"W must be a 2-D (out, in) tensor, got shape {tuple(W.shape)}")
     if method == "rtn":
-        return rtn_quantize(W, bits, group_size)
+        return rtn_quantize(W, bits, group_size, **options)
     if H is None or H.shape != (W.shape[1], W.shape[1]):
         got = None if H is None else tuple(H.shape)
         raise ValueError(f"H must be ({W.shape[1]}, {W.shape[1]}) for W of shape {tuple(W.shape)}, got {got}")

@@ -67,31 +67,41 @@ def grid_choices(group_sizes: Sequence[int]) -> list[Grid]:
     return [(b, g) for g in group_sizes for b in SUPPORTED_BITS]
 
 
-def storage_bits_per_weight(shapes: dict[str, tuple[int, int]], grids: dict[str, Grid]) -> float:
-    """Average stored bits per weight of the modules ``shapes`` (name → (out, in)) on ``grids``."""
-    stored = sum(packed_storage_bits(o, i, *grids[n]) for n, (o, i) in shapes.items())
+def storage_bits_per_weight(
+    shapes: dict[str, tuple[int, int]], grids: dict[str, Grid], scale_bits: int = 16
+) -> float:
+    """Average stored bits per weight of the modules ``shapes`` (name → (out, in)) on ``grids``
+    with scales of ``scale_bits``."""
+    stored = sum(packed_storage_bits(o, i, *grids[n], scale_bits) for n, (o, i) in shapes.items())
     return stored / sum(o * i for o, i in shapes.values())
 
 
-def uniform_storage(shapes: dict[str, tuple[int, int]], group_size: int) -> dict[int, float]:
+def uniform_storage(
+    shapes: dict[str, tuple[int, int]], group_size: int, scale_bits: int = 16
+) -> dict[int, float]:
     """What uniform 2, 3 and 4 bits would store per weight at ``group_size``."""
     return {
-        b: storage_bits_per_weight(shapes, dict.fromkeys(shapes, (b, group_size))) for b in SUPPORTED_BITS
+        b: storage_bits_per_weight(shapes, dict.fromkeys(shapes, (b, group_size)), scale_bits)
+        for b in SUPPORTED_BITS
     }
 
 
-def check_budget(budget_bits: float, shapes: dict[str, tuple[int, int]], group_sizes: Sequence[int]) -> None:
+def check_budget(
+    budget_bits: float, shapes: dict[str, tuple[int, int]], group_sizes: Sequence[int], scale_bits: int = 16
+) -> None:
     """Refuse a budget below all-2-bit storage or above all-4-bit (with several group sizes: each
     module at its cheapest and at its dearest grid), naming the possible range."""
     weights = sum(o * i for o, i in shapes.values())
     costs = [
-        [packed_storage_bits(o, i, *grid) for grid in grid_choices(group_sizes)] for o, i in shapes.values()
+        [packed_storage_bits(o, i, *grid, scale_bits) for grid in grid_choices(group_sizes)]
+        for o, i in shapes.values()
     ]
     low, high = sum(map(min, costs)) / weights, sum(map(max, costs)) / weights
     if not low <= budget_bits <= high:
         sizes = (
             f"group size {group_sizes[0]}" if len(group_sizes) == 1 else f"group sizes {list(group_sizes)}"
         )
+        sizes += " with 8-bit scales" * (scale_bits == 8)
         raise ValueError(
             f"quant.budget_bits {budget_bits:g} is outside what 2 to 4 bits can store for this model at "
             f"{sizes}: {math.ceil(low * 1000) / 1000:.3f} (all 2-bit) to "
@@ -139,15 +149,16 @@ def allocate_bits(
     shapes: dict[str, tuple[int, int]],
     group_sizes: Sequence[int],
     budget_bits: float,
+    scale_bits: int = 16,
 ) -> dict[str, Grid]:
     """The grid of each module (from :func:`grid_choices` of ``group_sizes``, each of which divides
     every module's inputs) that minimizes the total error ``Σ errors[module][grid]`` with the
-    average stored bits per weight (:func:`storage_bits_per_weight`) at most ``budget_bits``
-    (:func:`least_total_cost`)."""
-    check_budget(budget_bits, shapes, group_sizes)
+    average stored bits per weight (:func:`storage_bits_per_weight`, scales of ``scale_bits``) at
+    most ``budget_bits`` (:func:`least_total_cost`)."""
+    check_budget(budget_bits, shapes, group_sizes, scale_bits)
     names, grids = list(shapes), grid_choices(group_sizes)
     cost = torch.tensor(
-        [[packed_storage_bits(*shapes[n], *g) for g in grids] for n in names], dtype=torch.float64
+        [[packed_storage_bits(*shapes[n], *g, scale_bits) for g in grids] for n in names], dtype=torch.float64
     )
     err = torch.tensor([[errors[n][g] for g in grids] for n in names], dtype=torch.float64)
     weights = sum(o * i for o, i in shapes.values())

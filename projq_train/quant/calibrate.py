@@ -128,7 +128,8 @@ def check_model_settings(model: nn.Module, cfg: QuantConfig, rank: int) -> None:
             except ValueError as e:
                 raise ValueError(f"layer {li} {name}: {e}") from None
     if cfg.budget_bits is not None:
-        check_budget(cfg.budget_bits, target_shapes(model, cfg.target_modules), cfg.budget_group_sizes)
+        shapes = target_shapes(model, cfg.target_modules)
+        check_budget(cfg.budget_bits, shapes, cfg.budget_group_sizes, cfg.scale_bits)
     if cfg.allocate_ranks and rank == 0:
         raise ValueError("quant.allocate_ranks spreads the parameters of adapter.rank: it needs a rank > 0")
 
@@ -191,8 +192,14 @@ def accumulate_hessians(
 
 def _method_options(cfg: QuantConfig, factors: tuple[Tensor, Tensor] | None) -> dict:
     if cfg.method == "rtn":
-        return {}
-    opts = {"block_size": cfg.block_size, "damp": cfg.damp, "act_order": cfg.act_order, "clip": cfg.clip}
+        return {"scale_bits": cfg.scale_bits}
+    opts = {
+        "block_size": cfg.block_size,
+        "damp": cfg.damp,
+        "act_order": cfg.act_order,
+        "clip": cfg.clip,
+        "scale_bits": cfg.scale_bits,
+    }
     if cfg.method == "projq":
         opts.update(tol=cfg.tol, alpha=cfg.projection_strength, mode=cfg.mode, factors=factors)
     return opts
@@ -441,7 +448,7 @@ def allocate_configuration(
     chosen group size."""
     shapes = target_shapes(model, cfg.target_modules)
     if cfg.budget_bits is not None:
-        uniform = uniform_storage(shapes, cfg.group_size)
+        uniform = uniform_storage(shapes, cfg.group_size, cfg.scale_bits)
         widths, group_sizes = SUPPORTED_BITS, cfg.budget_group_sizes
         nearest = min(widths, key=lambda b: abs(uniform[b] - cfg.budget_bits))
     else:
@@ -486,7 +493,7 @@ def allocate_configuration(
         grids = dict.fromkeys(shapes, (cfg.bits, cfg.group_size))
     else:
         losses = {n: {grid: loss(n, *grid) for grid in grid_choices(group_sizes)} for n in shapes}
-        grids = allocate_bits(losses, shapes, group_sizes, cfg.budget_bits)
+        grids = allocate_bits(losses, shapes, group_sizes, cfg.budget_bits, cfg.scale_bits)
     if choices:
         ranks = allocate_ranks(
             {n: measured[grids[n][1]][n].loss_by_rank[grids[n][0]] for n in shapes}, shapes, rank
@@ -509,16 +516,18 @@ def stored_bits_per_weight(modules: dict[str, QuantizedModule]) -> float:
 
 def format_storage(modules: dict[str, QuantizedModule], group_size: int, budget_bits: float | None) -> str:
     """The storage the packed weights reached, counted from their tensors, against the budget
-    and what uniform 2, 3 and 4 bits would store."""
+    and what uniform 2, 3 and 4 bits would store (with the same scales)."""
     stored = stored_bits_per_weight(modules)
     shapes = {n: (qm.weight.out_features, qm.weight.in_features) for n, qm in modules.items()}
-    uniform = " / ".join(f"{v:.3f}" for v in uniform_storage(shapes, group_size).values())
+    scale_bits = next(iter(modules.values())).weight.scale_bits
+    uniform = " / ".join(f"{v:.3f}" for v in uniform_storage(shapes, group_size, scale_bits).values())
     budget = f" (budget {budget_bits:g})" if budget_bits is not None else ""
     grouped = len({qm.weight.group_size for qm in modules.values()}) > 1  # per row: the input width
     counts = Counter((qm.weight.bits, qm.weight.group_size if grouped else 0) for qm in modules.values())
     mix = "modules: " + ", ".join(
         f"{counts[b, g]} at {b} bits" + (f" g{g}" if grouped else "") for b, g in sorted(counts)
     )
+    budget += ", 8-bit scales" * (scale_bits == 8)
     return f"storage: {stored:.3f} bits per weight{budget}, {mix}; uniform 2 / 3 / 4 bits store {uniform}"
 
 

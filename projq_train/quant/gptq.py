@@ -25,8 +25,10 @@ from torch import Tensor
 from projq_train.quant.rtn import (
     QuantizedWeight,
     check_grid,
+    check_scale_bits,
     clipped_params,
     minmax_params,
+    scale_exponent,
 )
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,7 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     clip: bool = False,
+    scale_bits: int = 16,
 ) -> QuantizedWeight:
     """Quantize ``W (out, in)`` against the input second moment ``H (in, in)``.
 
@@ -164,10 +167,13 @@ def gptq_quantize(
             that order and ``g_idx`` records each column's group.
         clip: choose each group's grid by a ``diag(H)``-weighted MSE search over shrunk
             min-max ranges (:func:`clipped_params`) instead of plain min-max.
+        scale_bits: 16 (fp16 scales) or 8 (e4m3 scales times a power of two for the layer).
     """
     out_f, in_f = W.shape
     gs = check_grid(bits, group_size, in_f)
+    check_scale_bits(scale_bits)
     maxq = 2**bits - 1
+    exponent = scale_exponent(W, bits) if scale_bits == 8 else None
     Wt = W.detach().float().t().clone(memory_format=torch.contiguous_format)  # (in, out): a column a row
     H = H.detach().float().clone()
 
@@ -183,7 +189,9 @@ def gptq_quantize(
 
     def grid(wt: Tensor, cols: slice) -> tuple[Tensor, Tensor]:
         w = wt.t()  # (out, columns)
-        return clipped_params(w, maxq, d[cols]) if clip else minmax_params(w, maxq)
+        return (
+            clipped_params(w, maxq, d[cols], exponent=exponent) if clip else minmax_params(w, maxq, exponent)
+        )
 
     block = max(block_size // gs, 1) * gs if gs < in_f else block_size
     deq_t = torch.zeros_like(Wt)  # the rounded columns, (code − zero) · scale
@@ -225,4 +233,5 @@ def gptq_quantize(
         g_idx=g_idx.to(torch.int32),
         bits=bits,
         group_size=gs,
+        scale_bits=scale_bits,
     )

@@ -29,8 +29,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from projq_train.quant.pack import PACKING, PackedWeight, dequantize_packed, packed_length
-from projq_train.quant.rtn import check_grid
+from projq_train.quant.pack import PACKING, PackedWeight, dequantize_packed, float_scales, packed_length
+from projq_train.quant.rtn import check_grid, check_scale_bits
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class QuantLinear(nn.Module):
         device: torch.device | str | None = None,
         backend: Backend = "auto",
         save_dequantized: bool = False,
+        scale_bits: int = 16,
     ) -> None:
         super().__init__()
         gs = check_grid(bits, group_size, in_features)
@@ -147,9 +148,11 @@ class QuantLinear(nn.Module):
             "qzeros",
             torch.zeros(n_groups, packed_length(out_features, bits), dtype=torch.int32, device=device),
         )
-        self.register_buffer(
-            "scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device)
-        )
+        check_scale_bits(scale_bits)
+        scale_dtype = torch.float16 if scale_bits == 16 else torch.float8_e4m3fn
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=scale_dtype, device=device))
+        exponent = torch.zeros(1, dtype=torch.int32, device=device) if scale_bits == 8 else None
+        self.register_buffer("scale_exponent", exponent)  # 8-bit scales: the layer's power of two
         self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32, device=device) // gs)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
@@ -163,6 +166,7 @@ class QuantLinear(nn.Module):
             bias=bias is not None,
             dtype=bias.dtype if bias is not None else torch.float32,
             device="meta",
+            scale_bits=pw.scale_bits,
             **kwargs,
         )
         for name, t in pw.tensors().items():
@@ -172,11 +176,20 @@ class QuantLinear(nn.Module):
         return layer
 
     def packed_tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.qweight, self.qzeros, self.scales, self.g_idx
+        """``qweight, qzeros, scales, g_idx`` as the kernels read them: the scales in fp16."""
+        return self.qweight, self.qzeros, float_scales(self.scales, self.scale_exponent), self.g_idx
 
     def packed(self) -> PackedWeight:
         return PackedWeight(
-            *self.packed_tensors(), self.bits, self.group_size, self.in_features, self.out_features
+            self.qweight,
+            self.qzeros,
+            self.scales,
+            self.g_idx,
+            self.bits,
+            self.group_size,
+            self.in_features,
+            self.out_features,
+            self.scale_exponent,
         )
 
     def dequantize_t(self, dtype: torch.dtype) -> Tensor:
@@ -219,22 +232,25 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse=True):
-        """Follow the model's device moves, but keep the fp16 scales fp16: they are part of the
-        packed format, and a cast such as ``model.to(torch.bfloat16)`` would round them."""
+        """Follow the model's device moves, but keep the scales in their dtype (fp16 or e4m3): they
+        are part of the packed format, and a cast such as ``model.to(torch.bfloat16)`` would round
+        them."""
         scales = self.scales
         super()._apply(fn, recurse)
         self.scales = scales.to(self.qweight.device)
         return self
 
     def weight_bits(self) -> float:
-        """Stored bits per weight: packed codes, zeros, scales and g_idx over ``in·out`` weights."""
-        total = sum(t.numel() * t.element_size() for t in self.packed_tensors())
+        """Stored bits per weight: packed codes, zeros, scales (and their exponent) and g_idx over
+        ``in·out`` weights."""
+        total = sum(t.numel() * t.element_size() for t in self.packed().tensors().values())
         return 8 * total / (self.in_features * self.out_features)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend}"
+            + (", scale_bits=8" if self.scale_exponent is not None else "")
         )
 
 

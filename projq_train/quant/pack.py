@@ -26,6 +26,9 @@ The GPTQ checkpoint tensors of a linear layer ``W (out, in)`` are ``qweight (in�
 (codes packed along ``in``), ``qzeros (n_groups, out·bits/32)`` (zero points packed along
 ``out``), ``scales (n_groups, out)`` fp16 and ``g_idx (in,)`` int32. Zero points are stored as
 they are (what GPTQModel calls format v2); the original AutoGPTQ format v1 stores ``zero − 1``.
+With 8-bit scales (``quant.scale_bits: 8``) ``scales`` holds e4m3 floats and ``scale_exponent
+(1,)`` int32 the layer's power of two: a scale is ``scales · 2^scale_exponent``, which fp16 holds
+exactly, so GPTQ kernels read :meth:`PackedWeight.float_scales` as they read fp16 scales.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from projq_train.quant.rtn import QuantizedWeight, check_grid
+from projq_train.quant.rtn import E4M3_MAX, QuantizedWeight, check_grid, check_scale_bits
 
 
 def _pieces(bits: int) -> tuple[int, int, tuple[tuple[int, int, int, int, int], ...]]:
@@ -55,6 +58,7 @@ def _pieces(bits: int) -> tuple[int, int, tuple[tuple[int, int, int, int, int], 
 
 
 PACKING = {bits: _pieces(bits) for bits in (2, 3, 4)}
+PACKED_KEYS = ("qweight", "qzeros", "scales", "g_idx", "scale_exponent")  # the last with 8-bit scales
 
 
 def packed_length(length: int, bits: int) -> int:
@@ -63,13 +67,22 @@ def packed_length(length: int, bits: int) -> int:
     return -(-length // codes) * words
 
 
-def packed_storage_bits(out_features: int, in_features: int, bits: int, group_size: int) -> int:
-    """Bits a ``(out, in)`` weight stores in this layout: codes, zero points and fp16 scales
-    (``g_idx``, an index that plain group order does not need, not counted). Uniform 3 bits at
-    group 64 store ``3 + (3 + 16) / 64 ≈ 3.30`` bits per weight."""
+def packed_storage_bits(
+    out_features: int, in_features: int, bits: int, group_size: int, scale_bits: int = 16
+) -> int:
+    """Bits a ``(out, in)`` weight stores in this layout: codes, zero points and scales of
+    ``scale_bits`` (8: plus the layer's 32-bit exponent; ``g_idx``, an index that plain group
+    order does not need, not counted). Uniform 3 bits at group 64 store ``3 + (3 + 16) / 64 ≈
+    3.30`` bits per weight with fp16 scales, ``3 + (3 + 8) / 64 ≈ 3.17`` with 8-bit ones."""
+    check_scale_bits(scale_bits)
     groups = in_features // (in_features if group_size == -1 else group_size)
     codes = packed_length(in_features, bits) * out_features
-    return 32 * (codes + groups * packed_length(out_features, bits)) + 16 * groups * out_features
+    exponent = 32 if scale_bits == 8 else 0
+    return (
+        32 * (codes + groups * packed_length(out_features, bits))
+        + scale_bits * groups * out_features
+        + exponent
+    )
 
 
 def pack(codes: Tensor, bits: int, dim: int = 0) -> Tensor:
@@ -153,73 +166,105 @@ def dequantize_packed(
     return w.to(dtype)
 
 
+def float_scales(scales: Tensor, exponent: Tensor | None) -> Tensor:
+    """Stored ``scales`` in fp16: as they are, or 8-bit ones times ``2^exponent`` (exact, as
+    :func:`eight_bit_scales` checked)."""
+    if exponent is None:
+        return scales
+    return (scales.float() * torch.exp2(exponent.float())).half()
+
+
+def eight_bit_scales(scales: Tensor) -> tuple[Tensor, Tensor]:
+    """``(codes, exponent)``: float32 ``scales`` that are e4m3 values times one power of two, as
+    e4m3 ``codes`` and the smallest such int32 ``exponent (1,)`` (any larger one the quantizer
+    used holds a subset of its values). Raises if a scale is not stored exactly that way or not
+    exactly in fp16, which the GPTQ kernels read."""
+    exponent = math.ceil(math.log2(scales.abs().amax().item() / E4M3_MAX))
+    codes = (scales / 2.0**exponent).to(torch.float8_e4m3fn)
+    decoded = codes.float() * 2.0**exponent
+    if not (torch.equal(decoded, scales) and torch.equal(decoded.half().float(), scales)):
+        raise ValueError("scales are not e4m3 values times one power of two within fp16's range")
+    return codes, torch.tensor([exponent], dtype=torch.int32, device=scales.device)
+
+
 @dataclass
 class PackedWeight:
     """A quantized linear weight ``(out, in)`` in the GPTQ checkpoint layout (see module docstring)."""
 
     qweight: Tensor  # (packed_length(in), out) int32
     qzeros: Tensor  # (n_groups, packed_length(out)) int32
-    scales: Tensor  # (n_groups, out) float16
+    scales: Tensor  # (n_groups, out) float16, or float8_e4m3fn with scale_exponent
     g_idx: Tensor  # (in,) int32
     bits: int
     group_size: int
     in_features: int
     out_features: int
+    scale_exponent: Tensor | None = None  # (1,) int32 with 8-bit scales
 
     @classmethod
     def from_quantized(cls, q: QuantizedWeight) -> PackedWeight:
-        """Pack a :class:`QuantizedWeight`; exact because its scales are already fp16 values."""
+        """Pack a :class:`QuantizedWeight`; exact because its scales are already stored values."""
         out_f, in_f = q.codes.shape
+        scales, exponent = q.scales.T.to(torch.float16), None
+        if q.scale_bits == 8:
+            scales, exponent = eight_bit_scales(q.scales.T.float())
         return cls(
             qweight=pack(q.codes.T, q.bits, dim=0),
             qzeros=pack(q.zeros.T, q.bits, dim=1),
-            scales=q.scales.T.to(torch.float16).contiguous(),
+            scales=scales.contiguous(),
             g_idx=q.g_idx.to(torch.int32).contiguous(),
             bits=q.bits,
             group_size=q.group_size,
             in_features=in_f,
             out_features=out_f,
+            scale_exponent=exponent,
         )
+
+    @property
+    def scale_bits(self) -> int:
+        return 8 * self.scales.element_size()
+
+    def float_scales(self) -> Tensor:
+        """The scales ``(n_groups, out)`` in fp16, as GPTQ kernels read them (exact)."""
+        return float_scales(self.scales, self.scale_exponent)
 
     def unpack(self) -> QuantizedWeight:
         return QuantizedWeight(
             codes=unpack(self.qweight, self.bits, self.in_features, dim=0).T.contiguous(),
-            scales=self.scales.T.float().contiguous(),
+            scales=self.float_scales().T.float().contiguous(),
             zeros=unpack(self.qzeros, self.bits, self.out_features, dim=1).T.contiguous(),
             g_idx=self.g_idx,
             bits=self.bits,
             group_size=self.group_size,
+            scale_bits=self.scale_bits,
         )
 
     def dequantize(self) -> Tensor:
         """``Ŵ (out, in)`` float32."""
         return dequantize_packed(
-            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, torch.float32
+            self.qweight, self.qzeros, self.float_scales(), self.g_idx, self.bits, torch.float32
         ).T
 
     def to(self, device: torch.device | str) -> PackedWeight:
-        return replace(
-            self,
-            qweight=self.qweight.to(device),
-            qzeros=self.qzeros.to(device),
-            scales=self.scales.to(device),
-            g_idx=self.g_idx.to(device),
-        )
+        return replace(self, **{key: t.to(device) for key, t in self.tensors().items()})
 
     @property
     def storage_bits(self) -> int:
         """Bits the packed codes, zero points and scales hold (:func:`packed_storage_bits`)."""
-        return 8 * sum(t.numel() * t.element_size() for t in (self.qweight, self.qzeros, self.scales))
+        stored = [t for key, t in self.tensors().items() if key != "g_idx"]
+        return 8 * sum(t.numel() * t.element_size() for t in stored)
 
     def tensors(self) -> dict[str, Tensor]:
-        """The four GPTQ tensors by their checkpoint names."""
-        return {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+        """The GPTQ tensors by their checkpoint names (and ``scale_exponent`` with 8-bit scales)."""
+        named = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+        return named if self.scale_exponent is None else {**named, "scale_exponent": self.scale_exponent}
 
     @classmethod
     def from_tensors(
         cls, tensors: dict[str, Tensor], bits: int, group_size: int, in_features: int, out_features: int
     ) -> PackedWeight:
-        """Rebuild from checkpoint tensors, checking every shape against the stated layer size."""
+        """Rebuild from checkpoint tensors, checking every shape against the stated layer size;
+        8-bit (e4m3) scales come with ``scale_exponent``."""
         gs = check_grid(bits, group_size, in_features)
         n_groups = in_features // gs
         expected = {
@@ -228,6 +273,8 @@ class PackedWeight:
             "scales": (n_groups, out_features),
             "g_idx": (in_features,),
         }
+        if "scales" in tensors and tensors["scales"].dtype == torch.float8_e4m3fn:
+            expected["scale_exponent"] = (1,)
         for key, shape in expected.items():
             if key not in tensors:
                 raise KeyError(f"packed weight is missing '{key}'")
@@ -245,4 +292,5 @@ class PackedWeight:
             gs,
             in_features,
             out_features,
+            tensors["scale_exponent"] if "scale_exponent" in expected else None,
         )

@@ -78,8 +78,9 @@ def check_scale_bits(scale_bits: int) -> None:
 def scale_exponent(W: Tensor, bits: int) -> int:
     """The power of two that 8-bit scales of ``W`` are multiplied by: the widest min-max scale a
     group of ``W`` can have at ``bits`` (its range ``2·max|W|`` over ``2^bits − 1`` steps) lands
-    :data:`SCALE_HEADROOM` times below the largest e4m3 value, which leaves room for the columns
-    GPTQ updates and, below, 15 binades of e4m3 scales (the smallest normal one 2^-6)."""
+    :data:`SCALE_HEADROOM` to twice that many times below the largest e4m3 value (between 56 and
+    112), which leaves room for the columns GPTQ updates and, below, scales down to 1/3500 of it
+    with e4m3's full 3-bit mantissa (the smallest normal e4m3 value is 2^-6)."""
     widest = 2 * W.detach().abs().amax().item() / (2**bits - 1)
     return math.ceil(math.log2(max(widest, FP16_TINY) * SCALE_HEADROOM / E4M3_MAX))
 

@@ -521,14 +521,14 @@ def format_storage(modules: dict[str, QuantizedModule], group_size: int, budget_
     shapes = {n: (qm.weight.out_features, qm.weight.in_features) for n, qm in modules.items()}
     scale_bits = next(iter(modules.values())).weight.scale_bits
     uniform = " / ".join(f"{v:.3f}" for v in uniform_storage(shapes, group_size, scale_bits).values())
-    budget = f" (budget {budget_bits:g})" if budget_bits is not None else ""
+    against = f" (budget {budget_bits:g})" if budget_bits is not None else ""
+    against += ", 8-bit scales" * (scale_bits == 8)
     grouped = len({qm.weight.group_size for qm in modules.values()}) > 1  # per row: the input width
     counts = Counter((qm.weight.bits, qm.weight.group_size if grouped else 0) for qm in modules.values())
     mix = "modules: " + ", ".join(
         f"{counts[b, g]} at {b} bits" + (f" g{g}" if grouped else "") for b, g in sorted(counts)
     )
-    budget += ", 8-bit scales" * (scale_bits == 8)
-    return f"storage: {stored:.3f} bits per weight{budget}, {mix}; uniform 2 / 3 / 4 bits store {uniform}"
+    return f"storage: {stored:.3f} bits per weight{against}, {mix}; uniform 2 / 3 / 4 bits store {uniform}"
 
 
 def apply_quantized(

@@ -222,7 +222,7 @@ class PackedWeight:
 
     @property
     def scale_bits(self) -> int:
-        return 8 * self.scales.element_size()
+        return 16 if self.scale_exponent is None else 8
 
     def float_scales(self) -> Tensor:
         """The scales ``(n_groups, out)`` in fp16, as GPTQ kernels read them (exact)."""

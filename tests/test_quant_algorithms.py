@@ -78,7 +78,8 @@ def test_eight_bit_scales_are_e4m3_times_the_layers_power_of_two_and_cost_little
     W, _, H = layer
     exact = gptq_quantize(W, H, bits, 32, clip=True)
     q = gptq_quantize(W, H, bits, 32, clip=True, scale_bits=8)
-    codes = q.scales / 2.0 ** scale_exponent(W, bits)
+    assert scale_exponent(W, bits, 16) is None
+    codes = q.scales / 2.0 ** scale_exponent(W, bits, 8)
     assert q.scale_bits == 8 and torch.equal(codes.to(torch.float8_e4m3fn).float(), codes)
     assert bool((q.scales > 0).all()) and not torch.equal(q.scales, exact.scales)
     assert hnorm(W - q.dequantize(), H) < 1.05 * hnorm(W - exact.dequantize(), H)

@@ -25,7 +25,6 @@ from torch import Tensor
 from projq_train.quant.rtn import (
     QuantizedWeight,
     check_grid,
-    check_scale_bits,
     clipped_params,
     minmax_params,
     scale_exponent,
@@ -171,9 +170,8 @@ def gptq_quantize(
     """
     out_f, in_f = W.shape
     gs = check_grid(bits, group_size, in_f)
-    check_scale_bits(scale_bits)
     maxq = 2**bits - 1
-    exponent = scale_exponent(W, bits) if scale_bits == 8 else None
+    exponent = scale_exponent(W, bits, scale_bits)
     Wt = W.detach().float().t().clone(memory_format=torch.contiguous_format)  # (in, out): a column a row
     H = H.detach().float().clone()
 

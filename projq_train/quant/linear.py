@@ -209,9 +209,10 @@ class QuantLinear(nn.Module):
             yield slice(0, self.in_features), self.dequantize_t(dtype)
             return
         step = dequantize_block_rows(self.in_features, self.out_features, self.bits, self.group_size)
+        packed = self.packed_tensors()  # 8-bit scales made fp16 once, not once per block
         for start in range(0, self.in_features, step):
             rows = slice(start, min(start + step, self.in_features))
-            yield rows, dequantize_packed(*self.packed_tensors(), self.bits, dtype, rows)
+            yield rows, dequantize_packed(*packed, self.bits, dtype, rows)
 
     def _fused(self, x: Tensor) -> bool:
         if self.backend == "torch":

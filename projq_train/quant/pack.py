@@ -205,9 +205,10 @@ class PackedWeight:
     def from_quantized(cls, q: QuantizedWeight) -> PackedWeight:
         """Pack a :class:`QuantizedWeight`; exact because its scales are already stored values."""
         out_f, in_f = q.codes.shape
-        scales, exponent = q.scales.T.to(torch.float16), None
         if q.scale_bits == 8:
             scales, exponent = eight_bit_scales(q.scales.T.float())
+        else:
+            scales, exponent = q.scales.T.to(torch.float16), None
         return cls(
             qweight=pack(q.codes.T, q.bits, dim=0),
             qzeros=pack(q.zeros.T, q.bits, dim=1),

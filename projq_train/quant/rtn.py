@@ -75,12 +75,16 @@ def check_scale_bits(scale_bits: int) -> None:
         raise ValueError(f"scale_bits must be one of {SUPPORTED_SCALE_BITS}, got {scale_bits}")
 
 
-def scale_exponent(W: Tensor, bits: int) -> int:
-    """The power of two that 8-bit scales of ``W`` are multiplied by: the widest min-max scale a
-    group of ``W`` can have at ``bits`` (its range ``2·max|W|`` over ``2^bits − 1`` steps) lands
+def scale_exponent(W: Tensor, bits: int, scale_bits: int) -> int | None:
+    """The power of two that 8-bit scales of ``W`` are multiplied by (None for fp16 scales, which
+    need none; :func:`round_scales` takes either): the widest min-max scale a group of ``W`` can
+    have at ``bits`` (its range ``2·max|W|`` over ``2^bits − 1`` steps) lands
     :data:`SCALE_HEADROOM` to twice that many times below the largest e4m3 value (between 56 and
     112), which leaves room for the columns GPTQ updates and, below, scales down to 1/3500 of it
     with e4m3's full 3-bit mantissa (the smallest normal e4m3 value is 2^-6)."""
+    check_scale_bits(scale_bits)
+    if scale_bits == 16:
+        return None
     widest = 2 * W.detach().abs().amax().item() / (2**bits - 1)
     return math.ceil(math.log2(max(widest, FP16_TINY) * SCALE_HEADROOM / E4M3_MAX))
 
@@ -140,10 +144,9 @@ def rtn_quantize(W: Tensor, bits: int, group_size: int = 128, scale_bits: int = 
     (scales stored in ``scale_bits``, 16 or 8)."""
     out_f, in_f = W.shape
     gs = check_grid(bits, group_size, in_f)
-    check_scale_bits(scale_bits)
     maxq = 2**bits - 1
     Wg = W.float().reshape(out_f * (in_f // gs), gs)  # one row per (row, group)
-    scale, zero = minmax_params(Wg, maxq, scale_exponent(W, bits) if scale_bits == 8 else None)
+    scale, zero = minmax_params(Wg, maxq, scale_exponent(W, bits, scale_bits))
     codes = quantize_to_grid(Wg, scale, zero, maxq).reshape(out_f, in_f)
     return QuantizedWeight(
         codes=codes.to(torch.uint8),

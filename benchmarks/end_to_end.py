@@ -91,11 +91,13 @@ def quant_config(
     group_size_choices: list[int] | None = None,
     first_pass_iters: int | None = None,
     scale_bits: int = 16,
+    rotate_inputs: bool = False,
 ) -> QuantConfig:
     """``width`` bits, or (``budget``) the storage budget ``quant.budget_bits`` (over the grids of
-    ``group_size_choices``, when given); ``iters``, ``strength``, ``first_pass_iters`` and
-    ``scale_bits``: ``quant.iters``, ``quant.projection_strength``, (for a ProjQ base with a first
-    pass) ``quant.first_pass_iters`` and ``quant.scale_bits``."""
+    ``group_size_choices``, when given); ``iters``, ``strength``, ``first_pass_iters``,
+    ``scale_bits`` and ``rotate_inputs``: ``quant.iters``, ``quant.projection_strength``, (for a
+    ProjQ base with a first pass) ``quant.first_pass_iters``, ``quant.scale_bits`` and
+    ``quant.rotate_inputs``."""
     if method == "nf4":
         return QuantConfig(method="nf4", bits=4)
     method, _, mode = method.partition("-")
@@ -113,6 +115,7 @@ def quant_config(
         "compensation": compensation,
         "allocate_ranks": allocate_ranks,
         "scale_bits": scale_bits,
+        "rotate_inputs": rotate_inputs,
     }
     if method == "projq" and (budget or allocate_ranks):
         settings["first_pass_iters"] = first_pass_iters
@@ -134,7 +137,8 @@ def variant_key(
     ``...-ranks`` with ``quant.allocate_ranks``, ``...-iters10`` and ``...-strength0.97`` for
     ``quant.iters`` and ``quant.projection_strength`` other than :data:`ITERS` and :data:`STRENGTH`,
     ``...-groups64.192.row`` for ``quant.group_size_choices`` (``row``: -1), ``...-firstpass1`` for
-    ``quant.first_pass_iters``, ``...-scale8`` for ``quant.scale_bits: 8``; then the fine-tune's
+    ``quant.first_pass_iters``, ``...-scale8`` for ``quant.scale_bits: 8``, ``...-rotated`` for
+    ``quant.rotate_inputs``; then the fine-tune's
     settings, ``...-lr0.0001`` for a learning rate other than :data:`LR` and ``...-dropout0`` for a
     dropout other than :data:`DROPOUT`."""
     choices = quant.group_size_choices or []
@@ -147,6 +151,7 @@ def variant_key(
         + ("-groups" + ".".join("row" if g == -1 else str(g) for g in choices)) * bool(choices)
         + f"-firstpass{quant.first_pass_iters}" * (quant.first_pass_iters is not None)
         + "-scale8" * (quant.scale_bits == 8)
+        + "-rotated" * quant.rotate_inputs
     )
     fine_tune = f"-lr{lr:g}" * (lr != LR) + f"-dropout{dropout:g}" * (dropout != DROPOUT)
     return f"{method}-{'b' if budget else 'w'}{width:g}{quantization}{fine_tune}"
@@ -163,9 +168,12 @@ def parse_key(key: str) -> tuple[str, float, bool]:
     the rank is not :data:`RANK`, ``fisher`` for a Fisher-weighted compensation, ``ranks`` for
     allocated ranks, ``<n> rounds`` and ``strength <s>`` for other ``quant.iters`` and projection
     strength, ``groups 64/192/-1`` for group-size choices, ``first pass <n> rounds`` for
-    ``quant.first_pass_iters``, ``8-bit scales`` for ``quant.scale_bits: 8``, ``lr <lr>`` for
-    another learning rate and ``dropout <p>`` for another dropout."""
+    ``quant.first_pass_iters``, ``8-bit scales`` for ``quant.scale_bits: 8``, ``rotated`` for
+    ``quant.rotate_inputs``, ``lr <lr>`` for another learning rate and ``dropout <p>`` for another
+    dropout."""
     rest, lr, dropout = split_key(key)
+    rotated = rest.endswith("-rotated")
+    rest = rest.removesuffix("-rotated")
     eight_bit_scales = rest.endswith("-scale8")
     rest = rest.removesuffix("-scale8")
     first = re.search(r"-firstpass(\d+)$", rest)
@@ -193,6 +201,7 @@ def parse_key(key: str) -> tuple[str, float, bool]:
         + (" groups " + groups[1].replace("row", "-1").replace(".", "/") if groups else "")
         + (f" first pass {first[1]} round{'s' * (first[1] != '1')}" if first else "")
         + " 8-bit scales" * eight_bit_scales
+        + " rotated" * rotated
         + f" lr {lr}" * bool(lr)
         + f" dropout {dropout}" * bool(dropout)
     )
@@ -318,6 +327,7 @@ def run(args) -> dict:
             args.group_size_choices if budget else None,
             args.first_pass_iters,
             args.scale_bits,
+            args.rotate_inputs,
         )
         key = variant_key(method, width, budget, quant, args.rank, args.lr, args.dropout)
         entry = results.setdefault(key, {})
@@ -485,6 +495,11 @@ def main() -> None:
         choices=[16, 8],
         default=16,
         help="quant.scale_bits of the quantized bases (keys end in -scale8 for 8)",
+    )
+    parser.add_argument(
+        "--rotate-inputs",
+        action="store_true",
+        help="quant.rotate_inputs of the quantized bases (keys end in -rotated)",
     )
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch 8)")
     parser.add_argument(

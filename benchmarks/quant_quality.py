@@ -121,6 +121,11 @@ def main() -> None:
         default=16,
         help="quant.scale_bits of every quantized row (8: named '<variant> ... 8-bit scales')",
     )
+    ap.add_argument(
+        "--rotate-inputs",
+        action="store_true",
+        help="quant.rotate_inputs on every quantized row (named '<variant> ... rotated')",
+    )
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ppl-windows", type=int, default=16)
@@ -199,6 +204,7 @@ def quantized_row(model, ids, windows, name: str, bits: float, rank: int, budget
         "allocate_ranks": args.allocate_ranks,
         "act_order": args.act_order,
         "scale_bits": args.scale_bits,
+        "rotate_inputs": args.rotate_inputs,
     }
     variant = VARIANTS[name]
     if variant["method"] == "projq" and (budget is not None or args.allocate_ranks):
@@ -279,13 +285,14 @@ def calibration_of(row: dict, settings: dict) -> tuple[int, int]:
 
 def comparison_key(row: dict, settings: dict) -> tuple:
     """What a row shares with the GPTQ rows its ratio columns divide by: width, rank, calibration,
-    group size, rounding order and scale bits (a row of another group size, order or scale format
-    has no GPTQ base unless the table holds GPTQ rows made with them)."""
+    group size, rounding order, scale bits and input rotation (a row of another group size, order,
+    scale format or basis has no GPTQ base unless the table holds GPTQ rows made with them)."""
     made = row.get("config", {})
     grid = (
         made.get("group_size", settings["group_size"]),
         made.get("act_order", False),
         made.get("scale_bits", 16),
+        made.get("rotate_inputs", False),
     )
     return row["bits"], row["rank"], calibration_of(row, settings), *grid
 
@@ -323,6 +330,7 @@ def print_table(rows: list[dict], settings: dict) -> None:
             method += f" strength {strength:g}" * (strength != DEFAULT_STRENGTH)
         method += " act-order" * r.get("config", {}).get("act_order", False)
         method += " 8-bit scales" * (r.get("config", {}).get("scale_bits", 16) == 8)
+        method += " rotated" * r.get("config", {}).get("rotate_inputs", False)
         if calibration != (settings["nsamples"], settings["seqlen"]):
             method += " calibration {}x{}".format(*calibration)
         method += f" (mean k {sum(ks) / len(ks):.1f})" if ks else ""

@@ -12,7 +12,8 @@ needs, so it loads without the base model:
 - ``config.json`` (the model's ``transformers`` config) and ``tokenizer/``;
 - ``metadata.json``: format version, the full hash and the base's identity
   (:func:`projq_train.weights.base_identity`), the complete recipe, library versions,
-  per-module bits/group size/shape, the quantization report, the stored bits per weight, the
+  per-module bits/group size/shape (and ``rotated_inputs`` for a weight quantized as ``W Q``,
+  :mod:`projq_train.quant.rotation`), the quantization report, the stored bits per weight, the
   mixed-precision configuration (:class:`~projq_train.quant.allocate.BitConfiguration`: bits and
   rank per module) when ``quant.budget_bits`` chose the widths, and the checksums of the two
   tensor files, verified (with a check for non-finite values) before either is used.
@@ -105,8 +106,8 @@ def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
     """What the artifact hash and metadata record of how it was quantized: ``quant``, the
     adapter rank its error is shaped and compensated for and, under a bit budget, the objective
     the widths were chosen by (an artifact allocated by another is not reused). The defaults
-    ``compensation: hessian`` and ``scale_bits: 16`` are left out, so artifacts made before those
-    keys existed keep their hash.
+    ``compensation: hessian``, ``scale_bits: 16`` and ``rotate_inputs: false`` are left out, so
+    artifacts made before those keys existed keep their hash.
     A ``refresh`` artifact whose rounds project the Hessian says so (``refresh_rounds``), so one made
     by the earlier rounds, against the plain Hessian, is not reused; nor is an artifact whose ranks
     were allocated from a first pass that quantized for the smallest rank choice (before
@@ -120,6 +121,8 @@ def quantization_settings(quant: QuantConfig, rank: int) -> dict[str, Any]:
             del settings[key]
     if quant.scale_bits == 16:
         del settings["scale_bits"]
+    if not quant.rotate_inputs:
+        del settings["rotate_inputs"]
     if quant.method == "projq" and quant.mode == "refresh" and quant.projection_strength > 0:
         settings["refresh_rounds"] = "projected"
     if quant.allocates:
@@ -180,6 +183,7 @@ def save_artifact(
                 "group_size": qm.weight.group_size,
                 "in_features": qm.weight.in_features,
                 "out_features": qm.weight.out_features,
+                **({"rotated_inputs": True} if qm.weight.rotated_inputs else {}),
             }
             for n, qm in modules.items()
         },

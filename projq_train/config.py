@@ -125,6 +125,13 @@ class QuantConfig:
     power of two per module, as NVFP4 stores its block scales): uniform 3 bits at group 64 then
     store 3.17 bits per weight instead of 3.30, and ``budget_bits`` counts scales at 8 bits. The
     quantized export re-quantizes with fp16 scales (what GPTQ loaders read)."""
+    rotate_inputs: bool = False
+    """Quantize each module's weight in a rotated basis of its inputs, ``W Q`` for a fixed
+    orthogonal ``Q`` that spreads every input channel over all of them (QuIP#'s incoherence
+    processing; :mod:`projq_train.quant.rotation`): flatter rows, smaller grid steps. The packed
+    layer rotates its input on the fly (``in · (a + b)`` multiply-adds per token for ``in = a · b``);
+    the adapter, the merged and the peft exports stay in the model's own basis; the quantized
+    export re-quantizes without the rotation (what GPTQ loaders read)."""
     clip: bool = False
     """GPTQ/ProjQ: pick each group's range by an activation-weighted MSE search over shrunk
     min-max ranges instead of plain min-max."""
@@ -173,6 +180,8 @@ class QuantConfig:
             raise ValueError(
                 "quant.scale_bits sets the grid of rtn/gptq/projq; nf4 keeps bitsandbytes' own scales"
             )
+        if self.rotate_inputs and self.method == "nf4":
+            raise ValueError("quant.rotate_inputs sets the grid of rtn/gptq/projq; nf4 quantizes W as it is")
         if self.budget_bits is not None and self.method == "nf4":
             raise ValueError(
                 "quant.method nf4 is a uniform 4-bit format; quant.budget_bits needs rtn/gptq/projq"

@@ -62,7 +62,7 @@ def merged_weights(model: PeftModel) -> dict[str, Tensor]:
     merged = {}
     for name, layer in adapter_layers(model).items():
         base = layer.get_base_layer()
-        w = base.dequantize_t(torch.float32).T if isinstance(base, QuantLinear) else base.weight.float()
+        w = base.packed().dequantize() if isinstance(base, QuantLinear) else base.weight.float()
         delta = layer.lora_B[ADAPTER].weight.float() @ layer.lora_A[ADAPTER].weight.float()
         merged[name] = w + layer.scaling[ADAPTER] * delta
     return merged

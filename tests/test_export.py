@@ -255,7 +255,7 @@ def test_flipped_bits_in_checkpoints_and_exports_are_refused_naming_the_file(che
 
 def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tmp_path, capsys):
     """Widths and group sizes under a bit budget, ranks under the adapter-parameter budget, 8-bit
-    scales (the quantized export re-quantizes with fp16 ones)."""
+    scales and rotated inputs (the quantized export re-quantizes with fp16 scales, unrotated)."""
     mixed = [
         "--model.quant.bits=null",
         "--model.quant.budget_bits=3.0",
@@ -263,6 +263,7 @@ def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tm
         "--model.quant.method=gptq",
         "--model.quant.allocate_ranks=true",
         "--model.quant.scale_bits=8",
+        "--model.quant.rotate_inputs=true",
     ]
     cli.main(["fit", "--config", str(TINY_FIT), *fit_args(tmp_path, 2), *mixed])
     cli.main(["fit", "--config", str(TINY_FIT), *fit_args(tmp_path, 4), *mixed, "--ckpt_path=last"])
@@ -273,6 +274,7 @@ def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tm
     assert len(widths) > 1 and widths <= {2, 3, 4}  # packed layers of several widths in one model
     scales = {m.scales.dtype for m in trained.model.modules() if isinstance(m, QuantLinear)}
     assert scales == {torch.float8_e4m3fn}  # through fit, checkpoint and resume
+    assert all(m.rotated_inputs for m in trained.model.modules() if isinstance(m, QuantLinear))
     configuration = read_metadata(trained.artifact)["configuration"]  # recorded with the artifact
     assert set(configuration["bits"].values()) == widths
     grids = {
@@ -289,6 +291,8 @@ def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tm
     assert sum(r * sizes[n] for n, r in ranks.items()) <= 4 * sum(sizes.values())  # rank 4's parameters
     peft_report = export(checkpoint, tmp_path, "peft")  # peft's rank_pattern carries the ranks
     assert peft_report["logit_rel_error"] < 1e-6 and peft_report["top1_agreement"] == 1.0
+    merged_report = export(checkpoint, tmp_path, "merged", dtype="float32")  # plain weights, W's basis
+    assert merged_report["logit_rel_error"] < 1e-4
     # estimate shows it and counts the packed weights at those widths, byte for byte
     estimate = ["estimate", "--config", str(TINY_FIT), *fit_args(tmp_path, 4), *mixed, "--json"]
     capsys.readouterr()  # what the fits printed
@@ -318,6 +322,7 @@ def test_a_mixed_precision_base_packs_trains_resumes_exports_and_is_estimated(tm
     reloaded = load_quantized_export(tmp_path / "quantized")
     by_name = {n: (m.bits, m.group_size) for n, m in reloaded.named_modules() if isinstance(m, QuantLinear)}
     assert {m.scales.dtype for m in reloaded.modules() if isinstance(m, QuantLinear)} == {torch.float16}
+    assert not any(m.rotated_inputs for m in reloaded.modules() if isinstance(m, QuantLinear))
     assert by_name == grids  # each module re-quantized on its own grid, read back from `dynamic`
     assert report["bits"] == {n: b for n, (b, _) in by_name.items()}
     assert 0 < report["logit_rel_error"] < 1 and report["ppl_exported"] < float("inf")

@@ -283,6 +283,10 @@ def test_module_refuses_a_checkpoint_for_another_base():
             "quant.scale_bits sets the grid of rtn/gptq/projq; nf4 keeps bitsandbytes' own scales",
         ),
         (
+            "--model.quant.method=nf4 --model.quant.rotate_inputs=true",
+            "quant.rotate_inputs sets the grid of rtn/gptq/projq; nf4 quantizes W as it is",
+        ),
+        (
             "--model.quant.method=gptq --model.quant.allocate_ranks=true --model.quant.first_pass_iters=1",
             "quant.first_pass_iters counts ProjQ rounds; quant.method gptq has none",
         ),

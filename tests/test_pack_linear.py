@@ -17,6 +17,7 @@ from projq_train.quant.pack import (
     packed_storage_bits,
     unpack,
 )
+from projq_train.quant.rotation import rotate
 from projq_train.quant.rtn import rtn_quantize
 from tests.conftest import peak_allocated_bytes
 
@@ -105,17 +106,19 @@ def test_packed_weight_from_tensors_checks_shapes():
         PackedWeight.from_tensors({k: v for k, v in eight.items() if k != "scale_exponent"}, 3, 32, 64, 8)
 
 
-def make_layer(bits=3, out_f=24, in_f=64, gs=32, bias=True, scale_bits=16, **kwargs):
+def make_layer(bits=3, out_f=24, in_f=64, gs=32, bias=True, scale_bits=16, rotated_inputs=False, **kwargs):
     torch.manual_seed(0)
     dense = nn.Linear(in_f, out_f, bias=bias)
-    pw = PackedWeight.from_quantized(rtn_quantize(dense.weight.detach(), bits, gs, scale_bits))
+    W = rotate(dense.weight.detach()) if rotated_inputs else dense.weight.detach()
+    pw = PackedWeight.from_quantized(rtn_quantize(W, bits, gs, scale_bits), rotated_inputs)
     return QuantLinear.from_packed(pw, dense.bias, **kwargs), pw
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("scale_bits", [16, 8])
-def test_quant_linear_matches_dense_reference(dtype, scale_bits):
-    layer, pw = make_layer(scale_bits=scale_bits)
+@pytest.mark.parametrize("scale_bits,rotated_inputs", [(16, False), (8, False), (16, True)])
+def test_quant_linear_matches_dense_reference(dtype, scale_bits, rotated_inputs):
+    """``pw.dequantize()`` is the weight in the model's basis, a rotated layer's too."""
+    layer, pw = make_layer(scale_bits=scale_bits, rotated_inputs=rotated_inputs)
     assert layer.scales.element_size() * 8 == scale_bits
     x = torch.randn(2, 5, 64)
     ref = x.to(dtype).float() @ pw.dequantize().to(dtype).float().T + layer.bias.to(dtype).float()
@@ -125,9 +128,9 @@ def test_quant_linear_matches_dense_reference(dtype, scale_bits):
     torch.testing.assert_close(y.float(), ref, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("save_dequantized", [False, True])
-def test_gradient_flows_to_the_input_only(save_dequantized):
-    layer, pw = make_layer(save_dequantized=save_dequantized)
+@pytest.mark.parametrize("save_dequantized,rotated_inputs", [(False, False), (True, False), (False, True)])
+def test_gradient_flows_to_the_input_only(save_dequantized, rotated_inputs):
+    layer, pw = make_layer(save_dequantized=save_dequantized, rotated_inputs=rotated_inputs)
     x = torch.randn(3, 64, dtype=torch.float64).float().requires_grad_()
     dense_x = x.detach().clone().requires_grad_()
     layer(x).pow(2).sum().backward()

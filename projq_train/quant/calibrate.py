@@ -38,6 +38,7 @@ from projq_train.quant.allocate import (
 from projq_train.quant.layerwise import StopForward, capture_layer_inputs, release_batch, run_layer
 from projq_train.quant.pack import PackedWeight
 from projq_train.quant.projq import check_rank, hessian_factor, srr_preserved_rank
+from projq_train.quant.rotation import rotate, rotate_factors, rotate_hessian, unrotate
 from projq_train.quant.rtn import check_grid
 from projq_train.quant.sensitivity import (
     compensation_row_weights,
@@ -219,25 +220,34 @@ def quantize_module(
     """Quantize one weight ``W (out, in)`` to ``bits`` in groups of ``group_size`` with its
     Hessian and compute the rank-``rank`` compensation; ``factors``: ``hessian_factor(H)`` if the
     caller has it; ``timings``: seconds of ``quantization`` and ``compensation`` are added to it;
-    ``row_weights``: the compensation's output-channel weights (``quant.compensation: fisher``)."""
+    ``row_weights``: the compensation's output-channel weights (``quant.compensation: fisher``).
+    Under ``cfg.rotate_inputs`` the grid is fitted to ``W Q`` against ``Qᵀ H Q``
+    (:mod:`~projq_train.quant.rotation`); the compensation and the returned adapter are in
+    ``W``'s basis either way."""
     timings = timings if timings is not None else {}
     t0 = clock(W.device)
     W = W.float()
+    rotated = cfg.rotate_inputs
+    W_grid, H_grid = (rotate(W), rotate_hessian(H)) if rotated else (W, H)
     if rank == 0:  # no adapter: nothing to shape the error for or to compensate
-        qw = quantize_weight(W, H, cfg.method, bits, group_size, 0, 0, **_method_options(cfg, None))
+        qw = quantize_weight(W_grid, H_grid, cfg.method, bits, group_size, 0, 0, **_method_options(cfg, None))
         return QuantizedModule(
-            PackedWeight.from_quantized(qw), W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
+            PackedWeight.from_quantized(qw, rotated), W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
         )
     factors = factors if factors is not None else hessian_factor(H)  # for ProjQ and the compensation
-    opts = _method_options(cfg, factors)
+    grid_factors = rotate_factors(factors) if rotated else factors
+    opts = _method_options(cfg, grid_factors)
     if opts.get("mode") == "srr":
-        opts["preserved_rank"] = srr_preserved_rank(W, H, rank, bits, group_size, cfg.damp, factors)
-    qw = quantize_weight(W, H, cfg.method, bits, group_size, rank, cfg.iters, **opts)
+        opts["preserved_rank"] = srr_preserved_rank(
+            W_grid, H_grid, rank, bits, group_size, cfg.damp, grid_factors
+        )
+    qw = quantize_weight(W_grid, H_grid, cfg.method, bits, group_size, rank, cfg.iters, **opts)
     t1 = clock(W.device)
-    B, A = lowrank_compensation(W - qw.dequantize(), H, rank, factors, row_weights)
+    Q = unrotate(qw.dequantize()) if rotated else qw.dequantize()
+    B, A = lowrank_compensation(W - Q, H, rank, factors, row_weights)
     timings["quantization"] = timings.get("quantization", 0.0) + t1 - t0
     timings["compensation"] = timings.get("compensation", 0.0) + clock(W.device) - t1
-    return QuantizedModule(PackedWeight.from_quantized(qw), B, A, opts.get("preserved_rank"))
+    return QuantizedModule(PackedWeight.from_quantized(qw, rotated), B, A, opts.get("preserved_rank"))
 
 
 @torch.no_grad()
@@ -523,6 +533,7 @@ def format_storage(modules: dict[str, QuantizedModule], group_size: int, budget_
     uniform = " / ".join(f"{v:.3f}" for v in uniform_storage(shapes, group_size, scale_bits).values())
     against = f" (budget {budget_bits:g})" if budget_bits is not None else ""
     against += ", 8-bit scales" * (scale_bits == 8)
+    against += ", inputs rotated" * any(qm.weight.rotated_inputs for qm in modules.values())
     grouped = len({qm.weight.group_size for qm in modules.values()}) > 1  # per row: the input width
     counts = Counter((qm.weight.bits, qm.weight.group_size if grouped else 0) for qm in modules.values())
     mix = "modules: " + ", ".join(

@@ -3,7 +3,8 @@
 The weight is held as GPTQ-layout buffers (:mod:`projq_train.quant.pack`), never as a
 parameter, so optimizers, ``requires_grad_`` and dtype casts of the model leave it alone.
 ``y = x Ŵᵀ + b`` with ``Ŵ = dequant(qweight)``; the backward pass computes ``∂L/∂x = ∂L/∂y · Ŵ``
-only. Two backends compute the products:
+only. A layer quantized with ``quant.rotate_inputs`` holds ``Ŵ Q`` and computes ``(x Q)(Ŵ Q)ᵀ``
+(:mod:`projq_train.quant.rotation`). Two backends compute the products:
 
 - ``torch``: dequantize to the input's dtype, then dense matmuls, one block of about
   :data:`DEQUANTIZE_BLOCK_ELEMENTS` input rows at a time (``y = Σ x[:, rows] Ŵᵀ[rows]``), so no
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from projq_train.quant.pack import PACKING, PackedWeight, dequantize_packed, float_scales, packed_length
+from projq_train.quant.rotation import rotate
 from projq_train.quant.rtn import check_grid, check_scale_bits
 
 log = logging.getLogger(__name__)
@@ -132,12 +134,14 @@ class QuantLinear(nn.Module):
         backend: Backend = "auto",
         save_dequantized: bool = False,
         scale_bits: int = 16,
+        rotated_inputs: bool = False,
     ) -> None:
         super().__init__()
         gs = check_grid(bits, group_size, in_features)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, gs
         self.backend, self.save_dequantized = backend, save_dequantized
+        self.rotated_inputs = rotated_inputs  # the codes hold W Q: inputs are rotated first
         self._dense: dict[torch.dtype, Tensor] | None = None  # Ŵᵀ by dtype inside dequantize_once
         n_groups = in_features // gs
         self.register_buffer(
@@ -167,6 +171,7 @@ class QuantLinear(nn.Module):
             dtype=bias.dtype if bias is not None else torch.float32,
             device="meta",
             scale_bits=pw.scale_bits,
+            rotated_inputs=pw.rotated_inputs,
             **kwargs,
         )
         for name, t in pw.tensors().items():
@@ -190,10 +195,11 @@ class QuantLinear(nn.Module):
             self.in_features,
             self.out_features,
             self.scale_exponent,
+            self.rotated_inputs,
         )
 
     def dequantize_t(self, dtype: torch.dtype) -> Tensor:
-        """``Ŵᵀ (in, out)`` in ``dtype`` (torch reference)."""
+        """``Ŵᵀ (in, out)`` in ``dtype`` as stored (torch reference; a rotated layer's ``(Ŵ Q)ᵀ``)."""
         if self._dense is None:
             return dequantize_packed(*self.packed_tensors(), self.bits, dtype)
         if dtype not in self._dense:
@@ -229,6 +235,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if self.rotated_inputs:
+            x = rotate(x)
         y = _QuantMatmul.apply(x, self, self._fused(x))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -252,6 +260,7 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend}"
             + (", scale_bits=8" if self.scale_exponent is not None else "")
+            + (", rotated_inputs=True" if self.rotated_inputs else "")
         )
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from projq_train.quant.rotation import unrotate
 from projq_train.quant.rtn import E4M3_MAX, QuantizedWeight, check_grid, check_scale_bits
 
 
@@ -200,10 +201,12 @@ class PackedWeight:
     in_features: int
     out_features: int
     scale_exponent: Tensor | None = None  # (1,) int32 with 8-bit scales
+    rotated_inputs: bool = False  # the codes hold W Q (quant.rotate_inputs); dequantize() gives W's basis
 
     @classmethod
-    def from_quantized(cls, q: QuantizedWeight) -> PackedWeight:
-        """Pack a :class:`QuantizedWeight`; exact because its scales are already stored values."""
+    def from_quantized(cls, q: QuantizedWeight, rotated_inputs: bool = False) -> PackedWeight:
+        """Pack a :class:`QuantizedWeight` (of ``W Q`` when ``rotated_inputs``); exact because its
+        scales are already stored values."""
         out_f, in_f = q.codes.shape
         if q.scale_bits == 8:
             scales, exponent = eight_bit_scales(q.scales.T.float())
@@ -219,6 +222,7 @@ class PackedWeight:
             in_features=in_f,
             out_features=out_f,
             scale_exponent=exponent,
+            rotated_inputs=rotated_inputs,
         )
 
     @property
@@ -241,10 +245,11 @@ class PackedWeight:
         )
 
     def dequantize(self) -> Tensor:
-        """``Ŵ (out, in)`` float32."""
-        return dequantize_packed(
+        """``Ŵ (out, in)`` float32, in the model's basis (a rotated weight's ``Ŵ Qᵀ``)."""
+        w = dequantize_packed(
             self.qweight, self.qzeros, self.float_scales(), self.g_idx, self.bits, torch.float32
         ).T
+        return unrotate(w) if self.rotated_inputs else w
 
     def to(self, device: torch.device | str) -> PackedWeight:
         return replace(self, **{key: t.to(device) for key, t in self.tensors().items()})
@@ -262,7 +267,13 @@ class PackedWeight:
 
     @classmethod
     def from_tensors(
-        cls, tensors: dict[str, Tensor], bits: int, group_size: int, in_features: int, out_features: int
+        cls,
+        tensors: dict[str, Tensor],
+        bits: int,
+        group_size: int,
+        in_features: int,
+        out_features: int,
+        rotated_inputs: bool = False,
     ) -> PackedWeight:
         """Rebuild from checkpoint tensors, checking every shape against the stated layer size;
         8-bit (e4m3) scales come with ``scale_exponent``."""
@@ -294,4 +305,5 @@ class PackedWeight:
             in_features,
             out_features,
             tensors["scale_exponent"] if "scale_exponent" in expected else None,
+            rotated_inputs,
         )

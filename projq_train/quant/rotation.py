@@ -73,7 +73,7 @@ def rotate(x: Tensor) -> Tensor:
     work = torch.promote_types(x.dtype, torch.float32)
     s, Ca, Cb = factors_on(x.shape[-1], x.device, work)
     X = (x.to(work) * s).unflatten(-1, (Ca.shape[0], Cb.shape[0]))
-    return (Ca @ X @ Cb.T).flatten(-2).to(x.dtype)
+    return _sides_product(X, Ca, Cb).flatten(-2).to(x.dtype)
 
 
 def unrotate(y: Tensor) -> Tensor:
@@ -81,7 +81,13 @@ def unrotate(y: Tensor) -> Tensor:
     work = torch.promote_types(y.dtype, torch.float32)
     s, Ca, Cb = factors_on(y.shape[-1], y.device, work)
     Y = y.to(work).unflatten(-1, (Ca.shape[0], Cb.shape[0]))
-    return ((Ca.T @ Y @ Cb).flatten(-2) * s).to(y.dtype)
+    return (_sides_product(Y, Ca.T, Cb.T).flatten(-2) * s).to(y.dtype)
+
+
+def _sides_product(X: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """``A X Bᵀ`` for each ``X (a, b)`` of ``X (..., a, b)``: one 2-D matmul on the right, one batched
+    on the left (``A`` broadcast, not copied; autograd keeps only the constant factors)."""
+    return A @ (X @ B.T)
 
 
 def rotate_hessian(H: Tensor) -> Tensor:

@@ -6,7 +6,9 @@ plus the backward pass to the input (what a frozen base layer costs during LoRA 
 - ``dense``: ``nn.Linear`` in the compute dtype (bf16 on CUDA, fp32 on CPU);
 - ``nf4``: bitsandbytes ``Linear4bit`` (NF4, blocksize 64, the QLoRA layer);
 - ``torch-wN``: QuantLinear, torch backend (dequantize, then matmul);
-- ``triton-wN``: QuantLinear, fused Triton kernels (CUDA only).
+- ``triton-wN``: QuantLinear, fused Triton kernels (CUDA only);
+- ``...-rot`` (with ``--rotated-inputs``): the same layer quantized with ``quant.rotate_inputs``
+  (it rotates its input before the matmul: :mod:`projq_train.quant.rotation`).
 
 and reports the stored weight bytes of each. On CUDA, times are GPU times with the L2 cache
 flushed before each call, and the 1-token rows also give the effective bandwidth of reading
@@ -32,6 +34,7 @@ from torch import nn
 
 from projq_train.quant.linear import QuantLinear, triton_ready
 from projq_train.quant.pack import PackedWeight
+from projq_train.quant.rotation import rotate
 from projq_train.quant.rtn import rtn_quantize
 
 SHAPES_7B = ["4096x4096", "11008x4096", "4096x11008"]  # out x in: attention, MLP up/gate, MLP down
@@ -78,7 +81,7 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def build_layers(
-    out_f: int, in_f: int, bits: list[int], group_size: int, dtype, device
+    out_f: int, in_f: int, bits: list[int], group_size: int, dtype, device, rotated: bool = False
 ) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     dense = nn.Linear(in_f, out_f, bias=False, device=device, dtype=torch.float32)
@@ -97,9 +100,14 @@ def build_layers(
         pw = PackedWeight.from_quantized(rtn_quantize(dense.weight.detach().float(), b, group_size)).to(
             device
         )
-        layers[f"torch-w{b}"] = QuantLinear.from_packed(pw, backend="torch")
-        if triton_ready(device, dtype):
-            layers[f"triton-w{b}"] = QuantLinear.from_packed(pw, backend="triton")
+        packed = {"": pw}
+        if rotated:
+            W = rotate(dense.weight.detach().float())
+            packed["-rot"] = PackedWeight.from_quantized(rtn_quantize(W, b, group_size), True).to(device)
+        for suffix, weight in packed.items():
+            layers[f"torch-w{b}{suffix}"] = QuantLinear.from_packed(weight, backend="torch")
+            if triton_ready(device, dtype):
+                layers[f"triton-w{b}{suffix}"] = QuantLinear.from_packed(weight, backend="triton")
     return layers
 
 
@@ -138,6 +146,9 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", type=int, default=[3, 4])
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement on CPU")
+    ap.add_argument(
+        "--rotated-inputs", action="store_true", help="also the layers with rotated inputs (-rot)"
+    )
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -149,7 +160,7 @@ def main() -> None:
     rows = []
     for shape in shapes:
         out_f, in_f = (int(v) for v in shape.split("x"))
-        layers = build_layers(out_f, in_f, args.bits, args.group_size, dtype, device)
+        layers = build_layers(out_f, in_f, args.bits, args.group_size, dtype, device, args.rotated_inputs)
         for n in tokens:
             measured = {
                 name: measure(layer, n, in_f, dtype, device, args.repeats) for name, layer in layers.items()

@@ -422,10 +422,13 @@ def test_tiny_quantize_recipe_makes_the_artifact_the_tiny_fit_recipe_uses():
 
 
 def test_the_default_compensation_keeps_the_hash_of_artifacts_made_before_the_key():
-    """``quant.compensation``, ``quant.allocate_ranks`` and ``quant.first_pass_iters`` are new: their
-    defaults are left out of the hashed settings (artifacts already made are still found); other
-    values (0 rounds too) are in them."""
+    """``quant.compensation``, ``quant.allocate_ranks``, ``quant.first_pass_iters``, ``quant.scale_bits``
+    and ``quant.rotate_inputs`` are new: their defaults are left out of the hashed settings
+    (artifacts already made are still found); other values (0 rounds too) are in them."""
     default = artifact.quantization_settings(QuantConfig(), 8)
+    assert "scale_bits" not in default and "rotate_inputs" not in default
+    rotated = artifact.quantization_settings(QuantConfig(rotate_inputs=True, scale_bits=8), 8)
+    assert rotated == {**default, "rotate_inputs": True, "scale_bits": 8}
     fisher = artifact.quantization_settings(QuantConfig(compensation="fisher"), 8)
     assert "compensation" not in default and fisher == {**default, "compensation": "fisher"}
     ranks = artifact.quantization_settings(QuantConfig(allocate_ranks=True), 8)

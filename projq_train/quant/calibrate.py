@@ -243,8 +243,8 @@ def quantize_module(
         )
     qw = quantize_weight(W_grid, H_grid, cfg.method, bits, group_size, rank, cfg.iters, **opts)
     t1 = clock(W.device)
-    Q = unrotate(qw.dequantize()) if rotated else qw.dequantize()
-    B, A = lowrank_compensation(W - Q, H, rank, factors, row_weights)
+    W_hat = unrotate(qw.dequantize()) if rotated else qw.dequantize()
+    B, A = lowrank_compensation(W - W_hat, H, rank, factors, row_weights)
     timings["quantization"] = timings.get("quantization", 0.0) + t1 - t0
     timings["compensation"] = timings.get("compensation", 0.0) + clock(W.device) - t1
     return QuantizedModule(PackedWeight.from_quantized(qw, rotated), B, A, opts.get("preserved_rank"))

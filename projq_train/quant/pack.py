@@ -29,6 +29,9 @@ they are (what GPTQModel calls format v2); the original AutoGPTQ format v1 store
 With 8-bit scales (``quant.scale_bits: 8``) ``scales`` holds e4m3 floats and ``scale_exponent
 (1,)`` int32 the layer's power of two: a scale is ``scales · 2^scale_exponent``, which fp16 holds
 exactly, so GPTQ kernels read :meth:`PackedWeight.float_scales` as they read fp16 scales.
+A weight quantized with ``quant.rotate_inputs`` holds the codes of ``W Q``
+(:mod:`projq_train.quant.rotation`; ``rotated_inputs``, recorded in the artifact's metadata): the
+same tensors, read against rotated inputs.
 """
 
 from __future__ import annotations
@@ -245,7 +248,7 @@ class PackedWeight:
         )
 
     def dequantize(self) -> Tensor:
-        """``Ŵ (out, in)`` float32, in the model's basis (a rotated weight's ``Ŵ Qᵀ``)."""
+        """``Ŵ (out, in)`` float32, in the model's basis (codes of ``W Q``: their values times ``Qᵀ``)."""
         w = dequantize_packed(
             self.qweight, self.qzeros, self.float_scales(), self.g_idx, self.bits, torch.float32
         ).T

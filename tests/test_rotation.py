@@ -37,6 +37,14 @@ def test_rotation_is_orthogonal_spreads_every_channel_and_unrotate_inverts_it(n)
     torch.testing.assert_close(unrotate(rotate(x)), x)
 
 
+def test_rotation_keeps_float32_under_autocast():
+    x = torch.randn(4, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rotate(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, rotate(x))
+
+
 def test_kronecker_sides_are_the_divisor_pair_closest_to_the_square_root():
     assert [kronecker_sides(n) for n in (7, 64, 576, 1536, 11008)] == [
         (1, 7),

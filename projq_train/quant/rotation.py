@@ -86,8 +86,10 @@ def unrotate(y: Tensor) -> Tensor:
 
 def _sides_product(X: Tensor, A: Tensor, B: Tensor) -> Tensor:
     """``A X Bᵀ`` for each ``X (a, b)`` of ``X (..., a, b)``: one 2-D matmul on the right, one batched
-    on the left (``A`` broadcast, not copied; autograd keeps only the constant factors)."""
-    return A @ (X @ B.T)
+    on the left (``A`` broadcast, not copied; autograd keeps only the constant factors), in ``X``'s
+    dtype even under autocast."""
+    with torch.autocast(X.device.type, enabled=False):
+        return A @ (X @ B.T)
 
 
 def rotate_hessian(H: Tensor) -> Tensor:
